@@ -1,0 +1,360 @@
+//! `outpost_dispatch`: the deno_core extension that hands HTTP requests into an isolate and
+//! carries responses back out.
+//!
+//! The server thread builds a [`DispatchRequest`] (method, URL, headers, a streaming body, a
+//! cancellation token and a oneshot reply) and sends it down the isolate's channel. Inside the
+//! isolate, the JS serve loop pulls requests with `op_dispatch_next`, turns them into
+//! `Request` objects (`01_dispatch.js`), and answers with `op_dispatch_respond` or
+//! `op_dispatch_fail`. Bodies stream both ways through bounded channels; nothing is buffered
+//! whole.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use deno_core::convert::{ByteString, Uint8Array};
+use deno_core::{
+  AsyncRefCell, AsyncResult, BufView, CancelHandle, CancelTryFuture, OpState, RcRef,
+  Resource, ResourceId, ToV8, op2,
+};
+use deno_error::JsErrorBox;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Error type of bodies that cross the isolate boundary.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A streaming HTTP body that can be sent between threads.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// How many body chunks may wait between the isolate and the connection before the producer
+/// is paused. With 64 KiB reads this bounds a response's in-flight data to about 512 KiB.
+const BODY_CHANNEL_CHUNKS: usize = 8;
+/// Largest chunk read from a JS response stream at once.
+const RESPONSE_READ_CHUNK: usize = 64 * 1024;
+
+/// One request handed from the server to an isolate thread.
+pub struct DispatchRequest {
+  pub method: http::Method,
+  /// The full URL the client asked for: scheme, host, path and query.
+  pub url: String,
+  pub headers: http::HeaderMap,
+  /// `None` when the request has no body (e.g. a GET).
+  pub body: Option<Body>,
+  /// Cancelled by the server when the client goes away; stops body streaming.
+  pub cancel: CancellationToken,
+  pub reply: oneshot::Sender<DispatchReply>,
+}
+
+/// What the isolate answers for one request.
+pub type DispatchReply = Result<http::Response<Body>, HandlerFailure>;
+
+/// Why a handler produced no response.
+#[derive(Debug, Clone)]
+pub struct HandlerFailure {
+  pub kind: FailureKind,
+  /// The exception's stack (or message) as JS rendered it.
+  pub detail: String,
+}
+
+/// Classes of handler failure, as reported by the JS serve loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+  /// The handler threw or its promise rejected.
+  Exception,
+  /// The handler resolved to something that is not a `Response`.
+  NotAResponse,
+}
+
+/// The receiving end of an isolate's request channel, kept in `OpState`.
+pub struct DispatchQueue {
+  rx: AsyncRefCell<mpsc::Receiver<DispatchRequest>>,
+}
+
+impl DispatchQueue {
+  pub fn new(rx: mpsc::Receiver<DispatchRequest>) -> Self {
+    Self { rx: AsyncRefCell::new(rx) }
+  }
+}
+
+/// Requests taken from the queue and not yet answered, by dispatch id.
+#[derive(Default)]
+struct InFlight {
+  next_id: u32,
+  pending: HashMap<u32, PendingReply>,
+}
+
+struct PendingReply {
+  reply: oneshot::Sender<DispatchReply>,
+  cancel: CancellationToken,
+}
+
+/// Errors the dispatch ops raise into JS.
+#[derive(Debug, thiserror::Error, deno_error::JsError)]
+pub enum DispatchError {
+  #[class(type)]
+  #[error("dispatch id {0} is not in flight (already answered or never issued)")]
+  UnknownDispatch(u32),
+  #[class(type)]
+  #[error("invalid response status {0}: must be 200..=599 or 101..=199")]
+  InvalidStatus(u32),
+  #[class(type)]
+  #[error("invalid response header {name:?}: {reason}")]
+  InvalidHeader { name: String, reason: String },
+  #[class(inherit)]
+  #[error(transparent)]
+  Resource(#[from] deno_core::error::ResourceError),
+}
+
+deno_core::extension!(
+  outpost_dispatch,
+  deps = [deno_webidl, deno_web, deno_fetch],
+  ops = [op_dispatch_next, op_dispatch_respond, op_dispatch_fail],
+  esm = ["01_dispatch.js"],
+  options = { queue: Option<DispatchQueue> },
+  state = |state, options| {
+    state.put(InFlight::default());
+    if let Some(queue) = options.queue {
+      state.put(Rc::new(queue));
+    }
+  },
+);
+
+/// A request as the JS side sees it when it comes off the queue.
+#[derive(ToV8)]
+pub struct NextRequest {
+  id: u32,
+  method: String,
+  url: String,
+  headers: Vec<(ByteString, ByteString)>,
+  body_rid: Option<u32>,
+}
+
+/// Waits for the next request. Resolves to `null` once the pool closes the channel, which
+/// ends the JS serve loop.
+#[op2]
+async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
+  let queue = state.borrow().try_borrow::<Rc<DispatchQueue>>()?.clone();
+  let request = {
+    let mut rx = RcRef::map(&queue, |q| &q.rx).borrow_mut().await;
+    rx.recv().await?
+  };
+  let mut state = state.borrow_mut();
+  let body_rid = request.body.map(|body| {
+    state
+      .resource_table
+      .add(RequestBodyResource::new(body, request.cancel.clone()))
+  });
+  let in_flight = state.borrow_mut::<InFlight>();
+  let id = in_flight.next_id;
+  in_flight.next_id = in_flight.next_id.wrapping_add(1);
+  in_flight.pending.insert(
+    id,
+    PendingReply {
+      reply: request.reply,
+      cancel: request.cancel,
+    },
+  );
+  let headers = request
+    .headers
+    .iter()
+    .map(|(name, value)| (ByteString::from(name.as_str()), ByteString::from(value.as_bytes())))
+    .collect();
+  Some(NextRequest {
+    id,
+    method: request.method.to_string(),
+    url: request.url,
+    headers,
+    body_rid,
+  })
+}
+
+/// Sends the handler's response. The body is either inline bytes (`body`), a stream resource
+/// (`body_rid`, streamed out chunk by chunk), or neither (empty body).
+#[op2]
+fn op_dispatch_respond(
+  state: &mut OpState,
+  #[smi] id: u32,
+  #[smi] status: u32,
+  #[scoped] headers: Vec<(ByteString, ByteString)>,
+  body: Option<Uint8Array>,
+  #[smi] body_rid: Option<ResourceId>,
+) -> Result<(), DispatchError> {
+  if !state.borrow::<InFlight>().pending.contains_key(&id) {
+    return Err(DispatchError::UnknownDispatch(id));
+  }
+  // Validate everything before taking the reply, so that a bad response can still be
+  // reported with op_dispatch_fail.
+  let status = u16::try_from(status)
+    .ok()
+    .and_then(|s| http::StatusCode::from_u16(s).ok())
+    .ok_or(DispatchError::InvalidStatus(status))?;
+  let mut header_map = http::HeaderMap::with_capacity(headers.len());
+  for (name, value) in headers {
+    let invalid = |reason: String| DispatchError::InvalidHeader {
+      name: String::from_utf8_lossy(&name).into_owned(),
+      reason,
+    };
+    let name = http::HeaderName::from_bytes(&name).map_err(|e| invalid(e.to_string()))?;
+    let value = http::HeaderValue::from_bytes(&value).map_err(|e| invalid(e.to_string()))?;
+    header_map.append(name, value);
+  }
+  let resource = body_rid
+    .map(|rid| state.resource_table.take_any(rid))
+    .transpose()?;
+  let pending = state
+    .borrow_mut::<InFlight>()
+    .pending
+    .remove(&id)
+    .expect("checked above");
+  let body = match (resource, body) {
+    (Some(resource), _) => stream_resource_body(resource, pending.cancel.clone()),
+    (None, Some(bytes)) => full_body(Bytes::from(bytes.0)),
+    (None, None) => full_body(Bytes::new()),
+  };
+  let mut response = http::Response::new(body);
+  *response.status_mut() = status;
+  *response.headers_mut() = header_map;
+  // The client may have gone away already; then there is nobody to tell.
+  let _ = pending.reply.send(Ok(response));
+  Ok(())
+}
+
+/// Reports that the handler failed for this request.
+#[op2(fast)]
+fn op_dispatch_fail(
+  state: &mut OpState,
+  #[smi] id: u32,
+  not_a_response: bool,
+  #[string] detail: String,
+) -> Result<(), DispatchError> {
+  let pending = state
+    .borrow_mut::<InFlight>()
+    .pending
+    .remove(&id)
+    .ok_or(DispatchError::UnknownDispatch(id))?;
+  let kind = if not_a_response {
+    FailureKind::NotAResponse
+  } else {
+    FailureKind::Exception
+  };
+  let _ = pending.reply.send(Err(HandlerFailure { kind, detail }));
+  Ok(())
+}
+
+/// A body that is already complete.
+pub fn full_body(bytes: Bytes) -> Body {
+  http_body_util::Full::new(bytes)
+    .map_err(|never| match never {})
+    .boxed_unsync()
+}
+
+/// Streams a JS `ReadableStream` resource out of the isolate. A local task reads the resource
+/// and feeds a bounded channel, so a slow client pauses the JS producer instead of piling
+/// chunks up in memory.
+fn stream_resource_body(resource: Rc<dyn Resource>, cancel: CancellationToken) -> Body {
+  let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(BODY_CHANNEL_CHUNKS);
+  deno_core::unsync::spawn(async move {
+    loop {
+      let read = tokio::select! {
+        read = resource.clone().read(RESPONSE_READ_CHUNK) => read,
+        () = cancel.cancelled() => break,
+        () = tx.closed() => break,
+      };
+      match read {
+        Ok(chunk) if chunk.is_empty() => break,
+        Ok(chunk) => {
+          if tx.send(Ok(Frame::data(Bytes::copy_from_slice(&chunk)))).await.is_err() {
+            break;
+          }
+        }
+        Err(err) => {
+          let _ = tx
+            .send(Err(format!("response stream errored: {err}").into()))
+            .await;
+          break;
+        }
+      }
+    }
+    resource.close();
+  });
+  StreamBody::new(tokio_stream_from(rx)).boxed_unsync()
+}
+
+fn tokio_stream_from<T>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+  futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A request body exposed to JS as a readable resource (wrapped by `readableStreamForRid`).
+struct RequestBodyResource {
+  body: AsyncRefCell<RequestBodyReader>,
+  cancel: CancelHandle,
+  client_gone: CancellationToken,
+}
+
+struct RequestBodyReader {
+  body: Body,
+  /// Bytes of the last frame that did not fit into the reader's buffer.
+  leftover: Bytes,
+}
+
+impl RequestBodyResource {
+  fn new(body: Body, client_gone: CancellationToken) -> Self {
+    Self {
+      body: AsyncRefCell::new(RequestBodyReader {
+        body,
+        leftover: Bytes::new(),
+      }),
+      cancel: CancelHandle::default(),
+      client_gone,
+    }
+  }
+}
+
+impl Resource for RequestBodyResource {
+  fn name(&self) -> std::borrow::Cow<'_, str> {
+    "outpostRequestBody".into()
+  }
+
+  fn read(self: Rc<Self>, limit: usize) -> AsyncResult<BufView> {
+    Box::pin(async move {
+      let mut reader = RcRef::map(&self, |r| &r.body).borrow_mut().await;
+      let client_gone = self.client_gone.clone();
+      let read = async {
+        loop {
+          if !reader.leftover.is_empty() {
+            let n = limit.min(reader.leftover.len());
+            return Ok(BufView::from(reader.leftover.split_to(n)));
+          }
+          let frame = tokio::select! {
+            frame = reader.body.frame() => frame,
+            () = client_gone.cancelled() => {
+              return Err(JsErrorBox::generic("request body aborted: the client went away"));
+            }
+          };
+          match frame {
+            None => return Ok(BufView::empty()),
+            Some(Err(err)) => {
+              return Err(JsErrorBox::generic(format!("request body read failed: {err}")));
+            }
+            Some(Ok(frame)) => {
+              if let Ok(data) = frame.into_data() {
+                reader.leftover = data;
+              }
+            }
+          }
+        }
+      };
+      read
+        .try_or_cancel(RcRef::map(&self, |r| &r.cancel))
+        .await
+        .map_err(JsErrorBox::from_err)
+    })
+  }
+
+  fn close(self: Rc<Self>) {
+    self.cancel.cancel();
+  }
+}

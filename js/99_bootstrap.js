@@ -1,0 +1,328 @@
+// Outpost's isolate bootstrap.
+//
+// At snapshot time (module top level): load the Web API scripts from deno_web, deno_fetch
+// and deno_crypto, install the WinterTC global scope, and publish the two entry points Rust
+// calls on every new isolate through globalThis.__outpost:
+//   bootstrap()            hides the Deno internals before any tenant code runs;
+//   serve(namespace, env)  finds the handler and starts the request loop.
+
+import { core, internals, primordials } from "ext:core/mod.js";
+import { op_bootstrap_console } from "ext:core/ops";
+import {
+  fail,
+  isResponse,
+  nextRequest,
+  respond,
+  toRequest,
+} from "ext:outpost_dispatch/01_dispatch.js";
+
+const {
+  Error,
+  FunctionPrototypeCall,
+  ObjectDefineProperty,
+  ObjectFreeze,
+  ObjectPrototypeIsPrototypeOf,
+  ObjectSetPrototypeOf,
+  PromisePrototypeThen,
+  SafeSet,
+  SetPrototypeAdd,
+  SetPrototypeDelete,
+  Symbol,
+  TypeError,
+} = primordials;
+
+// deno_fetch's 26_fetch.js reads these slots, which deno_telemetry fills in Deno. Outpost
+// has no OpenTelemetry export yet: tracing is off and every hook is a no-op.
+const noop = () => {};
+internals.__telemetry = {
+  builtinTracer: () => undefined,
+  ContextManager: { active: () => undefined },
+  DID_NOT_ENTER: Symbol("did not enter"),
+  enterSpan: noop,
+  exitSpan: noop,
+  TRACING_ENABLED: false,
+  PROPAGATORS: [],
+};
+internals.__telemetryUtil = {
+  updateSpanFromClientResponse: noop,
+  updateSpanFromError: noop,
+  updateSpanFromRequest: noop,
+};
+// deno_crypto brands CryptoKeys with this symbol (deno_node sets it in Deno).
+internals.kKeyObject = Symbol("kKeyObject");
+
+const load = (specifier) => core.loadExtScript(specifier);
+const webidl = load("ext:deno_webidl/00_webidl.js");
+const url = load("ext:deno_web/00_url.js");
+const urlPattern = load("ext:deno_web/01_urlpattern.js");
+const consoleMod = load("ext:deno_web/01_console.js");
+const domException = load("ext:deno_web/01_dom_exception.js");
+const event = load("ext:deno_web/02_event.js");
+const timers = load("ext:deno_web/02_timers.js");
+const abortSignal = load("ext:deno_web/03_abort_signal.js");
+const base64 = load("ext:deno_web/05_base64.js");
+const streams = load("ext:deno_web/06_streams.js");
+const encoding = load("ext:deno_web/08_text_encoding.js");
+const file = load("ext:deno_web/09_file.js");
+const messagePort = load("ext:deno_web/13_message_port.js");
+const compression = load("ext:deno_web/14_compression.js");
+const performanceMod = load("ext:deno_web/15_performance.js");
+const headers = load("ext:deno_fetch/20_headers.js");
+const formData = load("ext:deno_fetch/21_formdata.js");
+const request = load("ext:deno_fetch/23_request.js");
+const response = load("ext:deno_fetch/23_response.js");
+const fetchMod = load("ext:deno_fetch/26_fetch.js");
+const crypto = load("ext:deno_crypto/00_crypto.js");
+
+const { EventTarget } = event;
+
+/** The global scope's class, as in Workers: an EventTarget for the "fetch" event. */
+class ServiceWorkerGlobalScope extends EventTarget {
+  constructor() {
+    super(webidl.illegalConstructorKey);
+    webidl.illegalConstructor();
+  }
+}
+
+const navigator = ObjectFreeze({ userAgent: "Outpost/0.1" });
+
+const console = new consoleMod.Console((message, level) =>
+  op_bootstrap_console(level, message)
+);
+
+const cls = core.propNonEnumerable;
+const fn = core.propWritable;
+const globalScope = {
+  // WinterTC Minimum Common API, in the order of its list.
+  AbortController: cls(abortSignal.AbortController),
+  AbortSignal: cls(abortSignal.AbortSignal),
+  Blob: cls(file.Blob),
+  ByteLengthQueuingStrategy: cls(streams.ByteLengthQueuingStrategy),
+  CompressionStream: cls(compression.CompressionStream),
+  CountQueuingStrategy: cls(streams.CountQueuingStrategy),
+  Crypto: cls(crypto.Crypto),
+  CryptoKey: cls(crypto.CryptoKey),
+  DecompressionStream: cls(compression.DecompressionStream),
+  DOMException: cls(domException.DOMException),
+  Event: cls(event.Event),
+  EventTarget: cls(event.EventTarget),
+  File: cls(file.File),
+  FormData: cls(formData.FormData),
+  Headers: cls(headers.Headers),
+  ReadableByteStreamController: cls(streams.ReadableByteStreamController),
+  ReadableStream: cls(streams.ReadableStream),
+  ReadableStreamBYOBReader: cls(streams.ReadableStreamBYOBReader),
+  ReadableStreamBYOBRequest: cls(streams.ReadableStreamBYOBRequest),
+  ReadableStreamDefaultController: cls(streams.ReadableStreamDefaultController),
+  ReadableStreamDefaultReader: cls(streams.ReadableStreamDefaultReader),
+  Request: cls(request.Request),
+  Response: cls(response.Response),
+  SubtleCrypto: cls(crypto.SubtleCrypto),
+  TextDecoder: cls(encoding.TextDecoder),
+  TextDecoderStream: cls(encoding.TextDecoderStream),
+  TextEncoder: cls(encoding.TextEncoder),
+  TextEncoderStream: cls(encoding.TextEncoderStream),
+  TransformStream: cls(streams.TransformStream),
+  TransformStreamDefaultController: cls(streams.TransformStreamDefaultController),
+  URL: cls(url.URL),
+  URLSearchParams: cls(url.URLSearchParams),
+  WritableStream: cls(streams.WritableStream),
+  WritableStreamDefaultController: cls(streams.WritableStreamDefaultController),
+  WritableStreamDefaultWriter: cls(streams.WritableStreamDefaultWriter),
+  atob: fn(base64.atob),
+  btoa: fn(base64.btoa),
+  clearInterval: fn(timers.clearInterval),
+  clearTimeout: fn(timers.clearTimeout),
+  console: cls(console),
+  crypto: core.propGetterOnly(() => crypto.crypto),
+  fetch: fn(fetchMod.fetch),
+  navigator: core.propGetterOnly(() => navigator),
+  performance: cls(performanceMod.performance),
+  reportError: fn(event.reportError),
+  self: core.propGetterOnly(() => globalThis),
+  setInterval: fn(timers.setInterval),
+  setTimeout: fn(timers.setTimeout),
+  structuredClone: fn(messagePort.structuredClone),
+  // Beyond the minimum, as Workers and Deno provide them.
+  CustomEvent: cls(event.CustomEvent),
+  ErrorEvent: cls(event.ErrorEvent),
+  MessageChannel: cls(messagePort.MessageChannel),
+  MessageEvent: cls(event.MessageEvent),
+  MessagePort: cls(messagePort.MessagePort),
+  Performance: cls(performanceMod.Performance),
+  PerformanceEntry: cls(performanceMod.PerformanceEntry),
+  PerformanceMark: cls(performanceMod.PerformanceMark),
+  PerformanceMeasure: cls(performanceMod.PerformanceMeasure),
+  PromiseRejectionEvent: cls(event.PromiseRejectionEvent),
+  ServiceWorkerGlobalScope: cls(ServiceWorkerGlobalScope),
+  URLPattern: cls(urlPattern.URLPattern),
+};
+
+core.defineGlobalProperties(globalThis, globalScope);
+ObjectSetPrototypeOf(globalThis, ServiceWorkerGlobalScope.prototype);
+event.setEventTargetData(globalThis);
+event.saveGlobalThisReference(globalThis);
+
+/** Renders a thrown value for the server log: the stack when there is one. */
+function describeError(error) {
+  if (ObjectPrototypeIsPrototypeOf(Error.prototype, error) && error.stack) {
+    return error.stack;
+  }
+  return consoleMod.inspect(error);
+}
+
+/** The `ctx` argument of module handlers and the base of FetchEvent.waitUntil. */
+class ExecutionContext {
+  #pending;
+  constructor(pending) {
+    this.#pending = pending;
+  }
+  /** Keeps the isolate working on `promise` after the response has been sent. */
+  waitUntil(promise) {
+    const pending = this.#pending;
+    const tracked = PromisePrototypeThen(
+      promise,
+      () => SetPrototypeDelete(pending, tracked),
+      (error) => {
+        SetPrototypeDelete(pending, tracked);
+        console.error(`waitUntil promise rejected: ${describeError(error)}`);
+      },
+    );
+    SetPrototypeAdd(pending, tracked);
+  }
+  /** Accepted for Workers compatibility; Outpost has no origin to fall through to. */
+  passThroughOnException() {}
+}
+
+const kResponse = Symbol("response");
+
+/** The event of service-worker style handlers: addEventListener("fetch", ...). */
+class FetchEvent extends event.Event {
+  #request;
+  #ctx;
+  constructor(request, ctx) {
+    super("fetch", { cancelable: true });
+    this.#request = request;
+    this.#ctx = ctx;
+    this[kResponse] = undefined;
+  }
+  get request() {
+    return this.#request;
+  }
+  respondWith(response) {
+    if (this[kResponse] !== undefined) {
+      throw new domException.DOMException(
+        "respondWith() was already called for this event",
+        "InvalidStateError",
+      );
+    }
+    this.preventDefault();
+    this[kResponse] = response;
+  }
+  waitUntil(promise) {
+    this.#ctx.waitUntil(promise);
+  }
+  passThroughOnException() {}
+}
+
+/** Finds the handler in a module namespace, or the registered "fetch" listeners. */
+function findHandler(namespace) {
+  const target = namespace.default;
+  if (target !== null && target !== undefined) {
+    if (typeof target.fetch === "function") {
+      return { target, fetch: target.fetch };
+    }
+    throw new TypeError(
+      "the default export has no fetch() method: export default { fetch(request, env, ctx) { ... } }",
+    );
+  }
+  if (event.listenerCount(globalThis, "fetch") > 0) {
+    return null;
+  }
+  throw new TypeError(
+    "the module has no fetch handler: add `export default { fetch(request, env, ctx) { ... } }` " +
+      'or call addEventListener("fetch", (event) => event.respondWith(...))',
+  );
+}
+
+async function callHandler(handler, request, env, ctx) {
+  if (handler !== null) {
+    return await FunctionPrototypeCall(handler.fetch, handler.target, request, env, ctx);
+  }
+  const fetchEvent = new FetchEvent(request, ctx);
+  globalThis.dispatchEvent(fetchEvent);
+  if (fetchEvent[kResponse] === undefined) {
+    throw new TypeError(
+      "no fetch listener called event.respondWith() for this request",
+    );
+  }
+  return await fetchEvent[kResponse];
+}
+
+async function handleRequest(next, handler, env, pending) {
+  const id = next.id;
+  let result;
+  try {
+    const request = toRequest(next);
+    result = await callHandler(handler, request, env, new ExecutionContext(pending));
+  } catch (error) {
+    fail(id, false, describeError(error));
+    return;
+  }
+  if (!isResponse(result)) {
+    fail(id, true, `the handler returned ${consoleMod.inspect(result)} instead of a Response`);
+    return;
+  }
+  try {
+    respond(id, result);
+  } catch (error) {
+    fail(id, false, describeError(error));
+  }
+}
+
+/** Hides Deno's internals from tenant code and arms the runtime-only hooks. */
+function bootstrap() {
+  performanceMod.setTimeOrigin();
+  core.setWasmStreamingCallback(fetchMod.handleWasmStreaming);
+  core.setReportExceptionCallback(event.reportException);
+  // One bad promise must not take the isolate down: log and carry on.
+  core.setUnhandledPromiseRejectionHandler((_promise, reason) => {
+    console.error(`Uncaught (in promise) ${describeError(reason)}`);
+    return true;
+  });
+  delete globalThis.__outpost;
+  delete globalThis.__bootstrap;
+  delete globalThis.Deno;
+}
+
+/**
+ * Starts serving with the handler module's namespace. Throws when the module has no
+ * handler. Returns a promise that settles once the request channel is closed and all
+ * waitUntil() work has finished.
+ */
+function serve(namespace, env) {
+  const handler = findHandler(namespace);
+  ObjectFreeze(env);
+  const pending = new SafeSet();
+  return (async () => {
+    while (true) {
+      const next = await nextRequest();
+      if (next === null) break;
+      handleRequest(next, handler, env, pending);
+    }
+    for (const promise of pending) {
+      try {
+        await promise;
+      } catch {
+        // Already logged by waitUntil.
+      }
+    }
+  })();
+}
+
+ObjectDefineProperty(globalThis, "__outpost", {
+  __proto__: null,
+  value: { bootstrap, serve },
+  configurable: true,
+});
+

@@ -1,0 +1,422 @@
+//! `outpost.toml`: parsing, validation with file:line:col errors, and the embedded default
+//! (one handler file answering every host and path).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::router::RoutePattern;
+
+/// A validated configuration, with paths resolved against the config file's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+  pub listeners: Vec<ListenerConfig>,
+  pub functions: Vec<FunctionConfig>,
+  pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+  pub address: SocketAddr,
+  /// Certificates to choose from by SNI; empty for a plain HTTP/1.1 + h2c listener.
+  pub tls: Vec<CertificateConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+  pub cert: PathBuf,
+  pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct FunctionConfig {
+  pub name: String,
+  pub entry: PathBuf,
+  pub routes: Vec<RoutePattern>,
+  pub env: BTreeMap<String, String>,
+  pub pool: PoolConfig,
+}
+
+/// Isolate pool settings of one function (`pool = { ... }`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+  /// Isolates created at startup and kept warm.
+  pub prewarm: usize,
+  /// Upper bound the pool grows to under load.
+  pub max_isolates: usize,
+  /// Isolates above `prewarm` that stay idle this long are evicted.
+  pub idle_timeout_s: u64,
+  /// Requests in flight on every isolate before the pool starts another one.
+  pub isolate_concurrency: usize,
+}
+
+impl Default for PoolConfig {
+  fn default() -> Self {
+    Self {
+      prewarm: 1,
+      max_isolates: 4,
+      idle_timeout_s: 300,
+      isolate_concurrency: 16,
+    }
+  }
+}
+
+/// Node-wide server settings (`[server]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+  /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+  pub shutdown_grace_s: u64,
+  /// Compress compressible responses with brotli or gzip per `Accept-Encoding`.
+  pub compression: bool,
+}
+
+impl Default for ServerConfig {
+  fn default() -> Self {
+    Self {
+      shutdown_grace_s: 30,
+      compression: true,
+    }
+  }
+}
+
+/// Every problem found in a config file, each with its location.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors {
+  pub errors: Vec<ConfigError>,
+}
+
+/// One config problem: where it is, which key, and what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}:{line}:{column}: {key}: {message}", file = .file.display())]
+pub struct ConfigError {
+  pub file: PathBuf,
+  pub line: usize,
+  pub column: usize,
+  pub key: String,
+  pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+  #[serde(default)]
+  listen: Vec<RawListener>,
+  #[serde(default)]
+  functions: Vec<RawFunction>,
+  #[serde(default)]
+  server: ServerConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+  address: Spanned<String>,
+  #[serde(default)]
+  tls: Vec<RawCertificate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+  cert: Spanned<String>,
+  key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+  name: Spanned<String>,
+  entry: Spanned<String>,
+  routes: Spanned<Vec<Spanned<String>>>,
+  #[serde(default)]
+  env: BTreeMap<String, String>,
+  #[serde(default)]
+  pool: Option<Spanned<PoolConfig>>,
+}
+
+impl Config {
+  /// Reads and validates a config file. All problems are reported at once.
+  pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {
+      errors: vec![ConfigError {
+        file: path.to_path_buf(),
+        line: 1,
+        column: 1,
+        key: "<file>".into(),
+        message: format!("cannot read the config file: {err}"),
+      }],
+    })?;
+    Config::parse(path, &text)
+  }
+
+  /// Parses config text; `path` names the file in errors and anchors relative paths.
+  pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let locate = Locator { file: path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigErrors {
+      errors: vec![locate.error(
+        err.span().unwrap_or(0..0),
+        "<toml>",
+        err.message().to_string(),
+      )],
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut errors = Vec::new();
+    let mut listeners = Vec::new();
+    if raw.listen.is_empty() {
+      errors.push(locate.error(
+        0..0,
+        "listen",
+        "no [[listen]] section: add one, e.g. [[listen]] address = \"127.0.0.1:8787\"".into(),
+      ));
+    }
+    for (i, listener) in raw.listen.iter().enumerate() {
+      let key = format!("listen[{i}].address");
+      let address = match listener.address.get_ref().parse::<SocketAddr>() {
+        Ok(address) => Some(address),
+        Err(err) => {
+          errors.push(locate.error(
+            listener.address.span(),
+            &key,
+            format!(
+              "{:?} is not an IP address with a port ({err}), e.g. \"0.0.0.0:8443\"",
+              listener.address.get_ref()
+            ),
+          ));
+          None
+        }
+      };
+      let mut tls = Vec::new();
+      for (j, cert) in listener.tls.iter().enumerate() {
+        let cert_path = locate.existing_file(base, &cert.cert, &format!("listen[{i}].tls[{j}].cert"), &mut errors);
+        let key_path = locate.existing_file(base, &cert.key, &format!("listen[{i}].tls[{j}].key"), &mut errors);
+        if let (Some(cert), Some(key)) = (cert_path, key_path) {
+          tls.push(CertificateConfig { cert, key });
+        }
+      }
+      if let Some(address) = address {
+        listeners.push(ListenerConfig { address, tls });
+      }
+    }
+
+    let mut functions = Vec::new();
+    let mut names = HashSet::new();
+    let mut seen_routes: Vec<(RoutePattern, String)> = Vec::new();
+    for (i, function) in raw.functions.iter().enumerate() {
+      let name = function.name.get_ref();
+      if !valid_function_name(name) {
+        errors.push(locate.error(
+          function.name.span(),
+          &format!("functions[{i}].name"),
+          format!("{name:?} is not a valid function name: use 1-64 of a-z, 0-9, '-' and '_'"),
+        ));
+      } else if !names.insert(name.clone()) {
+        errors.push(locate.error(
+          function.name.span(),
+          &format!("functions[{i}].name"),
+          format!("function {name:?} is defined twice; function names must be unique"),
+        ));
+      }
+      let entry = locate.existing_file(base, &function.entry, &format!("functions[{i}].entry"), &mut errors);
+      let mut routes = Vec::new();
+      if function.routes.get_ref().is_empty() {
+        errors.push(locate.error(
+          function.routes.span(),
+          &format!("functions[{i}].routes"),
+          "no routes: add at least one, e.g. routes = [\"/\"]".into(),
+        ));
+      }
+      for (j, route) in function.routes.get_ref().iter().enumerate() {
+        let key = format!("functions[{i}].routes[{j}]");
+        match RoutePattern::parse(route.get_ref()) {
+          Ok(pattern) => {
+            if let Some((_, other)) = seen_routes.iter().find(|(p, _)| *p == pattern) {
+              errors.push(locate.error(
+                route.span(),
+                &key,
+                format!("route {:?} is already routed to function {other:?}", route.get_ref()),
+              ));
+            } else {
+              seen_routes.push((pattern.clone(), name.clone()));
+              routes.push(pattern);
+            }
+          }
+          Err(message) => errors.push(locate.error(route.span(), &key, message)),
+        }
+      }
+      let pool = function.pool.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default();
+      if let Some(spanned) = &function.pool
+        && let Err(message) = pool.validate()
+      {
+        errors.push(locate.error(spanned.span(), &format!("functions[{i}].pool"), message));
+      }
+      if let Some(entry) = entry {
+        functions.push(FunctionConfig {
+          name: name.clone(),
+          entry,
+          routes,
+          env: function.env.clone(),
+          pool,
+        });
+      }
+    }
+
+    if errors.is_empty() {
+      Ok(Config {
+        listeners,
+        functions,
+        server: raw.server,
+      })
+    } else {
+      Err(ConfigErrors { errors })
+    }
+  }
+
+  /// The embedded default: one handler file answers every host and path on one plain
+  /// listener.
+  pub fn single_handler(entry: &Path, address: SocketAddr) -> Result<Config, ConfigErrors> {
+    let error = |message: String| ConfigErrors {
+      errors: vec![ConfigError {
+        file: entry.to_path_buf(),
+        line: 1,
+        column: 1,
+        key: "<handler>".into(),
+        message,
+      }],
+    };
+    let entry = std::path::absolute(entry).map_err(|err| error(err.to_string()))?;
+    if !entry.is_file() {
+      return Err(error("the handler file does not exist".into()));
+    }
+    Ok(Config {
+      listeners: vec![ListenerConfig { address, tls: Vec::new() }],
+      functions: vec![FunctionConfig {
+        name: "default".into(),
+        entry,
+        routes: vec![RoutePattern::parse("/").expect("\"/\" is a valid route")],
+        env: BTreeMap::new(),
+        pool: PoolConfig::default(),
+      }],
+      server: ServerConfig::default(),
+    })
+  }
+}
+
+impl PoolConfig {
+  fn validate(&self) -> Result<(), String> {
+    if self.max_isolates == 0 {
+      return Err("max_isolates must be at least 1".into());
+    }
+    if self.prewarm > self.max_isolates {
+      return Err(format!(
+        "prewarm ({}) is larger than max_isolates ({}); lower prewarm or raise max_isolates",
+        self.prewarm, self.max_isolates
+      ));
+    }
+    if self.isolate_concurrency == 0 {
+      return Err("isolate_concurrency must be at least 1".into());
+    }
+    Ok(())
+  }
+}
+
+fn valid_function_name(name: &str) -> bool {
+  (1..=64).contains(&name.len())
+    && name
+      .bytes()
+      .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Turns byte spans of the config text into `file:line:col` errors.
+struct Locator<'a> {
+  file: &'a Path,
+  text: &'a str,
+}
+
+impl Locator<'_> {
+  fn error(&self, span: Range<usize>, key: &str, message: String) -> ConfigError {
+    let before = &self.text[..span.start.min(self.text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    ConfigError {
+      file: self.file.to_path_buf(),
+      line,
+      column,
+      key: key.into(),
+      message,
+    }
+  }
+
+  /// Resolves a path relative to the config directory and checks that it is a file.
+  fn existing_file(
+    &self,
+    base: &Path,
+    value: &Spanned<String>,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+  ) -> Option<PathBuf> {
+    let path = base.join(value.get_ref());
+    if path.is_file() {
+      Some(path)
+    } else {
+      errors.push(self.error(
+        value.span(),
+        key,
+        format!("file not found: {} (paths are relative to the config file)", path.display()),
+      ));
+      None
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(Path::new("/nonexistent/outpost.toml"), text)
+  }
+
+  #[test]
+  fn unknown_key_reports_line_and_column() {
+    let err = parse("[[listen]]\naddress = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+    let e = &err.errors[0];
+    assert_eq!((e.line, e.column), (3, 1), "{e}");
+    assert!(e.message.contains("unknown field `bogus`"), "{e}");
+  }
+
+  #[test]
+  fn all_semantic_errors_are_reported_at_once() {
+    let text = r#"
+[[listen]]
+address = "not-an-address"
+
+[[functions]]
+name = "Bad Name"
+entry = "missing.ts"
+routes = []
+pool = { prewarm = 5, max_isolates = 2 }
+"#;
+    let err = parse(text).unwrap_err();
+    let keys: Vec<_> = err.errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+      keys,
+      [
+        "listen[0].address",
+        "functions[0].name",
+        "functions[0].entry",
+        "functions[0].routes",
+        "functions[0].pool"
+      ]
+    );
+    let address = &err.errors[0];
+    assert_eq!((address.line, address.column), (3, 11), "{address}");
+    assert!(err.to_string().contains("outpost.toml:7:9: functions[0].entry: file not found"));
+  }
+}

@@ -1,0 +1,246 @@
+//! A function's code: its module files, read from the function's directory and transpiled
+//! once (TypeScript, TSX, JSX) with deno_ast, then shared by all of the function's isolates.
+//!
+//! The first isolate to import a module reads and transpiles it; later isolates (pool
+//! growth) reuse that exact text, so one function never runs two versions of a file.
+//! Transpiled output is also cached process-wide by content hash.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use deno_ast::{MediaType, ParseParams, SourceMapOption};
+use deno_core::error::ModuleLoaderError;
+use deno_core::{
+  ModuleLoadOptions, ModuleLoadReferrer, ModuleLoadResponse, ModuleLoader, ModuleSource,
+  ModuleSourceCode, ModuleSpecifier, ModuleType, RequestedModuleType, ResolutionKind,
+};
+use deno_error::JsErrorBox;
+use sha2::{Digest, Sha256};
+
+/// Transpiled modules by the hash of their media type and source text, shared by all
+/// functions of the process.
+#[derive(Default)]
+pub struct TranspileCache {
+  entries: Mutex<HashMap<[u8; 32], Arc<Transpiled>>>,
+}
+
+/// JavaScript produced from one source file.
+pub struct Transpiled {
+  pub code: Arc<str>,
+  pub source_map: Option<Arc<[u8]>>,
+}
+
+impl TranspileCache {
+  /// Transpiles `text`, or returns the cached result for identical input.
+  pub fn transpile(
+    &self,
+    specifier: &ModuleSpecifier,
+    media_type: MediaType,
+    text: &str,
+  ) -> Result<Arc<Transpiled>, JsErrorBox> {
+    let mut hasher = Sha256::new();
+    hasher.update(media_type.as_ts_extension().as_bytes());
+    hasher.update([0]);
+    hasher.update(text.as_bytes());
+    let key: [u8; 32] = hasher.finalize().into();
+    if let Some(hit) = self.entries.lock().expect("transpile cache lock").get(&key) {
+      return Ok(hit.clone());
+    }
+    let parsed = deno_ast::parse_module(ParseParams {
+      specifier: specifier.clone(),
+      text: text.into(),
+      media_type,
+      capture_tokens: false,
+      scope_analysis: false,
+      maybe_syntax: None,
+    })
+    .map_err(|diagnostic| JsErrorBox::new("SyntaxError", diagnostic.to_string()))?;
+    let emitted = parsed
+      .transpile(
+        &deno_ast::TranspileOptions {
+          imports_not_used_as_values: deno_ast::ImportsNotUsedAsValues::Remove,
+          decorators: deno_ast::DecoratorsTranspileOption::Ecma,
+          ..Default::default()
+        },
+        &deno_ast::TranspileModuleOptions { module_kind: None },
+        &deno_ast::EmitOptions {
+          source_map: SourceMapOption::Separate,
+          inline_sources: true,
+          ..Default::default()
+        },
+      )
+      .map_err(|err| JsErrorBox::new("SyntaxError", err.to_string()))?
+      .into_source();
+    let transpiled = Arc::new(Transpiled {
+      code: emitted.text.into(),
+      source_map: emitted.source_map.map(|m| m.into_bytes().into()),
+    });
+    self
+      .entries
+      .lock()
+      .expect("transpile cache lock")
+      .insert(key, transpiled.clone());
+    Ok(transpiled)
+  }
+}
+
+/// The modules of one function, rooted at its entry file's directory.
+pub struct FunctionCode {
+  pub name: String,
+  root: PathBuf,
+  entry: ModuleSpecifier,
+  modules: Mutex<HashMap<ModuleSpecifier, Arc<LoadedModule>>>,
+  transpiler: Arc<TranspileCache>,
+}
+
+struct LoadedModule {
+  module_type: ModuleType,
+  code: Arc<str>,
+  source_map: Option<Arc<[u8]>>,
+}
+
+impl FunctionCode {
+  /// `entry` is the function's main module; imports may reach files in its directory and
+  /// below, nothing else.
+  pub fn new(name: &str, entry: &Path, transpiler: Arc<TranspileCache>) -> std::io::Result<Self> {
+    let entry = std::fs::canonicalize(entry)?;
+    let root = entry
+      .parent()
+      .map(Path::to_path_buf)
+      .unwrap_or_else(|| PathBuf::from("/"));
+    let entry = ModuleSpecifier::from_file_path(&entry).map_err(|()| {
+      std::io::Error::new(std::io::ErrorKind::InvalidInput, "entry is not an absolute path")
+    })?;
+    Ok(Self {
+      name: name.into(),
+      root,
+      entry,
+      modules: Mutex::default(),
+      transpiler,
+    })
+  }
+
+  pub fn entry(&self) -> &ModuleSpecifier {
+    &self.entry
+  }
+
+  fn load(&self, specifier: &ModuleSpecifier, requested: &RequestedModuleType) -> Result<Arc<LoadedModule>, JsErrorBox> {
+    if let Some(module) = self.modules.lock().expect("module map lock").get(specifier) {
+      return Ok(module.clone());
+    }
+    let path = self.path_inside_root(specifier)?;
+    let text = std::fs::read_to_string(&path)
+      .map_err(|err| JsErrorBox::generic(format!("cannot read module {}: {err}", path.display())))?;
+    let media_type = MediaType::from_path(&path);
+    let module = match (requested, media_type) {
+      (RequestedModuleType::Json, _) => LoadedModule {
+        module_type: ModuleType::Json,
+        code: text.into(),
+        source_map: None,
+      },
+      (_, MediaType::Json) => {
+        return Err(JsErrorBox::type_error(format!(
+          "{specifier} is JSON: import it with `with {{ type: \"json\" }}`"
+        )));
+      }
+      (_, MediaType::JavaScript | MediaType::Mjs) => LoadedModule {
+        module_type: ModuleType::JavaScript,
+        code: text.into(),
+        source_map: None,
+      },
+      (_, MediaType::TypeScript | MediaType::Mts | MediaType::Tsx | MediaType::Jsx) => {
+        let transpiled = self.transpiler.transpile(specifier, media_type, &text)?;
+        LoadedModule {
+          module_type: ModuleType::JavaScript,
+          code: transpiled.code.clone(),
+          source_map: transpiled.source_map.clone(),
+        }
+      }
+      (_, other) => {
+        return Err(JsErrorBox::type_error(format!(
+          "{specifier}: cannot import a {other} file; modules are .js, .mjs, .ts, .mts, .jsx, .tsx or .json"
+        )));
+      }
+    };
+    let module = Arc::new(module);
+    // Another isolate may have raced us here; keep the first text so all isolates agree.
+    Ok(
+      self
+        .modules
+        .lock()
+        .expect("module map lock")
+        .entry(specifier.clone())
+        .or_insert(module)
+        .clone(),
+    )
+  }
+
+  fn path_inside_root(&self, specifier: &ModuleSpecifier) -> Result<PathBuf, JsErrorBox> {
+    let outside = || {
+      JsErrorBox::type_error(format!(
+        "cannot import {specifier}: function {:?} may only import files under {}",
+        self.name,
+        self.root.display()
+      ))
+    };
+    if specifier.scheme() != "file" {
+      return Err(outside());
+    }
+    let path = specifier.to_file_path().map_err(|()| outside())?;
+    let path = std::fs::canonicalize(&path)
+      .map_err(|err| JsErrorBox::generic(format!("cannot import {specifier}: {err}")))?;
+    if path.starts_with(&self.root) { Ok(path) } else { Err(outside()) }
+  }
+}
+
+/// The `ModuleLoader` of an isolate running `code`.
+pub struct FunctionModuleLoader {
+  pub code: Arc<FunctionCode>,
+}
+
+impl ModuleLoader for FunctionModuleLoader {
+  fn resolve(
+    &self,
+    specifier: &str,
+    referrer: &str,
+    _kind: ResolutionKind,
+  ) -> Result<ModuleSpecifier, ModuleLoaderError> {
+    let resolved = deno_core::resolve_import(specifier, referrer).map_err(|err| {
+      JsErrorBox::type_error(format!(
+        "cannot resolve {specifier:?} from {referrer}: {err}. Outpost functions import files by relative path (\"./lib.ts\"); bundle packages into the function directory"
+      ))
+    })?;
+    if resolved.scheme() != "file" {
+      return Err(JsErrorBox::type_error(format!(
+        "cannot import {resolved} from {referrer}: only files of the function itself can be imported"
+      )));
+    }
+    Ok(resolved)
+  }
+
+  fn load(
+    &self,
+    specifier: &ModuleSpecifier,
+    _referrer: Option<&ModuleLoadReferrer>,
+    options: ModuleLoadOptions,
+  ) -> ModuleLoadResponse {
+    let loaded = self.code.load(specifier, &options.requested_module_type).map(|module| {
+      ModuleSource::new(
+        module.module_type.clone(),
+        ModuleSourceCode::String(module.code.to_string().into()),
+        specifier,
+        None,
+      )
+    });
+    ModuleLoadResponse::Sync(loaded)
+  }
+
+  fn get_source_map(&self, specifier: &str) -> Option<Cow<'_, [u8]>> {
+    let specifier = ModuleSpecifier::parse(specifier).ok()?;
+    let modules = self.code.modules.lock().expect("module map lock");
+    let map = modules.get(&specifier)?.source_map.clone()?;
+    Some(Cow::Owned(map.to_vec()))
+  }
+}

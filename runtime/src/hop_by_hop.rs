@@ -1,0 +1,76 @@
+//! Hop-by-hop headers (RFC 9110 section 7.6.1): they describe one connection, so they are
+//! removed from requests before handlers see them and from responses before they are sent.
+
+use http::HeaderMap;
+use http::header::{CONNECTION, HeaderName, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+
+/// Headers that are always connection-specific.
+const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "proxy-authorization", "http2-settings"];
+
+/// Removes hop-by-hop headers, including any named in `Connection`. `Host` goes too: the
+/// handler reads the authority from `request.url`, and HTTP/2 has no `Host` header.
+/// `TE: trailers` is the one TE value that survives, as HTTP/2 allows.
+pub fn strip_request(headers: &mut HeaderMap) {
+  strip(headers);
+  headers.remove(http::header::HOST);
+}
+
+/// Removes hop-by-hop headers from a handler's response. `Proxy-Authenticate` is hop-by-hop
+/// too; `Host` is not a response header but is harmless to drop.
+pub fn strip_response(headers: &mut HeaderMap) {
+  strip(headers);
+  headers.remove(PROXY_AUTHENTICATE);
+}
+
+fn strip(headers: &mut HeaderMap) {
+  let named: Vec<HeaderName> = headers
+    .get_all(CONNECTION)
+    .iter()
+    .filter_map(|v| v.to_str().ok())
+    .flat_map(|v| v.split(','))
+    .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    .collect();
+  for name in named {
+    headers.remove(name);
+  }
+  let keep_te_trailers = headers
+    .get(TE)
+    .and_then(|v| v.to_str().ok())
+    .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+  for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+    headers.remove(name);
+  }
+  for name in HOP_BY_HOP {
+    headers.remove(name);
+  }
+  if keep_te_trailers {
+    headers.insert(TE, http::HeaderValue::from_static("trailers"));
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn removes_hop_by_hop_and_connection_named_headers() {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+      ("connection", "keep-alive, x-private"),
+      ("keep-alive", "timeout=5"),
+      ("x-private", "secret"),
+      ("transfer-encoding", "chunked"),
+      ("upgrade", "websocket"),
+      ("te", "trailers, deflate"),
+      ("host", "example.com"),
+      ("x-kept", "yes"),
+    ] {
+      headers.append(HeaderName::from_static(name), value.parse().unwrap());
+    }
+    strip_request(&mut headers);
+    let mut names: Vec<_> = headers.keys().map(|k| k.as_str().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["te", "x-kept"]);
+    assert_eq!(headers["te"], "trailers");
+  }
+}

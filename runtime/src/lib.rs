@@ -1,0 +1,24 @@
+//! Outpost, the edge function runtime: the HTTP server, routing, the isolate pool and the
+//! configuration. The `outpost` binary (`main.rs`) is a thin CLI over this library.
+//!
+//! A request flows one way: [`server`] accepts it (TLS, HTTP/1.1, h2), [`router`] picks the
+//! function, [`pool`] hands it to one of the function's [`isolate`] threads, and the
+//! response streams back.
+
+pub mod compression;
+pub mod config;
+pub mod function_code;
+pub mod hop_by_hop;
+pub mod isolate;
+pub mod pool;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod tls;
+
+/// Initialises V8 once per process, on the calling thread. Call it from the main thread
+/// before any isolate thread starts: isolate threads must descend from the thread that
+/// initialised the platform.
+pub fn init_v8() {
+  deno_core::JsRuntime::init_platform(None);
+}

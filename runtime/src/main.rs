@@ -1,0 +1,144 @@
+//! The `outpost` command line: `serve` and `check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use outpost::config::Config;
+use outpost::function_code::{FunctionCode, TranspileCache};
+use outpost::isolate::{FunctionSpec, check_function};
+use outpost::server::Node;
+
+#[derive(Parser)]
+#[command(name = "outpost", version, about = "Edge function runtime: JS and TS handlers in pre-warmed V8 isolates")]
+struct Cli {
+  #[command(subcommand)]
+  command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+  /// Serve functions: from a config file, or one handler file on every host and path.
+  Serve {
+    /// The config file (outpost.toml).
+    #[arg(long, short, conflicts_with = "handler")]
+    config: Option<PathBuf>,
+    /// A single handler module (.js or .ts) to serve without a config file.
+    handler: Option<PathBuf>,
+    /// Address for the single-handler mode.
+    #[arg(long, default_value = "127.0.0.1:8787", requires = "handler")]
+    listen: SocketAddr,
+  },
+  /// Validate a config file and load every function without serving.
+  Check {
+    #[arg(long, short, conflicts_with = "handler")]
+    config: Option<PathBuf>,
+    handler: Option<PathBuf>,
+  },
+}
+
+fn main() -> ExitCode {
+  tracing_subscriber::fmt()
+    .with_env_filter(
+      tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    )
+    .with_writer(std::io::stderr)
+    .init();
+  let cli = Cli::parse();
+  // Outbound fetch reads proxy settings from the process environment; tenants must not
+  // inherit the operator's proxy.
+  for var in ["ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+    // SAFETY: single-threaded at this point; no other thread reads the environment yet.
+    unsafe { std::env::remove_var(var) };
+  }
+  outpost::init_v8();
+  let result = match cli.command {
+    Command::Serve { config, handler, listen } => load_config(config, handler, listen).and_then(serve),
+    Command::Check { config, handler } => {
+      load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|c| check(&c))
+    }
+  };
+  match result {
+    Ok(()) => ExitCode::SUCCESS,
+    Err(err) => {
+      eprintln!("error: {err:#}");
+      ExitCode::FAILURE
+    }
+  }
+}
+
+fn load_config(config: Option<PathBuf>, handler: Option<PathBuf>, listen: SocketAddr) -> anyhow::Result<Config> {
+  let config = match (config, handler) {
+    (Some(path), _) => Config::load(&path)?,
+    (None, Some(handler)) => Config::single_handler(&handler, listen)?,
+    (None, None) => anyhow::bail!("give a config file (--config outpost.toml) or a handler file"),
+  };
+  Ok(config)
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+  let runtime = tokio::runtime::Builder::new_multi_thread()
+    .enable_all()
+    .build()
+    .context("starting the tokio runtime")?;
+  runtime.block_on(async {
+    let node = Node::start(&config).await?;
+    for listener in node.listeners() {
+      let scheme = if listener.tls { "https" } else { "http" };
+      #[allow(clippy::print_stdout, reason = "the listening addresses are the command's output")]
+      {
+        println!("outpost listening on {scheme}://{}", listener.address);
+      }
+    }
+    node.run(shutdown_signal()).await;
+    anyhow::Ok(())
+  })?;
+  // Isolate threads still finishing waitUntil work end with the process.
+  Ok(())
+}
+
+async fn shutdown_signal() {
+  let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    .expect("installing the SIGTERM handler");
+  tokio::select! {
+    _ = tokio::signal::ctrl_c() => {}
+    _ = terminate.recv() => {}
+  }
+}
+
+fn check(config: &Config) -> anyhow::Result<()> {
+  let transpiler = Arc::new(TranspileCache::default());
+  let mut failures = 0;
+  for listener in &config.listeners {
+    if !listener.tls.is_empty()
+      && let Err(err) = outpost::tls::server_config(&listener.tls)
+    {
+      eprintln!("listener {}: {err}", listener.address);
+      failures += 1;
+    }
+  }
+  for function in &config.functions {
+    let result = FunctionCode::new(&function.name, &function.entry, transpiler.clone())
+      .map_err(|err| err.to_string())
+      .and_then(|code| {
+        check_function(&FunctionSpec {
+          code: Arc::new(code),
+          env: Arc::new(function.env.clone()),
+        })
+        .map_err(|err| err.to_string())
+      });
+    match result {
+      Ok(()) => eprintln!("function {:?}: ok", function.name),
+      Err(err) => {
+        eprintln!("function {:?}: {err}", function.name);
+        failures += 1;
+      }
+    }
+  }
+  anyhow::ensure!(failures == 0, "{failures} problem(s) found");
+  Ok(())
+}

@@ -1,0 +1,174 @@
+//! `IsolatePool`: the isolates of one function. Tenants never share an isolate: every
+//! isolate in a pool runs that pool's function and nothing else.
+//!
+//! The pool keeps `prewarm` isolates ready, sends each request to the isolate with the fewest
+//! requests in flight, starts another isolate (up to `max_isolates`) when every isolate
+//! already has `isolate_concurrency` requests in flight, and evicts isolates above `prewarm`
+//! that have been idle for `idle_timeout_s`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_ext_dispatch::DispatchRequest;
+
+use crate::config::PoolConfig;
+use crate::isolate::{FunctionSpec, InFlightGuard, IsolateError, IsolateHandle, spawn_isolate};
+
+/// Why a request could not be handed to an isolate.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+  /// The function's code does not load; the message says where and why.
+  #[error("function {function:?} failed to load: {message}")]
+  LoadFailed { function: String, message: String },
+  #[error("function {function:?} has no isolate available: {message}")]
+  Unavailable { function: String, message: String },
+}
+
+pub struct IsolatePool {
+  spec: FunctionSpec,
+  config: PoolConfig,
+  isolates: Mutex<Vec<Arc<IsolateHandle>>>,
+  /// Set when the module fails to load; the function is then not served.
+  load_error: Mutex<Option<String>>,
+  /// Serialises isolate start-ups so a burst of requests starts one isolate, not many.
+  growth: tokio::sync::Mutex<()>,
+}
+
+impl IsolatePool {
+  /// Creates the pool and starts its pre-warmed isolates. A load error is recorded (and
+  /// logged) rather than returned: the function answers 503 and the others keep serving.
+  pub async fn start(spec: FunctionSpec, config: PoolConfig) -> Arc<IsolatePool> {
+    let pool = Arc::new(IsolatePool {
+      spec,
+      config,
+      isolates: Mutex::default(),
+      load_error: Mutex::default(),
+      growth: tokio::sync::Mutex::new(()),
+    });
+    let starts = (0..pool.config.prewarm).map(|_| pool.add_isolate());
+    for result in futures::future::join_all(starts).await {
+      if let Err(err) = result {
+        tracing::debug!(function = %pool.name(), error = %err, "pre-warming an isolate failed");
+      }
+    }
+    pool
+  }
+
+  pub fn name(&self) -> &str {
+    &self.spec.code.name
+  }
+
+  /// The load error, if the function's module does not load.
+  pub fn load_error(&self) -> Option<String> {
+    self.load_error.lock().expect("pool lock").clone()
+  }
+
+  /// Number of live isolates.
+  pub fn size(&self) -> usize {
+    self.isolates.lock().expect("pool lock").len()
+  }
+
+  async fn add_isolate(&self) -> Result<Arc<IsolateHandle>, PoolError> {
+    match spawn_isolate(self.spec.clone()).await {
+      Ok(isolate) => {
+        self.isolates.lock().expect("pool lock").push(isolate.clone());
+        Ok(isolate)
+      }
+      Err(IsolateError::Load(message)) => {
+        let mut load_error = self.load_error.lock().expect("pool lock");
+        if load_error.is_none() {
+          tracing::error!(function = %self.name(), "function failed to load: {message}");
+        }
+        *load_error = Some(message.clone());
+        Err(PoolError::LoadFailed {
+          function: self.name().into(),
+          message,
+        })
+      }
+      Err(err) => Err(PoolError::Unavailable {
+        function: self.name().into(),
+        message: err.to_string(),
+      }),
+    }
+  }
+
+  /// The least busy isolate, and whether the pool should grow.
+  fn pick(&self) -> (Option<Arc<IsolateHandle>>, bool) {
+    let isolates = self.isolates.lock().expect("pool lock");
+    let least = isolates.iter().min_by_key(|i| i.in_flight()).cloned();
+    let busy = least
+      .as_ref()
+      .is_none_or(|i| i.in_flight() >= self.config.isolate_concurrency);
+    (least, busy && isolates.len() < self.config.max_isolates)
+  }
+
+  /// Hands a request to one of the function's isolates.
+  pub async fn dispatch(&self, mut request: DispatchRequest) -> Result<InFlightGuard, PoolError> {
+    if let Some(message) = self.load_error() {
+      return Err(PoolError::LoadFailed {
+        function: self.name().into(),
+        message,
+      });
+    }
+    // A dead isolate is removed and the request retried once on another.
+    for _ in 0..2 {
+      let isolate = match self.pick() {
+        (_, true) => {
+          let _growing = self.growth.lock().await;
+          match self.pick() {
+            (_, true) => self.add_isolate().await?,
+            (Some(isolate), false) => isolate,
+            (None, false) => unreachable!("an empty pool below its maximum grows"),
+          }
+        }
+        (Some(isolate), false) => isolate,
+        (None, false) => unreachable!("an empty pool below its maximum grows"),
+      };
+      match isolate.dispatch(request).await {
+        Ok(guard) => return Ok(guard),
+        Err(closed) => {
+          request = closed.0;
+          self.remove(&isolate);
+        }
+      }
+    }
+    Err(PoolError::Unavailable {
+      function: self.name().into(),
+      message: "isolates stopped while taking the request".into(),
+    })
+  }
+
+  fn remove(&self, isolate: &Arc<IsolateHandle>) {
+    self
+      .isolates
+      .lock()
+      .expect("pool lock")
+      .retain(|i| !Arc::ptr_eq(i, isolate));
+  }
+
+  /// Drops isolates above `prewarm` that have been idle past the timeout. Their threads end
+  /// once pending `waitUntil` work is done.
+  pub fn evict_idle(&self) -> usize {
+    let timeout = Duration::from_secs(self.config.idle_timeout_s);
+    let mut isolates = self.isolates.lock().expect("pool lock");
+    let before = isolates.len();
+    let mut keep = isolates.len();
+    isolates.retain(|isolate| {
+      let evict = keep > self.config.prewarm && isolate.in_flight() == 0 && isolate.idle_for() >= timeout;
+      if evict {
+        keep -= 1;
+      }
+      !evict
+    });
+    let evicted = before - isolates.len();
+    if evicted > 0 {
+      tracing::debug!(function = %self.spec.code.name, evicted, "evicted idle isolates");
+    }
+    evicted
+  }
+
+  /// Closes every isolate's request channel; their threads finish in-flight work and exit.
+  pub fn close(&self) {
+    self.isolates.lock().expect("pool lock").clear();
+  }
+}

@@ -1,0 +1,435 @@
+//! The HTTP front: listeners, TLS, hyper connections, and the request path
+//!
+//! TCP accept → rustls (SNI, ALPN) → hyper (HTTP/1.1, h2, h2c) → [`route`](Router::route)
+//! by host and path → [`IsolatePool::dispatch`] to an isolate thread over a channel with a
+//! oneshot reply → JS `fetch(request, env, ctx)` → response streamed back, compressed when
+//! eligible.
+
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use outpost_ext_dispatch::{Body, BoxError, DispatchRequest, FailureKind, full_body};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::compression;
+use crate::config::Config;
+use crate::function_code::{FunctionCode, TranspileCache};
+use crate::hop_by_hop;
+use crate::isolate::{FunctionSpec, InFlightGuard};
+use crate::pool::{IsolatePool, PoolError};
+use crate::router::Router;
+use crate::tls::{self, TlsError};
+
+/// Response header naming the request id on every response.
+pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
+/// Response header set on responses Outpost generated itself, naming why.
+pub const ERROR_HEADER: &str = "outpost-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+  #[error("cannot listen on {address}: {source}")]
+  Bind { address: SocketAddr, source: std::io::Error },
+  #[error("listener {address}: {source}")]
+  Tls { address: SocketAddr, source: TlsError },
+  #[error("function {function:?}: cannot read {entry}: {source}")]
+  Entry { function: String, entry: String, source: std::io::Error },
+}
+
+/// A running node: functions loaded, listeners bound.
+pub struct Node {
+  state: Arc<NodeState>,
+  listeners: Vec<BoundListener>,
+  shutdown_grace: Duration,
+}
+
+struct NodeState {
+  router: Router,
+  pools: Vec<Arc<IsolatePool>>,
+  compression: bool,
+  request_ids: RequestIds,
+}
+
+struct BoundListener {
+  listener: TcpListener,
+  tls: Option<TlsAcceptor>,
+}
+
+/// A bound listener's address and whether it speaks TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerInfo {
+  pub address: SocketAddr,
+  pub tls: bool,
+}
+
+impl Node {
+  /// Loads every function (pre-warming its isolates) and binds every listener.
+  pub async fn start(config: &Config) -> Result<Node, ServerError> {
+    let transpiler = Arc::new(TranspileCache::default());
+    let mut starts = Vec::new();
+    for function in &config.functions {
+      let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(|source| {
+        ServerError::Entry {
+          function: function.name.clone(),
+          entry: function.entry.display().to_string(),
+          source,
+        }
+      })?;
+      let spec = FunctionSpec {
+        code: Arc::new(code),
+        env: Arc::new(function.env.clone()),
+      };
+      starts.push(IsolatePool::start(spec, function.pool.clone()));
+    }
+    let pools = futures::future::join_all(starts).await;
+    let router = Router::new(
+      config
+        .functions
+        .iter()
+        .enumerate()
+        .flat_map(|(index, f)| f.routes.iter().map(move |r| (r.clone(), index))),
+    );
+
+    let mut listeners = Vec::new();
+    for listener in &config.listeners {
+      let tls = if listener.tls.is_empty() {
+        None
+      } else {
+        let config = tls::server_config(&listener.tls).map_err(|source| ServerError::Tls {
+          address: listener.address,
+          source,
+        })?;
+        Some(TlsAcceptor::from(config))
+      };
+      let bound = TcpListener::bind(listener.address)
+        .await
+        .map_err(|source| ServerError::Bind {
+          address: listener.address,
+          source,
+        })?;
+      listeners.push(BoundListener { listener: bound, tls });
+    }
+    Ok(Node {
+      state: Arc::new(NodeState {
+        router,
+        pools,
+        compression: config.server.compression,
+        request_ids: RequestIds::new(),
+      }),
+      listeners,
+      shutdown_grace: Duration::from_secs(config.server.shutdown_grace_s),
+    })
+  }
+
+  pub fn listeners(&self) -> Vec<ListenerInfo> {
+    self
+      .listeners
+      .iter()
+      .filter_map(|l| {
+        Some(ListenerInfo {
+          address: l.listener.local_addr().ok()?,
+          tls: l.tls.is_some(),
+        })
+      })
+      .collect()
+  }
+
+  /// Serves until `shutdown` resolves; then stops accepting, lets in-flight requests finish
+  /// within the grace period, and returns.
+  pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    let stop = CancellationToken::new();
+    let graceful = Arc::new(GracefulShutdown::new());
+    let builder = Arc::new(connection_builder());
+    let mut accept_loops = Vec::new();
+    for listener in self.listeners {
+      accept_loops.push(tokio::spawn(accept_loop(
+        listener,
+        self.state.clone(),
+        builder.clone(),
+        graceful.clone(),
+        stop.clone(),
+      )));
+    }
+    let evictor = tokio::spawn(evict_idle_isolates(self.state.clone()));
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    stop.cancel();
+    for accept_loop in accept_loops {
+      let _ = accept_loop.await;
+    }
+    evictor.abort();
+    let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
+    match tokio::time::timeout(self.shutdown_grace, graceful.shutdown()).await {
+      Ok(()) => tracing::info!("all connections closed"),
+      Err(_) => tracing::warn!(
+        grace_s = self.shutdown_grace.as_secs(),
+        "grace period over; closing the remaining connections"
+      ),
+    }
+    for pool in &self.state.pools {
+      pool.close();
+    }
+  }
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+  let mut builder = auto::Builder::new(TokioExecutor::new());
+  builder.http1().timer(hyper_util::rt::TokioTimer::new());
+  builder.http2().timer(hyper_util::rt::TokioTimer::new());
+  builder
+}
+
+async fn accept_loop(
+  listener: BoundListener,
+  state: Arc<NodeState>,
+  builder: Arc<auto::Builder<TokioExecutor>>,
+  graceful: Arc<GracefulShutdown>,
+  stop: CancellationToken,
+) {
+  let scheme = if listener.tls.is_some() { "https" } else { "http" };
+  loop {
+    let (stream, peer) = tokio::select! {
+      accepted = listener.listener.accept() => match accepted {
+        Ok(accepted) => accepted,
+        Err(err) => {
+          // Typically EMFILE: back off instead of spinning.
+          tracing::warn!(error = %err, "accept failed");
+          tokio::time::sleep(Duration::from_millis(50)).await;
+          continue;
+        }
+      },
+      () = stop.cancelled() => return,
+    };
+    let _ = stream.set_nodelay(true);
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |request| {
+      let state = service_state.clone();
+      async move { Ok::<_, Infallible>(handle_request(&state, request, scheme).await) }
+    });
+    let builder = builder.clone();
+    let tls = listener.tls.clone();
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+      let result = match tls {
+        None => {
+          let connection = builder.serve_connection(TokioIo::new(stream), service);
+          watcher.watch(connection).await
+        }
+        Some(acceptor) => match acceptor.accept(stream).await {
+          Ok(stream) => {
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(connection).await
+          }
+          Err(err) => {
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            return;
+          }
+        },
+      };
+      if let Err(err) = result {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
+      }
+    });
+  }
+}
+
+async fn evict_idle_isolates(state: Arc<NodeState>) {
+  let mut interval = tokio::time::interval(Duration::from_secs(5));
+  loop {
+    interval.tick().await;
+    for pool in &state.pools {
+      pool.evict_idle();
+    }
+  }
+}
+
+/// One request, from routing to the response the client gets.
+async fn handle_request(state: &NodeState, request: Request<Incoming>, scheme: &str) -> Response<Body> {
+  let request_id = state.request_ids.next();
+  let mut response = dispatch(state, request, scheme, &request_id).await;
+  if let Ok(value) = HeaderValue::from_str(&request_id) {
+    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+  }
+  response
+}
+
+async fn dispatch(state: &NodeState, request: Request<Incoming>, scheme: &str, request_id: &str) -> Response<Body> {
+  let authority = request
+    .uri()
+    .authority()
+    .map(|a| a.as_str().to_string())
+    .or_else(|| {
+      request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+    });
+  let Some(authority) = authority else {
+    return outpost_response(
+      StatusCode::BAD_REQUEST,
+      "missing-host",
+      "outpost: the request has no Host header or :authority\n".into(),
+    );
+  };
+  let path = request.uri().path();
+  let Some(function) = state.router.route(&authority, path) else {
+    return outpost_response(
+      StatusCode::NOT_FOUND,
+      "no-route",
+      format!("outpost: no function is routed for {authority}{path}\n"),
+    );
+  };
+  let pool = &state.pools[function];
+  let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+  let url = format!("{scheme}://{authority}{path_and_query}");
+
+  let (parts, body) = request.into_parts();
+  let is_head = parts.method == Method::HEAD;
+  let request_headers = parts.headers;
+  let mut headers = request_headers.clone();
+  hop_by_hop::strip_request(&mut headers);
+  let body = if http_body::Body::is_end_stream(&body) {
+    None
+  } else {
+    Some(body.map_err(BoxError::from).boxed_unsync())
+  };
+  let cancel = CancellationToken::new();
+  let (reply, replied) = oneshot::channel();
+  let in_flight = match pool
+    .dispatch(DispatchRequest {
+      method: parts.method,
+      url,
+      headers,
+      body,
+      cancel: cancel.clone(),
+      reply,
+    })
+    .await
+  {
+    Ok(guard) => guard,
+    Err(err @ PoolError::LoadFailed { .. }) | Err(err @ PoolError::Unavailable { .. }) => {
+      tracing::warn!(request_id, function = pool.name(), error = %err, "function unavailable");
+      return outpost_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "function-unavailable",
+        format!("outpost: {err}\n"),
+      );
+    }
+  };
+  // Cancels body streaming if the client goes away before the response is complete.
+  let cancel_on_drop = cancel.drop_guard();
+
+  match replied.await {
+    Ok(Ok(mut response)) => {
+      hop_by_hop::strip_response(response.headers_mut());
+      if state.compression {
+        compression::compress_response(&mut response, &request_headers, is_head);
+      }
+      response.map(|body| {
+        GuardedBody {
+          inner: body,
+          _in_flight: in_flight,
+          _cancel_on_drop: cancel_on_drop,
+        }
+        .boxed_unsync()
+      })
+    }
+    Ok(Err(failure)) => {
+      let what = match failure.kind {
+        FailureKind::Exception => "threw an exception",
+        FailureKind::NotAResponse => "did not return a Response",
+      };
+      tracing::error!(request_id, function = pool.name(), "handler {what}: {}", failure.detail);
+      outpost_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "handler-error",
+        format!(
+          "outpost: function {:?} {what} (request id {request_id}); the stack is in the server log\n",
+          pool.name()
+        ),
+      )
+    }
+    Err(_) => {
+      tracing::error!(request_id, function = pool.name(), "the isolate stopped before answering");
+      outpost_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "isolate-stopped",
+        format!("outpost: the isolate stopped before answering (request id {request_id})\n"),
+      )
+    }
+  }
+}
+
+/// A response generated by Outpost itself (not a function), marked with `outpost-error`.
+fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> Response<Body> {
+  let mut response = Response::new(full_body(Bytes::from(body)));
+  *response.status_mut() = status;
+  let headers = response.headers_mut();
+  headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+  headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+  response
+}
+
+/// A response body that keeps its request counted as in flight until it has been sent, and
+/// cancels body streaming inside the isolate when it is dropped early.
+struct GuardedBody {
+  inner: Body,
+  _in_flight: InFlightGuard,
+  _cancel_on_drop: DropGuard,
+}
+
+impl http_body::Body for GuardedBody {
+  type Data = Bytes;
+  type Error = BoxError;
+
+  fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    Pin::new(&mut self.inner).poll_frame(cx)
+  }
+
+  fn is_end_stream(&self) -> bool {
+    self.inner.is_end_stream()
+  }
+
+  fn size_hint(&self) -> http_body::SizeHint {
+    self.inner.size_hint()
+  }
+}
+
+/// Request ids: a random per-process prefix plus a counter, unique across restarts.
+struct RequestIds {
+  prefix: u32,
+  counter: AtomicU64,
+}
+
+impl RequestIds {
+  fn new() -> RequestIds {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    RequestIds {
+      prefix: hasher.finish() as u32,
+      counter: AtomicU64::new(1),
+    }
+  }
+
+  fn next(&self) -> String {
+    format!("{:08x}{:012x}", self.prefix, self.counter.fetch_add(1, Ordering::Relaxed))
+  }
+}
