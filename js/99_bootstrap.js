@@ -160,6 +160,12 @@ const globalScope = {
 
 core.defineGlobalProperties(globalThis, globalScope);
 ObjectSetPrototypeOf(globalThis, ServiceWorkerGlobalScope.prototype);
+// EventTarget methods brand-check their receiver; the global scope is one.
+ObjectDefineProperty(globalThis, webidl.brand, {
+  __proto__: null,
+  value: webidl.brand,
+  configurable: true,
+});
 event.setEventTargetData(globalThis);
 event.saveGlobalThisReference(globalThis);
 

@@ -56,7 +56,10 @@ fn file_paths(
       ExtensionFileSourceCode::LoadedFromFsDuringSnapshot(path) => {
         (file.specifier.to_string(), PathBuf::from(path))
       }
-      other => panic!("{}: expected a file loaded at snapshot time, got {other:?}", file.specifier),
+      other => panic!(
+        "{}: expected a file loaded at snapshot time, got {other:?}",
+        file.specifier
+      ),
     })
     .collect();
   paths.sort();
@@ -70,8 +73,12 @@ fn write_residual_table(target: &Path, files: &[(String, PathBuf)], consumed: &[
     if consumed.iter().any(|c| c == specifier) {
       continue;
     }
-    writeln!(table, "  ({specifier:?}, include_str!({:?})),", path.display().to_string())
-      .expect("writing to a String");
+    writeln!(
+      table,
+      "  ({specifier:?}, include_str!({:?})),",
+      path.display().to_string()
+    )
+    .expect("writing to a String");
   }
   table.push(']');
   std::fs::write(target, table).expect("writing a residual source table into OUT_DIR");

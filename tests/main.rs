@@ -1,1 +1,10 @@
-fn main(){}
+//! End-to-end tests: the real `outpost` binary on 127.0.0.1:0, real TLS with certificates
+//! from a test CA, real HTTP/1.1 and h2 clients, real V8. One test binary, so V8 is linked
+//! once.
+
+mod cli;
+mod handlers;
+mod pool;
+mod protocols;
+mod streaming;
+mod support;

@@ -47,7 +47,11 @@ pub fn negotiate(accept_encoding: &HeaderMap) -> Option<Encoding> {
       let mut parts = item.split(';');
       let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
       let q = parts
-        .filter_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok()))
+        .filter_map(|p| {
+          p.trim()
+            .strip_prefix("q=")
+            .and_then(|q| q.trim().parse::<f32>().ok())
+        })
         .next()
         .unwrap_or(1.0);
       match coding.as_str() {
@@ -58,7 +62,10 @@ pub fn negotiate(accept_encoding: &HeaderMap) -> Option<Encoding> {
       }
     }
   }
-  for (encoding, q) in [(Encoding::Brotli, br.or(star)), (Encoding::Gzip, gzip.or(star))] {
+  for (encoding, q) in [
+    (Encoding::Brotli, br.or(star)),
+    (Encoding::Gzip, gzip.or(star)),
+  ] {
     if let Some(q) = q
       && q > 0.0
       && best.is_none_or(|(_, bq)| q > bq)
@@ -70,7 +77,12 @@ pub fn negotiate(accept_encoding: &HeaderMap) -> Option<Encoding> {
 }
 
 fn is_compressible(content_type: &str) -> bool {
-  let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+  let mime = content_type
+    .split(';')
+    .next()
+    .unwrap_or("")
+    .trim()
+    .to_ascii_lowercase();
   mime.starts_with("text/")
     || mime.ends_with("+json")
     || mime.ends_with("+xml")
@@ -87,14 +99,21 @@ fn is_compressible(content_type: &str) -> bool {
 }
 
 /// Compresses `response` in place when it is eligible (see the module docs).
-pub fn compress_response(response: &mut Response<Body>, request_headers: &HeaderMap, is_head: bool) {
+pub fn compress_response(
+  response: &mut Response<Body>,
+  request_headers: &HeaderMap,
+  is_head: bool,
+) {
   let headers = response.headers();
   let eligible = !headers.contains_key(CONTENT_ENCODING)
     && headers
       .get(CONTENT_TYPE)
       .and_then(|v| v.to_str().ok())
       .is_some_and(is_compressible)
-    && !matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+    && !matches!(
+      response.status(),
+      StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    )
     && !response.status().is_informational();
   if !eligible {
     return;
@@ -109,14 +128,19 @@ pub fn compress_response(response: &mut Response<Body>, request_headers: &Header
   if !already_varies {
     headers.append(VARY, HeaderValue::from_static("Accept-Encoding"));
   }
-  let Some(encoding) = negotiate(request_headers) else { return };
+  let Some(encoding) = negotiate(request_headers) else {
+    return;
+  };
   if is_head || response.body().is_end_stream() {
     return;
   }
   let headers = response.headers_mut();
   headers.remove(CONTENT_LENGTH);
   headers.insert(CONTENT_ENCODING, HeaderValue::from_static(encoding.token()));
-  let body = std::mem::replace(response.body_mut(), outpost_ext_dispatch::full_body(Bytes::new()));
+  let body = std::mem::replace(
+    response.body_mut(),
+    outpost_ext_dispatch::full_body(Bytes::new()),
+  );
   *response.body_mut() = CompressedBody::new(body, encoding).boxed_unsync();
 }
 
@@ -185,7 +209,10 @@ impl http_body::Body for CompressedBody {
   type Data = Bytes;
   type Error = BoxError;
 
-  fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+  fn poll_frame(
+    self: Pin<&mut Self>,
+    cx: &mut Context<'_>,
+  ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     let this = self.get_mut();
     loop {
       let Some(encoder) = this.encoder.as_mut() else {
@@ -196,7 +223,9 @@ impl http_body::Body for CompressedBody {
         Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
         Poll::Ready(Some(Ok(frame))) => {
           // Trailers cannot follow a compressed stream we have not finished; drop them.
-          let Ok(data) = frame.into_data() else { continue };
+          let Ok(data) = frame.into_data() else {
+            continue;
+          };
           match encoder.write(&data) {
             Ok(out) if out.is_empty() => continue,
             Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
@@ -232,9 +261,15 @@ mod tests {
 
   #[test]
   fn negotiation_follows_q_values() {
-    assert_eq!(negotiate(&accept("gzip, deflate, br")), Some(Encoding::Brotli));
+    assert_eq!(
+      negotiate(&accept("gzip, deflate, br")),
+      Some(Encoding::Brotli)
+    );
     assert_eq!(negotiate(&accept("gzip")), Some(Encoding::Gzip));
-    assert_eq!(negotiate(&accept("br;q=0.5, gzip;q=0.8")), Some(Encoding::Gzip));
+    assert_eq!(
+      negotiate(&accept("br;q=0.5, gzip;q=0.8")),
+      Some(Encoding::Gzip)
+    );
     assert_eq!(negotiate(&accept("br;q=0, gzip;q=0")), None);
     assert_eq!(negotiate(&accept("*")), Some(Encoding::Brotli));
     assert_eq!(negotiate(&accept("identity")), None);

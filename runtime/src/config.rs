@@ -194,8 +194,18 @@ impl Config {
       };
       let mut tls = Vec::new();
       for (j, cert) in listener.tls.iter().enumerate() {
-        let cert_path = locate.existing_file(base, &cert.cert, &format!("listen[{i}].tls[{j}].cert"), &mut errors);
-        let key_path = locate.existing_file(base, &cert.key, &format!("listen[{i}].tls[{j}].key"), &mut errors);
+        let cert_path = locate.existing_file(
+          base,
+          &cert.cert,
+          &format!("listen[{i}].tls[{j}].cert"),
+          &mut errors,
+        );
+        let key_path = locate.existing_file(
+          base,
+          &cert.key,
+          &format!("listen[{i}].tls[{j}].key"),
+          &mut errors,
+        );
         if let (Some(cert), Some(key)) = (cert_path, key_path) {
           tls.push(CertificateConfig { cert, key });
         }
@@ -223,7 +233,12 @@ impl Config {
           format!("function {name:?} is defined twice; function names must be unique"),
         ));
       }
-      let entry = locate.existing_file(base, &function.entry, &format!("functions[{i}].entry"), &mut errors);
+      let entry = locate.existing_file(
+        base,
+        &function.entry,
+        &format!("functions[{i}].entry"),
+        &mut errors,
+      );
       let mut routes = Vec::new();
       if function.routes.get_ref().is_empty() {
         errors.push(locate.error(
@@ -240,7 +255,10 @@ impl Config {
               errors.push(locate.error(
                 route.span(),
                 &key,
-                format!("route {:?} is already routed to function {other:?}", route.get_ref()),
+                format!(
+                  "route {:?} is already routed to function {other:?}",
+                  route.get_ref()
+                ),
               ));
             } else {
               seen_routes.push((pattern.clone(), name.clone()));
@@ -250,7 +268,11 @@ impl Config {
           Err(message) => errors.push(locate.error(route.span(), &key, message)),
         }
       }
-      let pool = function.pool.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default();
+      let pool = function
+        .pool
+        .as_ref()
+        .map(|p| p.get_ref().clone())
+        .unwrap_or_default();
       if let Some(spanned) = &function.pool
         && let Err(message) = pool.validate()
       {
@@ -295,7 +317,10 @@ impl Config {
       return Err(error("the handler file does not exist".into()));
     }
     Ok(Config {
-      listeners: vec![ListenerConfig { address, tls: Vec::new() }],
+      listeners: vec![ListenerConfig {
+        address,
+        tls: Vec::new(),
+      }],
       functions: vec![FunctionConfig {
         name: "default".into(),
         entry,
@@ -368,7 +393,10 @@ impl Locator<'_> {
       errors.push(self.error(
         value.span(),
         key,
-        format!("file not found: {} (paths are relative to the config file)", path.display()),
+        format!(
+          "file not found: {} (paths are relative to the config file)",
+          path.display()
+        ),
       ));
       None
     }
@@ -417,6 +445,10 @@ pool = { prewarm = 5, max_isolates = 2 }
     );
     let address = &err.errors[0];
     assert_eq!((address.line, address.column), (3, 11), "{address}");
-    assert!(err.to_string().contains("outpost.toml:7:9: functions[0].entry: file not found"));
+    assert!(
+      err
+        .to_string()
+        .contains("outpost.toml:7:9: functions[0].entry: file not found")
+    );
   }
 }

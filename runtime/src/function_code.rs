@@ -111,7 +111,10 @@ impl FunctionCode {
       .map(Path::to_path_buf)
       .unwrap_or_else(|| PathBuf::from("/"));
     let entry = ModuleSpecifier::from_file_path(&entry).map_err(|()| {
-      std::io::Error::new(std::io::ErrorKind::InvalidInput, "entry is not an absolute path")
+      std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "entry is not an absolute path",
+      )
     })?;
     Ok(Self {
       name: name.into(),
@@ -126,13 +129,18 @@ impl FunctionCode {
     &self.entry
   }
 
-  fn load(&self, specifier: &ModuleSpecifier, requested: &RequestedModuleType) -> Result<Arc<LoadedModule>, JsErrorBox> {
+  fn load(
+    &self,
+    specifier: &ModuleSpecifier,
+    requested: &RequestedModuleType,
+  ) -> Result<Arc<LoadedModule>, JsErrorBox> {
     if let Some(module) = self.modules.lock().expect("module map lock").get(specifier) {
       return Ok(module.clone());
     }
     let path = self.path_inside_root(specifier)?;
-    let text = std::fs::read_to_string(&path)
-      .map_err(|err| JsErrorBox::generic(format!("cannot read module {}: {err}", path.display())))?;
+    let text = std::fs::read_to_string(&path).map_err(|err| {
+      JsErrorBox::generic(format!("cannot read module {}: {err}", path.display()))
+    })?;
     let media_type = MediaType::from_path(&path);
     let module = match (requested, media_type) {
       (RequestedModuleType::Json, _) => LoadedModule {
@@ -191,7 +199,11 @@ impl FunctionCode {
     let path = specifier.to_file_path().map_err(|()| outside())?;
     let path = std::fs::canonicalize(&path)
       .map_err(|err| JsErrorBox::generic(format!("cannot import {specifier}: {err}")))?;
-    if path.starts_with(&self.root) { Ok(path) } else { Err(outside()) }
+    if path.starts_with(&self.root) {
+      Ok(path)
+    } else {
+      Err(outside())
+    }
   }
 }
 
@@ -226,14 +238,17 @@ impl ModuleLoader for FunctionModuleLoader {
     _referrer: Option<&ModuleLoadReferrer>,
     options: ModuleLoadOptions,
   ) -> ModuleLoadResponse {
-    let loaded = self.code.load(specifier, &options.requested_module_type).map(|module| {
-      ModuleSource::new(
-        module.module_type.clone(),
-        ModuleSourceCode::String(module.code.to_string().into()),
-        specifier,
-        None,
-      )
-    });
+    let loaded = self
+      .code
+      .load(specifier, &options.requested_module_type)
+      .map(|module| {
+        ModuleSource::new(
+          module.module_type.clone(),
+          ModuleSourceCode::String(module.code.to_string().into()),
+          specifier,
+          None,
+        )
+      });
     ModuleLoadResponse::Sync(loaded)
   }
 

@@ -2,10 +2,17 @@
 //! removed from requests before handlers see them and from responses before they are sent.
 
 use http::HeaderMap;
-use http::header::{CONNECTION, HeaderName, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+  CONNECTION, HeaderName, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 
 /// Headers that are always connection-specific.
-const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "proxy-authorization", "http2-settings"];
+const HOP_BY_HOP: [&str; 4] = [
+  "keep-alive",
+  "proxy-connection",
+  "proxy-authorization",
+  "http2-settings",
+];
 
 /// Removes hop-by-hop headers, including any named in `Connection`. `Host` goes too: the
 /// handler reads the authority from `request.url`, and HTTP/2 has no `Host` header.
@@ -36,7 +43,10 @@ fn strip(headers: &mut HeaderMap) {
   let keep_te_trailers = headers
     .get(TE)
     .and_then(|v| v.to_str().ok())
-    .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    .is_some_and(|v| {
+      v.split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+    });
   for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
     headers.remove(name);
   }

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
-use deno_permissions::{Permissions, PermissionsContainer, PermissionsOptions, RuntimePermissionDescriptorParser};
+use deno_permissions::{
+  Permissions, PermissionsContainer, PermissionsOptions, RuntimePermissionDescriptorParser,
+};
 use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
 use tokio::sync::{mpsc, oneshot};
 
@@ -74,10 +76,15 @@ impl IsolateHandle {
 
   /// Hands a request to the isolate. The returned guard counts it as in flight until it is
   /// dropped (when the response has been produced or the client went away).
-  pub async fn dispatch(self: &Arc<Self>, request: DispatchRequest) -> Result<InFlightGuard, DispatchClosed> {
+  pub async fn dispatch(
+    self: &Arc<Self>,
+    request: DispatchRequest,
+  ) -> Result<InFlightGuard, DispatchClosed> {
     self.in_flight.fetch_add(1, Ordering::Relaxed);
     self.touch();
-    let guard = InFlightGuard { isolate: self.clone() };
+    let guard = InFlightGuard {
+      isolate: self.clone(),
+    };
     match self.sender.send(request).await {
       Ok(()) => Ok(guard),
       Err(returned) => Err(DispatchClosed(returned.0)),
@@ -128,7 +135,10 @@ fn run_isolate_thread(
   receiver: mpsc::Receiver<DispatchRequest>,
   ready: oneshot::Sender<Result<(), IsolateError>>,
 ) {
-  let tokio = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+  let tokio = match tokio::runtime::Builder::new_current_thread()
+    .enable_all()
+    .build()
+  {
     Ok(rt) => rt,
     Err(err) => {
       let _ = ready.send(Err(IsolateError::Create(err.to_string())));
@@ -166,76 +176,81 @@ pub struct BlankIsolate {
 }
 
 impl BlankIsolate {
-/// Creates a blank isolate from the snapshot, ready to load `spec`'s module. `receiver` is
-/// the request channel (none for load checks).
-pub fn new(
-  spec: &FunctionSpec,
-  receiver: Option<mpsc::Receiver<DispatchRequest>>,
-) -> Result<BlankIsolate, IsolateError> {
-  let mut runtime = JsRuntime::try_new(RuntimeOptions {
-    extensions: outpost_js::extensions(outpost_js::IsolateOptions {
-      function_name: Some(spec.code.name.clone()),
-      dispatch_queue: receiver.map(DispatchQueue::new),
-      fetch: deno_fetch::Options {
-        user_agent: concat!("Outpost/", env!("CARGO_PKG_VERSION")).into(),
-        ..Default::default()
-      },
-    }),
-    startup_snapshot: Some(snapshot::SNAPSHOT),
-    residual_lazy_js_sources: snapshot::RESIDUAL_LAZY_JS,
-    residual_lazy_esm_sources: snapshot::RESIDUAL_LAZY_ESM,
-    module_loader: Some(Rc::new(FunctionModuleLoader {
-      code: spec.code.clone(),
-    })),
-    ..Default::default()
-  })
-  .map_err(|err| IsolateError::Create(err.to_string()))?;
-  runtime.op_state().borrow_mut().put(outbound_permissions()?);
-  // Read both entry points first: bootstrap() deletes globalThis.__outpost.
-  let bootstrap = entry_point(&mut runtime, "bootstrap")?;
-  let serve = entry_point(&mut runtime, "serve")?;
-  // bootstrap() is synchronous; its call future is ready at once.
-  futures::executor::block_on(runtime.call(&bootstrap))
-    .map_err(|err| IsolateError::Create(format!("bootstrap failed: {err}")))?;
-  Ok(BlankIsolate { runtime, serve })
-}
-
-/// Loads and evaluates the function's module and starts the JS serve loop. Returns the
-/// serve loop's promise future, which settles when the isolate is done.
-pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<ServeFuture, IsolateError> {
-  let runtime = &mut self.runtime;
-  let module = runtime
-    .load_main_es_module(spec.code.entry())
-    .await
-    .map_err(|err| IsolateError::Load(err.to_string()))?;
-  let evaluation = runtime.mod_evaluate(module);
-  runtime
-    .with_event_loop_future(Box::pin(evaluation), PollEventLoopOptions::default())
-    .await
-    .map_err(|err| IsolateError::Load(err.to_string()))?;
-  let namespace = runtime
-    .get_module_namespace(module)
-    .map_err(|err| IsolateError::Load(err.to_string()))?;
-  let (namespace, env) = {
-    deno_core::scope!(scope, runtime);
-    let namespace: v8::Local<v8::Value> = v8::Local::new(scope, namespace).into();
-    let env = deno_core::serde_v8::to_v8(scope, spec.env.as_ref())
-      .map_err(|err| IsolateError::Create(format!("env: {err}")))?;
-    (v8::Global::new(scope, namespace), v8::Global::new(scope, env))
-  };
-  let mut serving = Box::pin(runtime.call_with_args(&self.serve, &[namespace, env]));
-  // serve() throws synchronously when the module has no handler.
-  if let std::task::Poll::Ready(Err(err)) = futures::poll!(&mut serving) {
-    return Err(IsolateError::Load(err.to_string()));
+  /// Creates a blank isolate from the snapshot, ready to load `spec`'s module. `receiver` is
+  /// the request channel (none for load checks).
+  pub fn new(
+    spec: &FunctionSpec,
+    receiver: Option<mpsc::Receiver<DispatchRequest>>,
+  ) -> Result<BlankIsolate, IsolateError> {
+    let mut runtime = JsRuntime::try_new(RuntimeOptions {
+      extensions: outpost_js::extensions(outpost_js::IsolateOptions {
+        function_name: Some(spec.code.name.clone()),
+        dispatch_queue: receiver.map(DispatchQueue::new),
+        fetch: deno_fetch::Options {
+          user_agent: concat!("Outpost/", env!("CARGO_PKG_VERSION")).into(),
+          ..Default::default()
+        },
+      }),
+      startup_snapshot: Some(snapshot::SNAPSHOT),
+      residual_lazy_js_sources: snapshot::RESIDUAL_LAZY_JS,
+      residual_lazy_esm_sources: snapshot::RESIDUAL_LAZY_ESM,
+      module_loader: Some(Rc::new(FunctionModuleLoader {
+        code: spec.code.clone(),
+      })),
+      ..Default::default()
+    })
+    .map_err(|err| IsolateError::Create(err.to_string()))?;
+    runtime.op_state().borrow_mut().put(outbound_permissions()?);
+    // Read both entry points first: bootstrap() deletes globalThis.__outpost.
+    let bootstrap = entry_point(&mut runtime, "bootstrap")?;
+    let serve = entry_point(&mut runtime, "serve")?;
+    // bootstrap() is synchronous; its call future is ready at once.
+    futures::executor::block_on(runtime.call(&bootstrap))
+      .map_err(|err| IsolateError::Create(format!("bootstrap failed: {err}")))?;
+    Ok(BlankIsolate { runtime, serve })
   }
-  Ok(serving)
-}
+
+  /// Loads and evaluates the function's module and starts the JS serve loop. Returns the
+  /// serve loop's promise future, which settles when the isolate is done.
+  pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<ServeFuture, IsolateError> {
+    let runtime = &mut self.runtime;
+    let module = runtime
+      .load_main_es_module(spec.code.entry())
+      .await
+      .map_err(|err| IsolateError::Load(err.to_string()))?;
+    let evaluation = runtime.mod_evaluate(module);
+    runtime
+      .with_event_loop_future(Box::pin(evaluation), PollEventLoopOptions::default())
+      .await
+      .map_err(|err| IsolateError::Load(err.to_string()))?;
+    let namespace = runtime
+      .get_module_namespace(module)
+      .map_err(|err| IsolateError::Load(err.to_string()))?;
+    let (namespace, env) = {
+      deno_core::scope!(scope, runtime);
+      let namespace: v8::Local<v8::Value> = v8::Local::new(scope, namespace).into();
+      let env = deno_core::serde_v8::to_v8(scope, spec.env.as_ref())
+        .map_err(|err| IsolateError::Create(format!("env: {err}")))?;
+      (
+        v8::Global::new(scope, namespace),
+        v8::Global::new(scope, env),
+      )
+    };
+    let mut serving = Box::pin(runtime.call_with_args(&self.serve, &[namespace, env]));
+    // serve() throws synchronously when the module has no handler.
+    if let std::task::Poll::Ready(Err(err)) = futures::poll!(&mut serving) {
+      return Err(IsolateError::Load(err.to_string()));
+    }
+    Ok(serving)
+  }
 }
 
 /// Handlers may reach the network through `fetch` and nothing else: no files, environment,
 /// subprocesses, FFI or system information.
 fn outbound_permissions() -> Result<PermissionsContainer, IsolateError> {
-  let parser = Arc::new(RuntimePermissionDescriptorParser::new(sys_traits::impls::RealSys));
+  let parser = Arc::new(RuntimePermissionDescriptorParser::new(
+    sys_traits::impls::RealSys,
+  ));
   let permissions = Permissions::from_options(
     parser.as_ref(),
     &PermissionsOptions {
@@ -272,7 +287,10 @@ async fn drive_event_loop(runtime: &mut JsRuntime, mut serving: ServeFuture) -> 
 }
 
 /// Reads `globalThis.__outpost[name]`, published by the bootstrap JS in the snapshot.
-fn entry_point(runtime: &mut JsRuntime, name: &str) -> Result<v8::Global<v8::Function>, IsolateError> {
+fn entry_point(
+  runtime: &mut JsRuntime,
+  name: &str,
+) -> Result<v8::Global<v8::Function>, IsolateError> {
   deno_core::scope!(scope, runtime);
   let missing = || IsolateError::Create(format!("the snapshot has no __outpost.{name}"));
   let context = scope.get_current_context();

@@ -13,7 +13,11 @@ use outpost::isolate::{FunctionSpec, check_function};
 use outpost::server::Node;
 
 #[derive(Parser)]
-#[command(name = "outpost", version, about = "Edge function runtime: JS and TS handlers in pre-warmed V8 isolates")]
+#[command(
+  name = "outpost",
+  version,
+  about = "Edge function runtime: JS and TS handlers in pre-warmed V8 isolates"
+)]
 struct Cli {
   #[command(subcommand)]
   command: Command,
@@ -51,13 +55,26 @@ fn main() -> ExitCode {
   let cli = Cli::parse();
   // Outbound fetch reads proxy settings from the process environment; tenants must not
   // inherit the operator's proxy.
-  for var in ["ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+  for var in [
+    "ALL_PROXY",
+    "all_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+  ] {
     // SAFETY: single-threaded at this point; no other thread reads the environment yet.
     unsafe { std::env::remove_var(var) };
   }
   outpost::init_v8();
   let result = match cli.command {
-    Command::Serve { config, handler, listen } => load_config(config, handler, listen).and_then(serve),
+    Command::Serve {
+      config,
+      handler,
+      listen,
+    } => load_config(config, handler, listen).and_then(serve),
     Command::Check { config, handler } => {
       load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|c| check(&c))
     }
@@ -71,7 +88,11 @@ fn main() -> ExitCode {
   }
 }
 
-fn load_config(config: Option<PathBuf>, handler: Option<PathBuf>, listen: SocketAddr) -> anyhow::Result<Config> {
+fn load_config(
+  config: Option<PathBuf>,
+  handler: Option<PathBuf>,
+  listen: SocketAddr,
+) -> anyhow::Result<Config> {
   let config = match (config, handler) {
     (Some(path), _) => Config::load(&path)?,
     (None, Some(handler)) => Config::single_handler(&handler, listen)?,
@@ -89,7 +110,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let node = Node::start(&config).await?;
     for listener in node.listeners() {
       let scheme = if listener.tls { "https" } else { "http" };
-      #[allow(clippy::print_stdout, reason = "the listening addresses are the command's output")]
+      #[allow(
+        clippy::print_stdout,
+        reason = "the listening addresses are the command's output"
+      )]
       {
         println!("outpost listening on {scheme}://{}", listener.address);
       }

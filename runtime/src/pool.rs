@@ -58,6 +58,10 @@ impl IsolatePool {
     &self.spec.code.name
   }
 
+  pub fn idle_timeout(&self) -> Duration {
+    Duration::from_secs(self.config.idle_timeout_s)
+  }
+
   /// The load error, if the function's module does not load.
   pub fn load_error(&self) -> Option<String> {
     self.load_error.lock().expect("pool lock").clone()
@@ -71,7 +75,11 @@ impl IsolatePool {
   async fn add_isolate(&self) -> Result<Arc<IsolateHandle>, PoolError> {
     match spawn_isolate(self.spec.clone()).await {
       Ok(isolate) => {
-        self.isolates.lock().expect("pool lock").push(isolate.clone());
+        self
+          .isolates
+          .lock()
+          .expect("pool lock")
+          .push(isolate.clone());
         Ok(isolate)
       }
       Err(IsolateError::Load(message)) => {
@@ -149,12 +157,13 @@ impl IsolatePool {
   /// Drops isolates above `prewarm` that have been idle past the timeout. Their threads end
   /// once pending `waitUntil` work is done.
   pub fn evict_idle(&self) -> usize {
-    let timeout = Duration::from_secs(self.config.idle_timeout_s);
+    let timeout = self.idle_timeout();
     let mut isolates = self.isolates.lock().expect("pool lock");
     let before = isolates.len();
     let mut keep = isolates.len();
     isolates.retain(|isolate| {
-      let evict = keep > self.config.prewarm && isolate.in_flight() == 0 && isolate.idle_for() >= timeout;
+      let evict =
+        keep > self.config.prewarm && isolate.in_flight() == 0 && isolate.idle_for() >= timeout;
       if evict {
         keep -= 1;
       }

@@ -64,7 +64,8 @@ impl RoutePattern {
     };
     host_ok
       && path.starts_with(&self.path)
-      && (self.path.ends_with('/') || matches!(path.as_bytes().get(self.path.len()), None | Some(b'/')))
+      && (self.path.ends_with('/')
+        || matches!(path.as_bytes().get(self.path.len()), None | Some(b'/')))
   }
 
   /// Orders routes from most to least specific.
@@ -80,9 +81,12 @@ impl RoutePattern {
 
 fn check_host(host: &str, route: &str) -> Result<(), String> {
   let valid = !host.is_empty()
-    && host
-      .split('.')
-      .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    && host.split('.').all(|label| {
+      !label.is_empty()
+        && label
+          .bytes()
+          .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
   if valid {
     Ok(())
   } else {
@@ -108,7 +112,9 @@ impl Router {
 
   /// The function for a request's host (port and trailing dot ignored) and path.
   pub fn route(&self, host: &str, path: &str) -> Option<usize> {
-    let host = host_without_port(host).trim_end_matches('.').to_ascii_lowercase();
+    let host = host_without_port(host)
+      .trim_end_matches('.')
+      .to_ascii_lowercase();
     self
       .routes
       .iter()
@@ -130,7 +136,11 @@ mod tests {
   use super::*;
 
   fn router(routes: &[(&str, usize)]) -> Router {
-    Router::new(routes.iter().map(|(r, f)| (RoutePattern::parse(r).unwrap(), *f)))
+    Router::new(
+      routes
+        .iter()
+        .map(|(r, f)| (RoutePattern::parse(r).unwrap(), *f)),
+    )
   }
 
   #[test]
@@ -162,8 +172,20 @@ mod tests {
 
   #[test]
   fn bad_routes_are_explained() {
-    assert!(RoutePattern::parse("example.com").unwrap_err().contains("has no path"));
-    assert!(RoutePattern::parse("http://x/").unwrap_err().contains("not a host name"));
-    assert!(RoutePattern::parse("/a*").unwrap_err().contains("plain prefix"));
+    assert!(
+      RoutePattern::parse("example.com")
+        .unwrap_err()
+        .contains("has no path")
+    );
+    assert!(
+      RoutePattern::parse("http://x/")
+        .unwrap_err()
+        .contains("not a host name")
+    );
+    assert!(
+      RoutePattern::parse("/a*")
+        .unwrap_err()
+        .contains("plain prefix")
+    );
   }
 }

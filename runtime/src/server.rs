@@ -46,11 +46,21 @@ pub const ERROR_HEADER: &str = "outpost-error";
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
   #[error("cannot listen on {address}: {source}")]
-  Bind { address: SocketAddr, source: std::io::Error },
+  Bind {
+    address: SocketAddr,
+    source: std::io::Error,
+  },
   #[error("listener {address}: {source}")]
-  Tls { address: SocketAddr, source: TlsError },
+  Tls {
+    address: SocketAddr,
+    source: TlsError,
+  },
   #[error("function {function:?}: cannot read {entry}: {source}")]
-  Entry { function: String, entry: String, source: std::io::Error },
+  Entry {
+    function: String,
+    entry: String,
+    source: std::io::Error,
+  },
 }
 
 /// A running node: functions loaded, listeners bound.
@@ -85,13 +95,13 @@ impl Node {
     let transpiler = Arc::new(TranspileCache::default());
     let mut starts = Vec::new();
     for function in &config.functions {
-      let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(|source| {
-        ServerError::Entry {
+      let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
+        |source| ServerError::Entry {
           function: function.name.clone(),
           entry: function.entry.display().to_string(),
           source,
-        }
-      })?;
+        },
+      )?;
       let spec = FunctionSpec {
         code: Arc::new(code),
         env: Arc::new(function.env.clone()),
@@ -124,7 +134,10 @@ impl Node {
           address: listener.address,
           source,
         })?;
-      listeners.push(BoundListener { listener: bound, tls });
+      listeners.push(BoundListener {
+        listener: bound,
+        tls,
+      });
     }
     Ok(Node {
       state: Arc::new(NodeState {
@@ -203,7 +216,11 @@ async fn accept_loop(
   graceful: Arc<GracefulShutdown>,
   stop: CancellationToken,
 ) {
-  let scheme = if listener.tls.is_some() { "https" } else { "http" };
+  let scheme = if listener.tls.is_some() {
+    "https"
+  } else {
+    "http"
+  };
   loop {
     let (stream, peer) = tokio::select! {
       accepted = listener.listener.accept() => match accepted {
@@ -250,8 +267,17 @@ async fn accept_loop(
   }
 }
 
+/// Checks for idle isolates at half the shortest idle timeout (between 250 ms and 5 s), so
+/// an isolate is evicted at most half a timeout late.
 async fn evict_idle_isolates(state: Arc<NodeState>) {
-  let mut interval = tokio::time::interval(Duration::from_secs(5));
+  let shortest = state
+    .pools
+    .iter()
+    .map(|p| p.idle_timeout())
+    .min()
+    .unwrap_or(Duration::from_secs(10));
+  let period = (shortest / 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
+  let mut interval = tokio::time::interval(period);
   loop {
     interval.tick().await;
     for pool in &state.pools {
@@ -261,7 +287,11 @@ async fn evict_idle_isolates(state: Arc<NodeState>) {
 }
 
 /// One request, from routing to the response the client gets.
-async fn handle_request(state: &NodeState, request: Request<Incoming>, scheme: &str) -> Response<Body> {
+async fn handle_request(
+  state: &NodeState,
+  request: Request<Incoming>,
+  scheme: &str,
+) -> Response<Body> {
   let request_id = state.request_ids.next();
   let mut response = dispatch(state, request, scheme, &request_id).await;
   if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -270,7 +300,12 @@ async fn handle_request(state: &NodeState, request: Request<Incoming>, scheme: &
   response
 }
 
-async fn dispatch(state: &NodeState, request: Request<Incoming>, scheme: &str, request_id: &str) -> Response<Body> {
+async fn dispatch(
+  state: &NodeState,
+  request: Request<Incoming>,
+  scheme: &str,
+  request_id: &str,
+) -> Response<Body> {
   let authority = request
     .uri()
     .authority()
@@ -357,7 +392,12 @@ async fn dispatch(state: &NodeState, request: Request<Incoming>, scheme: &str, r
         FailureKind::Exception => "threw an exception",
         FailureKind::NotAResponse => "did not return a Response",
       };
-      tracing::error!(request_id, function = pool.name(), "handler {what}: {}", failure.detail);
+      tracing::error!(
+        request_id,
+        function = pool.name(),
+        "handler {what}: {}",
+        failure.detail
+      );
       outpost_response(
         StatusCode::INTERNAL_SERVER_ERROR,
         "handler-error",
@@ -368,7 +408,11 @@ async fn dispatch(state: &NodeState, request: Request<Incoming>, scheme: &str, r
       )
     }
     Err(_) => {
-      tracing::error!(request_id, function = pool.name(), "the isolate stopped before answering");
+      tracing::error!(
+        request_id,
+        function = pool.name(),
+        "the isolate stopped before answering"
+      );
       outpost_response(
         StatusCode::INTERNAL_SERVER_ERROR,
         "isolate-stopped",
@@ -383,7 +427,10 @@ fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> R
   let mut response = Response::new(full_body(Bytes::from(body)));
   *response.status_mut() = status;
   let headers = response.headers_mut();
-  headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+  headers.insert(
+    CONTENT_TYPE,
+    HeaderValue::from_static("text/plain; charset=utf-8"),
+  );
   headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
   response
 }
@@ -400,7 +447,10 @@ impl http_body::Body for GuardedBody {
   type Data = Bytes;
   type Error = BoxError;
 
-  fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+  fn poll_frame(
+    mut self: Pin<&mut Self>,
+    cx: &mut Context<'_>,
+  ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     Pin::new(&mut self.inner).poll_frame(cx)
   }
 
@@ -422,7 +472,12 @@ struct RequestIds {
 impl RequestIds {
   fn new() -> RequestIds {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.write_u128(
+      std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos(),
+    );
     RequestIds {
       prefix: hasher.finish() as u32,
       counter: AtomicU64::new(1),
@@ -430,6 +485,10 @@ impl RequestIds {
   }
 
   fn next(&self) -> String {
-    format!("{:08x}{:012x}", self.prefix, self.counter.fetch_add(1, Ordering::Relaxed))
+    format!(
+      "{:08x}{:012x}",
+      self.prefix,
+      self.counter.fetch_add(1, Ordering::Relaxed)
+    )
   }
 }

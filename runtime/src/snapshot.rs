@@ -5,7 +5,9 @@
 pub static SNAPSHOT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/OUTPOST_SNAPSHOT.bin"));
 
 /// Lazy scripts not consumed while building the snapshot, sorted by specifier.
-pub static RESIDUAL_LAZY_JS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/residual_lazy_js.rs"));
+pub static RESIDUAL_LAZY_JS: &[(&str, &str)] =
+  include!(concat!(env!("OUT_DIR"), "/residual_lazy_js.rs"));
 
 /// Lazy ES modules not consumed while building the snapshot, sorted by specifier.
-pub static RESIDUAL_LAZY_ESM: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/residual_lazy_esm.rs"));
+pub static RESIDUAL_LAZY_ESM: &[(&str, &str)] =
+  include!(concat!(env!("OUT_DIR"), "/residual_lazy_esm.rs"));

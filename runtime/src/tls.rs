@@ -26,7 +26,9 @@ pub enum TlsError {
 }
 
 /// Builds the rustls server config of one listener.
-pub fn server_config(certificates: &[CertificateConfig]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+  certificates: &[CertificateConfig],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
   let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
   let mut keys = Vec::with_capacity(certificates.len());
   for certificate in certificates {

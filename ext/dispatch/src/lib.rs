@@ -15,8 +15,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 use deno_core::convert::{ByteString, Uint8Array};
 use deno_core::{
-  AsyncRefCell, AsyncResult, BufView, CancelHandle, CancelTryFuture, OpState, RcRef,
-  Resource, ResourceId, ToV8, op2,
+  AsyncRefCell, AsyncResult, BufView, CancelHandle, CancelTryFuture, OpState, RcRef, Resource,
+  ResourceId, ToV8, op2,
 };
 use deno_error::JsErrorBox;
 use http_body::Frame;
@@ -75,7 +75,9 @@ pub struct DispatchQueue {
 
 impl DispatchQueue {
   pub fn new(rx: mpsc::Receiver<DispatchRequest>) -> Self {
-    Self { rx: AsyncRefCell::new(rx) }
+    Self {
+      rx: AsyncRefCell::new(rx),
+    }
   }
 }
 
@@ -160,7 +162,12 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
   let headers = request
     .headers
     .iter()
-    .map(|(name, value)| (ByteString::from(name.as_str()), ByteString::from(value.as_bytes())))
+    .map(|(name, value)| {
+      (
+        ByteString::from(name.as_str()),
+        ByteString::from(value.as_bytes()),
+      )
+    })
     .collect();
   Some(NextRequest {
     id,
@@ -266,7 +273,11 @@ fn stream_resource_body(resource: Rc<dyn Resource>, cancel: CancellationToken) -
       match read {
         Ok(chunk) if chunk.is_empty() => break,
         Ok(chunk) => {
-          if tx.send(Ok(Frame::data(Bytes::copy_from_slice(&chunk)))).await.is_err() {
+          if tx
+            .send(Ok(Frame::data(Bytes::copy_from_slice(&chunk))))
+            .await
+            .is_err()
+          {
             break;
           }
         }
@@ -337,7 +348,9 @@ impl Resource for RequestBodyResource {
           match frame {
             None => return Ok(BufView::empty()),
             Some(Err(err)) => {
-              return Err(JsErrorBox::generic(format!("request body read failed: {err}")));
+              return Err(JsErrorBox::generic(format!(
+                "request body read failed: {err}"
+              )));
             }
             Some(Ok(frame)) => {
               if let Ok(data) = frame.into_data() {

@@ -1,0 +1,99 @@
+//! `outpost check`, config errors, and graceful shutdown.
+
+use std::time::Duration;
+
+use crate::support::{Outpost, http1, run_outpost, write_files};
+
+#[test]
+fn check_reports_every_config_error_with_its_location() {
+  let dir = tempfile::tempdir().unwrap();
+  write_files(
+    dir.path(),
+    &[(
+      "outpost.toml",
+      "[[listen]]\naddress = \"127.0.0.1:99999\"\n\n[[functions]]\nname = \"api\"\nentry = \"missing.ts\"\nroutes = [\"example.com\"]\n",
+    )],
+  );
+  let (status, output) = run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success());
+  assert!(
+    output.contains("outpost.toml:2:11: listen[0].address"),
+    "{output}"
+  );
+  assert!(
+    output.contains("outpost.toml:6:9: functions[0].entry: file not found"),
+    "{output}"
+  );
+  assert!(
+    output.contains("outpost.toml:7:11: functions[0].routes[0]: route \"example.com\" has no path"),
+    "{output}"
+  );
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_location() {
+  let dir = tempfile::tempdir().unwrap();
+  write_files(
+    dir.path(),
+    &[(
+      "outpost.toml",
+      "[[listen]]\naddress = \"127.0.0.1:0\"\nport = 80\n",
+    )],
+  );
+  let (status, output) = run_outpost(&["serve", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success());
+  assert!(output.contains("outpost.toml:3:1"), "{output}");
+  assert!(output.contains("unknown field `port`"), "{output}");
+}
+
+#[test]
+fn check_loads_functions_and_reports_load_errors() {
+  let dir = tempfile::tempdir().unwrap();
+  write_files(
+    dir.path(),
+    &[
+      (
+        "outpost.toml",
+        "[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"good\"\nentry = \"good.ts\"\nroutes = [\"/\"]\n\n[[functions]]\nname = \"nohandler\"\nentry = \"nohandler.js\"\nroutes = [\"/x\"]\n",
+      ),
+      (
+        "good.ts",
+        "export default { fetch: (_r: Request): Response => new Response('ok') };",
+      ),
+      ("nohandler.js", "export const answer = 42;"),
+    ],
+  );
+  let (status, output) = run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success(), "{output}");
+  assert!(output.contains("function \"good\": ok"), "{output}");
+  assert!(
+    output.contains("function \"nohandler\": ") && output.contains("no fetch handler"),
+    "{output}"
+  );
+
+  let (status, output) = run_outpost(&["check", "good.ts"], dir.path());
+  assert!(status.success(), "{output}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+  let mut outpost = Outpost::start_handler(
+    "slow.js",
+    "export default { async fetch() { await new Promise((r) => setTimeout(r, 1000)); return new Response('finished'); } };",
+  );
+  let url = outpost.url("/");
+  let in_flight =
+    tokio::spawn(async move { http1().get(url).send().await.unwrap().text().await.unwrap() });
+  tokio::time::sleep(Duration::from_millis(300)).await;
+  outpost.signal("TERM");
+  assert_eq!(in_flight.await.unwrap(), "finished");
+  let status = tokio::task::spawn_blocking(move || {
+    let status = outpost.wait_exit(Duration::from_secs(20));
+    (status, outpost)
+  })
+  .await
+  .unwrap();
+  assert!(status.0.success(), "exit status {:?}", status.0);
+  let refused = http1().get(status.1.url("/")).send().await;
+  assert!(refused.is_err(), "the listener is closed after shutdown");
+}

@@ -1,0 +1,345 @@
+//! Handler styles, languages, routing and error handling.
+
+use crate::support::{Outpost, http1};
+
+const TS_HANDLER: &str = r#"
+import { shout } from "./lib/shout.ts";
+import meta from "./meta.json" with { type: "json" };
+
+interface Env { GREETING: string }
+type Ctx = { waitUntil(p: Promise<unknown>): void };
+
+export default {
+  async fetch(request: Request, env: Env, _ctx: Ctx): Promise<Response> {
+    const url = new URL(request.url);
+    const body: string = `${shout(env.GREETING)} ${meta.name} ${url.pathname}${url.search}`;
+    return new Response(body, { headers: { "x-url": request.url } });
+  },
+};
+"#;
+
+#[tokio::test]
+async fn typescript_module_with_relative_and_json_imports() {
+  let outpost = Outpost::start(
+    r#"
+[[listen]]
+address = "127.0.0.1:0"
+
+[[functions]]
+name = "api"
+entry = "fn/index.ts"
+routes = ["/"]
+env = { GREETING = "hello" }
+"#,
+    &[
+      ("fn/index.ts", TS_HANDLER),
+      (
+        "fn/lib/shout.ts",
+        "export const shout = (s: string): string => s.toUpperCase() + '!';",
+      ),
+      ("fn/meta.json", r#"{ "name": "outpost" }"#),
+    ],
+  );
+  let response = http1().get(outpost.url("/a/b?x=1")).send().await.unwrap();
+  assert_eq!(response.status(), 200);
+  let expected_url = outpost.url("/a/b?x=1");
+  assert_eq!(response.headers()["x-url"], expected_url.as_str());
+  assert_eq!(response.text().await.unwrap(), "HELLO! outpost /a/b?x=1");
+}
+
+#[tokio::test]
+async fn javascript_module_and_service_worker_styles() {
+  let outpost = Outpost::start(
+    r#"
+[[listen]]
+address = "127.0.0.1:0"
+
+[[functions]]
+name = "module"
+entry = "module.js"
+routes = ["/module/"]
+
+[[functions]]
+name = "worker"
+entry = "worker.js"
+routes = ["/sw/"]
+"#,
+    &[
+      (
+        "module.js",
+        "export default { fetch: (req) => new Response('module ' + new URL(req.url).pathname) };",
+      ),
+      (
+        "worker.js",
+        r#"addEventListener("fetch", (event) => {
+             event.respondWith((async () => new Response("worker " + new URL(event.request.url).pathname))());
+           });"#,
+      ),
+    ],
+  );
+  let client = http1();
+  let module = client.get(outpost.url("/module/x")).send().await.unwrap();
+  assert_eq!(module.text().await.unwrap(), "module /module/x");
+  let worker = client.get(outpost.url("/sw/y")).send().await.unwrap();
+  assert_eq!(worker.text().await.unwrap(), "worker /sw/y");
+}
+
+#[tokio::test]
+async fn host_and_path_routing_with_outpost_marked_404() {
+  let handler = |name: &str| format!("export default {{ fetch: () => new Response('{name}') }};");
+  let (a, b, c, d) = (handler("a"), handler("b"), handler("c"), handler("d"));
+  let outpost = Outpost::start(
+    r#"
+[[listen]]
+address = "127.0.0.1:0"
+
+[[functions]]
+name = "a"
+entry = "a.js"
+routes = ["api.example.com/"]
+
+[[functions]]
+name = "b"
+entry = "b.js"
+routes = ["example.com/api/", "/health"]
+
+[[functions]]
+name = "c"
+entry = "c.js"
+routes = ["*.example.com/"]
+
+[[functions]]
+name = "d"
+entry = "d.js"
+routes = ["example.com/"]
+"#,
+    &[("a.js", &a), ("b.js", &b), ("c.js", &c), ("d.js", &d)],
+  );
+  let client = http1();
+  for (host, path, expected) in [
+    ("api.example.com", "/anything", "a"),
+    ("example.com", "/api/users", "b"),
+    ("other.org", "/health", "b"),
+    ("www.example.com", "/", "c"),
+    ("example.com", "/apix", "d"),
+  ] {
+    let response = client
+      .get(outpost.url(path))
+      .header("host", host)
+      .send()
+      .await
+      .unwrap();
+    assert_eq!(response.status(), 200, "{host}{path}");
+    assert_eq!(response.text().await.unwrap(), expected, "{host}{path}");
+  }
+  let missing = client
+    .get(outpost.url("/nothing"))
+    .header("host", "other.org")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(missing.status(), 404);
+  assert_eq!(missing.headers()["outpost-error"], "no-route");
+  assert!(
+    missing
+      .text()
+      .await
+      .unwrap()
+      .contains("no function is routed for other.org/nothing")
+  );
+}
+
+#[tokio::test]
+async fn uncaught_exception_is_500_and_isolate_keeps_serving() {
+  let outpost = Outpost::start_handler(
+    "handler.js",
+    r#"
+let served = 0;
+export default {
+  async fetch(request) {
+    served += 1;
+    if (new URL(request.url).pathname === "/throw") throw new Error("boom at request " + served);
+    if (new URL(request.url).pathname === "/wrong") return { not: "a response" };
+    return new Response("served " + served);
+  },
+};
+"#,
+  );
+  let client = http1();
+  let failed = client.get(outpost.url("/throw")).send().await.unwrap();
+  assert_eq!(failed.status(), 500);
+  let request_id = failed.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  assert_eq!(failed.headers()["outpost-error"], "handler-error");
+  assert!(failed.text().await.unwrap().contains(&request_id));
+  let logs = outpost.wait_for_log("boom at request 1");
+  let line = logs
+    .lines()
+    .find(|l| l.contains("boom at request 1"))
+    .unwrap();
+  assert!(line.contains("threw an exception"), "{line}");
+  assert!(
+    logs.contains(&request_id),
+    "the log names the request id:\n{logs}"
+  );
+  assert!(
+    logs.contains("handler.js:6:"),
+    "the stack points into the handler:\n{logs}"
+  );
+
+  let wrong = client.get(outpost.url("/wrong")).send().await.unwrap();
+  assert_eq!(wrong.status(), 500);
+  outpost.wait_for_log(
+    "did not return a Response: the handler returned { not: \"a response\" } instead of a Response",
+  );
+
+  // Same isolate, state intact: the counter kept going.
+  let next = client.get(outpost.url("/ok")).send().await.unwrap();
+  assert_eq!(next.status(), 200);
+  assert_eq!(next.text().await.unwrap(), "served 3");
+}
+
+#[tokio::test]
+async fn syntax_error_in_one_function_leaves_the_others_serving() {
+  let outpost = Outpost::start(
+    r#"
+[[listen]]
+address = "127.0.0.1:0"
+
+[[functions]]
+name = "broken"
+entry = "broken.ts"
+routes = ["/broken"]
+
+[[functions]]
+name = "fine"
+entry = "fine.js"
+routes = ["/"]
+"#,
+    &[
+      (
+        "broken.ts",
+        "export default {\n  fetch(): Response {\n    return new Response(\"x\";\n  }\n};\n",
+      ),
+      (
+        "fine.js",
+        "export default { fetch: () => new Response('fine') };",
+      ),
+    ],
+  );
+  let client = http1();
+  let broken = client.get(outpost.url("/broken")).send().await.unwrap();
+  assert_eq!(broken.status(), 503);
+  assert_eq!(broken.headers()["outpost-error"], "function-unavailable");
+  let body = broken.text().await.unwrap();
+  assert!(
+    body.contains("broken.ts:3:"),
+    "the error names file:line:col: {body}"
+  );
+  let fine = client.get(outpost.url("/")).send().await.unwrap();
+  assert_eq!(fine.text().await.unwrap(), "fine");
+}
+
+#[tokio::test]
+async fn handlers_see_wintertc_globals_and_no_deno() {
+  let outpost = Outpost::start_handler(
+    "globals.js",
+    r#"
+const names = [
+  "AbortController", "AbortSignal", "Blob", "ByteLengthQueuingStrategy", "CompressionStream",
+  "CountQueuingStrategy", "Crypto", "CryptoKey", "DecompressionStream", "DOMException", "Event",
+  "EventTarget", "File", "FormData", "Headers", "ReadableByteStreamController", "ReadableStream",
+  "ReadableStreamBYOBReader", "ReadableStreamBYOBRequest", "ReadableStreamDefaultController",
+  "ReadableStreamDefaultReader", "Request", "Response", "SubtleCrypto", "TextDecoder",
+  "TextDecoderStream", "TextEncoder", "TextEncoderStream", "TransformStream",
+  "TransformStreamDefaultController", "URL", "URLSearchParams", "WebAssembly", "WritableStream",
+  "WritableStreamDefaultController", "WritableStreamDefaultWriter", "atob", "btoa", "clearInterval",
+  "clearTimeout", "console", "crypto", "fetch", "navigator", "performance", "queueMicrotask",
+  "reportError", "setInterval", "setTimeout", "structuredClone", "URLPattern",
+];
+export default {
+  async fetch() {
+    const missing = names.filter((n) => typeof globalThis[n] === "undefined");
+    const forbidden = ["Deno", "__bootstrap", "__outpost", "process", "require"].filter((n) => n in globalThis);
+    const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode("abc"));
+    const hex = [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+    const clone = structuredClone({ a: [1, 2] });
+    const gz = await new Response(new Blob(["x".repeat(100)]).stream().pipeThrough(new CompressionStream("gzip"))).arrayBuffer();
+    return Response.json({ missing, forbidden, hex, clone, uuid: crypto.randomUUID().length, ua: navigator.userAgent, gz: gz.byteLength > 0 });
+  },
+};
+"#,
+  );
+  let json: serde_json::Value = http1()
+    .get(outpost.url("/"))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+  assert_eq!(json["missing"], serde_json::json!([]), "{json}");
+  assert_eq!(json["forbidden"], serde_json::json!([]), "{json}");
+  assert_eq!(
+    json["hex"],
+    "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+  );
+  assert_eq!(json["clone"], serde_json::json!({ "a": [1, 2] }));
+  assert_eq!(json["uuid"], 36);
+  assert!(json["ua"].as_str().unwrap().starts_with("Outpost/"));
+  assert_eq!(json["gz"], true);
+}
+
+#[tokio::test]
+async fn wait_until_work_continues_after_the_response() {
+  let outpost = Outpost::start_handler(
+    "wait.js",
+    r#"
+let finished = 0;
+export default {
+  fetch(request, env, ctx) {
+    if (new URL(request.url).pathname === "/count") return new Response(String(finished));
+    ctx.waitUntil(new Promise((resolve) => setTimeout(resolve, 200)).then(() => { finished += 1; }));
+    return new Response("started");
+  },
+};
+"#,
+  );
+  let client = http1();
+  assert_eq!(
+    client
+      .get(outpost.url("/start"))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap(),
+    "started"
+  );
+  assert_eq!(
+    client
+      .get(outpost.url("/count"))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap(),
+    "0"
+  );
+  tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+  assert_eq!(
+    client
+      .get(outpost.url("/count"))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap(),
+    "1"
+  );
+}

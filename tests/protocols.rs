@@ -1,0 +1,221 @@
+//! HTTP/1.1, h2 over TLS with ALPN, h2c, SNI certificate selection and compression.
+
+use std::io::Read;
+
+use reqwest::Version;
+
+use crate::support::{Outpost, TestCa, http1};
+
+const ECHO_PROTOCOL: &str = r#"export default {
+  fetch(request) {
+    return new Response("via " + new URL(request.url).protocol + " " + (request.headers.get("x-test") ?? ""), {
+      headers: { "content-type": "text/plain" },
+    });
+  },
+};"#;
+
+/// A server with a plain listener and a TLS listener holding certificates for a.test and
+/// b.test.
+fn tls_server(ca: &TestCa) -> (Outpost, Vec<u8>, Vec<u8>) {
+  let certs = tempfile::tempdir().unwrap();
+  let a = ca.leaf(certs.path(), "a", &["a.test"]);
+  let b = ca.leaf(certs.path(), "b", &["b.test", "*.b.test"]);
+  let config = format!(
+    r#"
+[[listen]]
+address = "127.0.0.1:0"
+
+[[listen]]
+address = "127.0.0.1:0"
+tls = [ {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }} ]
+
+[[functions]]
+name = "echo"
+entry = "echo.js"
+routes = ["/"]
+"#,
+    a.cert_path.display(),
+    a.key_path.display(),
+    b.cert_path.display(),
+    b.key_path.display()
+  );
+  let outpost = Outpost::start(&config, &[("echo.js", ECHO_PROTOCOL)]);
+  // The server has read the certificates; the directory can go.
+  drop(certs);
+  (outpost, a.der, b.der)
+}
+
+fn tls_client(ca: &TestCa, outpost: &Outpost) -> reqwest::ClientBuilder {
+  let address = outpost.https[0];
+  reqwest::Client::builder()
+    .tls_certs_only([ca.root()])
+    .tls_info(true)
+    .resolve("a.test", address)
+    .resolve("b.test", address)
+    .resolve("www.b.test", address)
+}
+
+fn peer_certificate(response: &reqwest::Response) -> Vec<u8> {
+  response
+    .extensions()
+    .get::<reqwest::tls::TlsInfo>()
+    .and_then(|info| info.peer_certificate())
+    .expect("TLS info")
+    .to_vec()
+}
+
+#[tokio::test]
+async fn h2_over_tls_by_alpn_and_sni_picks_the_certificate() {
+  let ca = TestCa::new();
+  let (outpost, a_der, b_der) = tls_server(&ca);
+  let port = outpost.https[0].port();
+  let client = tls_client(&ca, &outpost).build().unwrap();
+
+  let a = client
+    .get(format!("https://a.test:{port}/x"))
+    .header("x-test", "a")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(a.version(), Version::HTTP_2, "ALPN negotiates h2");
+  assert_eq!(
+    peer_certificate(&a),
+    a_der,
+    "SNI a.test gets a's certificate"
+  );
+  assert_eq!(a.text().await.unwrap(), "via https: a");
+
+  let b = client
+    .get(format!("https://www.b.test:{port}/"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(
+    peer_certificate(&b),
+    b_der,
+    "SNI www.b.test gets b's wildcard certificate"
+  );
+
+  let h1 = tls_client(&ca, &outpost).http1_only().build().unwrap();
+  let b = h1
+    .get(format!("https://b.test:{port}/"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(b.version(), Version::HTTP_11);
+  assert_eq!(peer_certificate(&b), b_der);
+  assert_eq!(b.text().await.unwrap(), "via https: ");
+}
+
+#[tokio::test]
+async fn plain_listener_speaks_http1_and_h2c() {
+  let ca = TestCa::new();
+  let (outpost, _, _) = tls_server(&ca);
+  let h1 = http1().get(outpost.url("/")).send().await.unwrap();
+  assert_eq!(h1.version(), Version::HTTP_11);
+  assert_eq!(h1.text().await.unwrap(), "via http: ");
+  let h2c = reqwest::Client::builder()
+    .http2_prior_knowledge()
+    .build()
+    .unwrap();
+  let response = h2c
+    .get(outpost.url("/"))
+    .header("x-test", "h2c")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.version(), Version::HTTP_2);
+  assert_eq!(response.text().await.unwrap(), "via http: h2c");
+}
+
+#[tokio::test]
+async fn brotli_and_gzip_by_accept_encoding() {
+  let page = "<p>".to_string() + &"compressible ".repeat(500) + "</p>";
+  let handler = format!(
+    "export default {{ fetch: (r) => new URL(r.url).pathname === '/png' \
+       ? new Response(new Uint8Array(2000), {{ headers: {{ 'content-type': 'image/png' }} }}) \
+       : new URL(r.url).pathname === '/pre' \
+       ? new Response('already', {{ headers: {{ 'content-type': 'text/plain', 'content-encoding': 'identity' }} }}) \
+       : new Response({page:?}, {{ headers: {{ 'content-type': 'text/html; charset=utf-8' }} }}) }};"
+  );
+  let outpost = Outpost::start_handler("page.js", &handler);
+  let client = http1();
+  let get = |path: &str, accept: &str| {
+    client
+      .get(outpost.url(path))
+      .header("accept-encoding", accept)
+      .send()
+  };
+
+  let br = get("/", "gzip, br").await.unwrap();
+  assert_eq!(br.headers()["content-encoding"], "br");
+  assert_eq!(br.headers()["vary"], "Accept-Encoding");
+  let compressed = br.bytes().await.unwrap();
+  assert!(
+    compressed.len() < page.len() / 10,
+    "{} bytes",
+    compressed.len()
+  );
+  let mut decoded = String::new();
+  brotli::Decompressor::new(&compressed[..], 4096)
+    .read_to_string(&mut decoded)
+    .unwrap();
+  assert_eq!(decoded, page);
+
+  let gzip = get("/", "gzip;q=1, br;q=0.5").await.unwrap();
+  assert_eq!(gzip.headers()["content-encoding"], "gzip");
+  let compressed = gzip.bytes().await.unwrap();
+  let mut decoded = String::new();
+  flate2::read::GzDecoder::new(&compressed[..])
+    .read_to_string(&mut decoded)
+    .unwrap();
+  assert_eq!(decoded, page);
+
+  let identity = get("/", "identity").await.unwrap();
+  assert!(identity.headers().get("content-encoding").is_none());
+  assert_eq!(identity.headers()["vary"], "Accept-Encoding");
+  assert_eq!(identity.text().await.unwrap(), page);
+
+  let png = get("/png", "br").await.unwrap();
+  assert!(
+    png.headers().get("content-encoding").is_none(),
+    "images are not recompressed"
+  );
+  assert_eq!(png.bytes().await.unwrap().len(), 2000);
+
+  let pre = get("/pre", "br").await.unwrap();
+  assert_eq!(
+    pre.headers()["content-encoding"],
+    "identity",
+    "a function's own encoding is kept"
+  );
+  assert_eq!(pre.text().await.unwrap(), "already");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_passed_through() {
+  let outpost = Outpost::start_handler(
+    "headers.js",
+    r#"export default {
+      fetch(request) {
+        const seen = [...request.headers.keys()].join(",");
+        return new Response(seen, { headers: { "connection": "x-secret", "x-secret": "1", "keep-alive": "timeout=1", "x-kept": "1" } });
+      },
+    };"#,
+  );
+  let response = http1()
+    .get(outpost.url("/"))
+    .header("connection", "x-private")
+    .header("x-private", "p")
+    .header("x-public", "q")
+    .send()
+    .await
+    .unwrap();
+  assert!(response.headers().get("x-secret").is_none());
+  assert!(response.headers().get("keep-alive").is_none());
+  assert_eq!(response.headers()["x-kept"], "1");
+  let seen = response.text().await.unwrap();
+  assert!(seen.contains("x-public"), "{seen}");
+  assert!(!seen.contains("x-private"), "{seen}");
+  assert!(!seen.contains("connection"), "{seen}");
+}

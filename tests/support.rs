@@ -1,0 +1,269 @@
+//! Starting the real `outpost` binary on 127.0.0.1:0 and talking to it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running `outpost serve` process with its own scratch directory.
+pub struct Outpost {
+  child: Child,
+  _dir: tempfile::TempDir,
+  /// Plain (HTTP/1.1 + h2c) listener addresses, in config order.
+  pub http: Vec<SocketAddr>,
+  /// TLS listener addresses, in config order.
+  pub https: Vec<SocketAddr>,
+  logs: Arc<Mutex<String>>,
+}
+
+/// Files of a test project: (relative path, contents).
+pub type Files<'a> = &'a [(&'a str, &'a str)];
+
+pub fn write_files(dir: &Path, files: Files<'_>) {
+  for (path, contents) in files {
+    let path = dir.join(path);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, contents).unwrap();
+  }
+}
+
+pub fn outpost_bin() -> &'static str {
+  env!("CARGO_BIN_EXE_outpost")
+}
+
+impl Outpost {
+  /// Writes `files` and `outpost.toml` into a new directory and serves it.
+  pub fn start(config: &str, files: Files<'_>) -> Outpost {
+    let dir = tempfile::tempdir().unwrap();
+    write_files(dir.path(), files);
+    std::fs::write(dir.path().join("outpost.toml"), config).unwrap();
+    let args = [
+      "serve".to_string(),
+      "--config".to_string(),
+      dir.path().join("outpost.toml").display().to_string(),
+    ];
+    Outpost::spawn(dir, &args, config.matches("[[listen]]").count())
+  }
+
+  /// Serves one handler file with no config (the embedded default).
+  pub fn start_handler(file_name: &str, source: &str) -> Outpost {
+    let dir = tempfile::tempdir().unwrap();
+    write_files(dir.path(), &[(file_name, source)]);
+    let args = [
+      "serve".to_string(),
+      dir.path().join(file_name).display().to_string(),
+      "--listen".to_string(),
+      "127.0.0.1:0".to_string(),
+    ];
+    Outpost::spawn(dir, &args, 1)
+  }
+
+  fn spawn(dir: tempfile::TempDir, args: &[String], listeners: usize) -> Outpost {
+    let mut child = Command::new(outpost_bin())
+      .args(args)
+      .env("OUTPOST_LOG", "info")
+      .stdin(Stdio::null())
+      .stdout(Stdio::piped())
+      .stderr(Stdio::piped())
+      .spawn()
+      .unwrap();
+    let logs = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+      for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        let mut logs = sink.lock().unwrap();
+        logs.push_str(&line);
+        logs.push('\n');
+      }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+      for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if tx.send(line).is_err() {
+          break;
+        }
+      }
+    });
+    let (mut http, mut https) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.len() + https.len() < listeners {
+      let remaining = deadline.saturating_duration_since(Instant::now());
+      let line = rx.recv_timeout(remaining).unwrap_or_else(|_| {
+        panic!(
+          "outpost did not report its listeners; logs:\n{}",
+          logs.lock().unwrap()
+        )
+      });
+      let Some(url) = line.strip_prefix("outpost listening on ") else {
+        continue;
+      };
+      if let Some(address) = url.strip_prefix("https://") {
+        https.push(address.parse().unwrap());
+      } else if let Some(address) = url.strip_prefix("http://") {
+        http.push(address.parse().unwrap());
+      }
+    }
+    Outpost {
+      child,
+      _dir: dir,
+      http,
+      https,
+      logs,
+    }
+  }
+
+  /// `http://127.0.0.1:PORT{path}` on the first plain listener.
+  pub fn url(&self, path: &str) -> String {
+    format!("http://{}{path}", self.http[0])
+  }
+
+  pub fn pid(&self) -> u32 {
+    self.child.id()
+  }
+
+  /// Everything the server logged so far.
+  pub fn logs(&self) -> String {
+    self.logs.lock().unwrap().clone()
+  }
+
+  /// Waits until the log contains `needle` (logs are written asynchronously).
+  pub fn wait_for_log(&self, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+      let logs = self.logs();
+      if logs.contains(needle) {
+        return logs;
+      }
+      assert!(
+        Instant::now() < deadline,
+        "log never contained {needle:?}; logs:\n{logs}"
+      );
+      std::thread::sleep(Duration::from_millis(20));
+    }
+  }
+
+  pub fn signal(&self, signal: &str) {
+    let status = Command::new("kill")
+      .args([&format!("-{signal}"), &self.pid().to_string()])
+      .status()
+      .unwrap();
+    assert!(status.success());
+  }
+
+  /// Waits for the process to exit on its own.
+  pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+      if let Some(status) = self.child.try_wait().unwrap() {
+        return status;
+      }
+      assert!(
+        Instant::now() < deadline,
+        "outpost did not exit within {timeout:?}"
+      );
+      std::thread::sleep(Duration::from_millis(20));
+    }
+  }
+
+  /// A field of /proc/PID/status in KiB, e.g. "VmHWM" (peak RSS) or "VmRSS".
+  pub fn proc_status_kib(&self, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+    status
+      .lines()
+      .find_map(|l| l.strip_prefix(&format!("{field}:")))
+      .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+      .unwrap_or_else(|| panic!("{field} not in /proc status"))
+  }
+}
+
+impl Drop for Outpost {
+  fn drop(&mut self) {
+    let _ = self.child.kill();
+    let _ = self.child.wait();
+  }
+}
+
+/// Runs `outpost` to completion with `args` and returns (exit status, stdout + stderr).
+pub fn run_outpost(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
+  let mut child = Command::new(outpost_bin())
+    .args(args)
+    .current_dir(cwd)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+  let mut output = String::new();
+  child
+    .stdout
+    .take()
+    .unwrap()
+    .read_to_string(&mut output)
+    .unwrap();
+  child
+    .stderr
+    .take()
+    .unwrap()
+    .read_to_string(&mut output)
+    .unwrap();
+  (child.wait().unwrap(), output)
+}
+
+/// A plain HTTP/1.1 client.
+pub fn http1() -> reqwest::Client {
+  reqwest::Client::builder().http1_only().build().unwrap()
+}
+
+/// A test certificate authority and leaf certificates it signs.
+pub struct TestCa {
+  issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A leaf certificate written to disk.
+pub struct Leaf {
+  pub cert_path: PathBuf,
+  pub key_path: PathBuf,
+  pub der: Vec<u8>,
+}
+
+impl TestCa {
+  pub fn new() -> TestCa {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+      .distinguished_name
+      .push(rcgen::DnType::CommonName, "Outpost test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    TestCa {
+      issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+    }
+  }
+
+  /// Issues a certificate for `names`, written as `{stem}.pem` / `{stem}.key` into `dir`.
+  pub fn leaf(&self, dir: &Path, stem: &str, names: &[&str]) -> Leaf {
+    let params =
+      rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &self.issuer).unwrap();
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    Leaf {
+      cert_path,
+      key_path,
+      der: cert.der().to_vec(),
+    }
+  }
+
+  pub fn root(&self) -> reqwest::Certificate {
+    reqwest::Certificate::from_der(self.issuer.der()).unwrap()
+  }
+}
