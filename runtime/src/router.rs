@@ -106,7 +106,7 @@ pub struct Router {
 impl Router {
   pub fn new(routes: impl IntoIterator<Item = (RoutePattern, usize)>) -> Router {
     let mut routes: Vec<_> = routes.into_iter().collect();
-    routes.sort_by(|a, b| b.0.specificity().cmp(&a.0.specificity()));
+    routes.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
     Router { routes }
   }
 
