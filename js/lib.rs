@@ -9,11 +9,9 @@ use deno_core::{Extension, OpState, op2};
 use outpost_ext_dispatch::DispatchQueue;
 
 /// Everything an isolate's extensions are initialised with. `Default` is what the snapshot
-/// is built with: no request queue and no per-function identity.
+/// is built with: no request queue.
 #[derive(Default)]
 pub struct IsolateOptions {
-  /// The function whose code this isolate runs; tags console output.
-  pub function_name: Option<String>,
   /// Requests for this isolate; `None` while building the snapshot.
   pub dispatch_queue: Option<DispatchQueue>,
   /// Options for outbound `fetch` (user agent, DNS resolver, TLS roots).
@@ -35,18 +33,23 @@ pub fn extensions(options: IsolateOptions) -> Vec<Extension> {
     deno_fetch::deno_fetch::init(options.fetch),
     deno_crypto::deno_crypto::init(None),
     outpost_ext_dispatch::outpost_dispatch::init(options.dispatch_queue),
-    outpost_bootstrap::init(FunctionName(
-      options.function_name.unwrap_or_else(|| "<snapshot>".into()),
-    )),
+    outpost_bootstrap::init(),
   ]
 }
 
-/// Name of the function an isolate runs, kept in `OpState` for console output.
-struct FunctionName(String);
+/// Name of the function an isolate runs, put into `OpState` when the isolate takes on a
+/// function; tags its console output.
+pub struct FunctionName(pub String);
 
 deno_core::extension!(
   outpost_bootstrap,
-  deps = [deno_webidl, deno_web, deno_fetch, deno_crypto, outpost_dispatch],
+  deps = [
+    deno_webidl,
+    deno_web,
+    deno_fetch,
+    deno_crypto,
+    outpost_dispatch
+  ],
   ops = [op_bootstrap_console],
   esm_entry_point = "ext:outpost_bootstrap/99_bootstrap.js",
   esm = ["99_bootstrap.js"],
@@ -56,17 +59,15 @@ deno_core::extension!(
     // the load; calling it throws.
     "ext:deno_net/02_tls.js" = "stubs/02_tls.js",
   ],
-  options = { function_name: FunctionName },
-  state = |state, options| {
-    state.put(options.function_name);
-  },
 );
 
 /// Writes one line of a handler's console output to the server log, tagged with the
 /// function's name. Levels follow deno's Console: 0 debug, 1 log/info, 2 warn, 3 error.
 #[op2(fast)]
 fn op_bootstrap_console(state: &mut OpState, #[smi] level: u32, #[string] message: &str) {
-  let function = state.borrow::<FunctionName>().0.as_str();
+  let function = state
+    .try_borrow::<FunctionName>()
+    .map_or("<blank>", |f| f.0.as_str());
   let message = message.strip_suffix('\n').unwrap_or(message);
   match level {
     0 => tracing::debug!(target: "outpost::console", function, "{message}"),

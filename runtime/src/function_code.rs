@@ -207,9 +207,26 @@ impl FunctionCode {
   }
 }
 
-/// The `ModuleLoader` of an isolate running `code`.
+/// The `ModuleLoader` of an isolate. A blank isolate has no code yet; it serves modules of
+/// the one function it is given, and nothing else, for the rest of its life.
+#[derive(Default)]
 pub struct FunctionModuleLoader {
-  pub code: Arc<FunctionCode>,
+  code: std::cell::OnceCell<Arc<FunctionCode>>,
+}
+
+impl FunctionModuleLoader {
+  /// Binds the loader to its function. Fails if it already has one: an isolate never runs
+  /// a second function's code.
+  pub fn assign(&self, code: Arc<FunctionCode>) -> Result<(), Arc<FunctionCode>> {
+    self.code.set(code)
+  }
+
+  fn code(&self) -> Result<&Arc<FunctionCode>, JsErrorBox> {
+    self
+      .code
+      .get()
+      .ok_or_else(|| JsErrorBox::generic("this isolate has not been given a function"))
+  }
 }
 
 impl ModuleLoader for FunctionModuleLoader {
@@ -239,8 +256,8 @@ impl ModuleLoader for FunctionModuleLoader {
     options: ModuleLoadOptions,
   ) -> ModuleLoadResponse {
     let loaded = self
-      .code
-      .load(specifier, &options.requested_module_type)
+      .code()
+      .and_then(|code| code.load(specifier, &options.requested_module_type))
       .map(|module| {
         ModuleSource::new(
           module.module_type.clone(),
@@ -254,7 +271,7 @@ impl ModuleLoader for FunctionModuleLoader {
 
   fn get_source_map(&self, specifier: &str) -> Option<Cow<'_, [u8]>> {
     let specifier = ModuleSpecifier::parse(specifier).ok()?;
-    let modules = self.code.modules.lock().expect("module map lock");
+    let modules = self.code.get()?.modules.lock().expect("module map lock");
     let map = modules.get(&specifier)?.source_map.clone()?;
     Some(Cow::Owned(map.to_vec()))
   }

@@ -146,7 +146,7 @@ fn run_isolate_thread(
     }
   };
   tokio.block_on(async move {
-    let mut isolate = match BlankIsolate::new(&spec, Some(receiver)) {
+    let mut isolate = match BlankIsolate::new(Some(receiver)) {
       Ok(isolate) => isolate,
       Err(err) => {
         let _ = ready.send(Err(err));
@@ -167,24 +167,24 @@ fn run_isolate_thread(
   });
 }
 
-/// An isolate created from the snapshot, with Deno's internals hidden, that has not loaded
-/// any function code yet.
+/// An isolate created from the snapshot, with Deno's internals hidden, that has not been
+/// given a function yet. Once given one it runs that function only.
 pub struct BlankIsolate {
   pub runtime: JsRuntime,
+  loader: Rc<FunctionModuleLoader>,
   /// `serve(namespace, env)` from the bootstrap JS.
   serve: v8::Global<v8::Function>,
 }
 
 impl BlankIsolate {
-  /// Creates a blank isolate from the snapshot, ready to load `spec`'s module. `receiver` is
-  /// the request channel (none for load checks).
+  /// Creates a blank isolate from the snapshot. `receiver` is its request channel (none for
+  /// load checks).
   pub fn new(
-    spec: &FunctionSpec,
     receiver: Option<mpsc::Receiver<DispatchRequest>>,
   ) -> Result<BlankIsolate, IsolateError> {
+    let loader = Rc::new(FunctionModuleLoader::default());
     let mut runtime = JsRuntime::try_new(RuntimeOptions {
       extensions: outpost_js::extensions(outpost_js::IsolateOptions {
-        function_name: Some(spec.code.name.clone()),
         dispatch_queue: receiver.map(DispatchQueue::new),
         fetch: deno_fetch::Options {
           user_agent: concat!("Outpost/", env!("CARGO_PKG_VERSION")).into(),
@@ -194,9 +194,7 @@ impl BlankIsolate {
       startup_snapshot: Some(snapshot::SNAPSHOT),
       residual_lazy_js_sources: snapshot::RESIDUAL_LAZY_JS,
       residual_lazy_esm_sources: snapshot::RESIDUAL_LAZY_ESM,
-      module_loader: Some(Rc::new(FunctionModuleLoader {
-        code: spec.code.clone(),
-      })),
+      module_loader: Some(loader.clone()),
       ..Default::default()
     })
     .map_err(|err| IsolateError::Create(err.to_string()))?;
@@ -207,13 +205,25 @@ impl BlankIsolate {
     // bootstrap() is synchronous; its call future is ready at once.
     futures::executor::block_on(runtime.call(&bootstrap))
       .map_err(|err| IsolateError::Create(format!("bootstrap failed: {err}")))?;
-    Ok(BlankIsolate { runtime, serve })
+    Ok(BlankIsolate {
+      runtime,
+      loader,
+      serve,
+    })
   }
 
   /// Loads and evaluates the function's module and starts the JS serve loop. Returns the
   /// serve loop's promise future, which settles when the isolate is done.
   pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<ServeFuture, IsolateError> {
+    self
+      .loader
+      .assign(spec.code.clone())
+      .map_err(|_| IsolateError::Create("this isolate already runs a function".into()))?;
     let runtime = &mut self.runtime;
+    runtime
+      .op_state()
+      .borrow_mut()
+      .put(outpost_js::FunctionName(spec.code.name.clone()));
     let module = runtime
       .load_main_es_module(spec.code.entry())
       .await
@@ -315,7 +325,7 @@ pub fn check_function(spec: &FunctionSpec) -> Result<(), IsolateError> {
     .build()
     .map_err(|err| IsolateError::Create(err.to_string()))?;
   tokio.block_on(async {
-    let mut isolate = BlankIsolate::new(spec, None)?;
+    let mut isolate = BlankIsolate::new(None)?;
     isolate.start_function(spec).await.map(drop)
   })
 }
