@@ -6,13 +6,13 @@ const TS_HANDLER: &str = r#"
 import { shout } from "./lib/shout.ts";
 import meta from "./meta.json" with { type: "json" };
 
-interface Env { GREETING: string }
+interface Env { GREETING: string; OUTPOST_POP: string }
 type Ctx = { waitUntil(p: Promise<unknown>): void };
 
 export default {
   async fetch(request: Request, env: Env, _ctx: Ctx): Promise<Response> {
     const url = new URL(request.url);
-    const body: string = `${shout(env.GREETING)} ${meta.name} ${url.pathname}${url.search}`;
+    const body: string = `${shout(env.GREETING)} ${meta.name} ${url.pathname}${url.search} ${env.OUTPOST_POP}`;
     return new Response(body, { headers: { "x-url": request.url } });
   },
 };
@@ -22,6 +22,9 @@ export default {
 async fn typescript_module_with_relative_and_json_imports() {
   let outpost = Outpost::start(
     r#"
+[node]
+pop = "ams1"
+
 [[listen]]
 address = "127.0.0.1:0"
 
@@ -44,7 +47,10 @@ env = { GREETING = "hello" }
   assert_eq!(response.status(), 200);
   let expected_url = outpost.url("/a/b?x=1");
   assert_eq!(response.headers()["x-url"], expected_url.as_str());
-  assert_eq!(response.text().await.unwrap(), "HELLO! outpost /a/b?x=1");
+  assert_eq!(
+    response.text().await.unwrap(),
+    "HELLO! outpost /a/b?x=1 ams1"
+  );
 }
 
 #[tokio::test]

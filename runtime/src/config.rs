@@ -9,11 +9,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use geo_config::NodeIdentity;
+
 use crate::router::RoutePattern;
 
 /// A validated configuration, with paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
 pub struct Config {
+  /// Who this node is (`[node]`); its PoP and region reach every function's `env`.
+  pub node: Option<NodeIdentity>,
   pub listeners: Vec<ListenerConfig>,
   pub functions: Vec<FunctionConfig>,
   pub server: ServerConfig,
@@ -107,6 +111,8 @@ pub struct ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
   #[serde(default)]
+  node: Option<Spanned<NodeIdentity>>,
+  #[serde(default)]
   listen: Vec<RawListener>,
   #[serde(default)]
   functions: Vec<RawFunction>,
@@ -136,7 +142,7 @@ struct RawFunction {
   entry: Spanned<String>,
   routes: Spanned<Vec<Spanned<String>>>,
   #[serde(default)]
-  env: BTreeMap<String, String>,
+  env: Option<Spanned<BTreeMap<String, String>>>,
   #[serde(default)]
   pool: Option<Spanned<PoolConfig>>,
 }
@@ -268,6 +274,20 @@ impl Config {
           Err(message) => errors.push(locate.error(route.span(), &key, message)),
         }
       }
+      let env = function
+        .env
+        .as_ref()
+        .map(|e| e.get_ref().clone())
+        .unwrap_or_default();
+      if let Some(spanned) = &function.env {
+        for key in env.keys().filter(|k| k.starts_with("OUTPOST_")) {
+          errors.push(locate.error(
+            spanned.span(),
+            &format!("functions[{i}].env.{key}"),
+            "names starting with OUTPOST_ are reserved for values Outpost sets (OUTPOST_POP, OUTPOST_REGION); rename the variable".into(),
+          ));
+        }
+      }
       let pool = function
         .pool
         .as_ref()
@@ -283,14 +303,25 @@ impl Config {
           name: name.clone(),
           entry,
           routes,
-          env: function.env.clone(),
+          env,
           pool,
         });
       }
     }
 
+    if let Some(node) = &raw.node {
+      for problem in node.get_ref().problems() {
+        errors.push(locate.error(
+          node.span(),
+          &format!("node.{}", problem.field),
+          problem.message,
+        ));
+      }
+    }
+
     if errors.is_empty() {
       Ok(Config {
+        node: raw.node.map(Spanned::into_inner),
         listeners,
         functions,
         server: raw.server,
@@ -329,7 +360,20 @@ impl Config {
         pool: PoolConfig::default(),
       }],
       server: ServerConfig::default(),
+      node: None,
     })
+  }
+}
+
+impl Config {
+  /// The `env` a function's handler receives: its own variables plus the node identity
+  /// (`OUTPOST_POP`, `OUTPOST_REGION`).
+  pub fn handler_env(&self, function: &FunctionConfig) -> BTreeMap<String, String> {
+    let mut env = function.env.clone();
+    if let Some(node) = &self.node {
+      env.extend(node.env_vars().into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
+    env
   }
 }
 
@@ -449,6 +493,46 @@ pool = { prewarm = 5, max_isolates = 2 }
       err
         .to_string()
         .contains("outpost.toml:7:9: functions[0].entry: file not found")
+    );
+  }
+
+  #[test]
+  fn node_identity_is_validated_and_reaches_handler_env() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.js"), "").unwrap();
+    let path = dir.path().join("outpost.toml");
+    let function = "[[functions]]\nname = \"f\"\nentry = \"f.js\"\nroutes = [\"/\"]\n";
+    let listen = "[[listen]]\naddress = \"127.0.0.1:0\"\n";
+
+    let bad = format!(
+      "[node]\npop = \"AMS\"\nlatitude = 100.0\nlongitude = 4.9\n\n{listen}{function}env = {{ OUTPOST_POP = \"x\" }}\n"
+    );
+    let err = Config::parse(&path, &bad).unwrap_err();
+    let keys: Vec<_> = err.errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+      keys,
+      ["functions[0].env.OUTPOST_POP", "node.pop", "node.latitude"]
+    );
+    assert_eq!(
+      (err.errors[1].line, err.errors[1].column),
+      (1, 1),
+      "{}",
+      err.errors[1]
+    );
+
+    let good = format!(
+      "[node]\npop = \"ams1\"\nregion = \"eu-west\"\n\n{listen}{function}env = {{ A = \"1\" }}\n"
+    );
+    let config = Config::parse(&path, &good).unwrap();
+    let env = config.handler_env(&config.functions[0]);
+    let env: Vec<_> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+      env,
+      [
+        ("A", "1"),
+        ("OUTPOST_POP", "ams1"),
+        ("OUTPOST_REGION", "eu-west")
+      ]
     );
   }
 }

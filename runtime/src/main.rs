@@ -151,7 +151,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
       .and_then(|code| {
         check_function(&FunctionSpec {
           code: Arc::new(code),
-          env: Arc::new(function.env.clone()),
+          env: Arc::new(config.handler_env(function)),
         })
         .map_err(|err| err.to_string())
       });

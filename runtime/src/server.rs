@@ -104,7 +104,7 @@ impl Node {
       )?;
       let spec = FunctionSpec {
         code: Arc::new(code),
-        env: Arc::new(function.env.clone()),
+        env: Arc::new(config.handler_env(function)),
       };
       starts.push(IsolatePool::start(spec, function.pool.clone()));
     }

@@ -1,0 +1,115 @@
+//! Isolate start-up: creating a blank isolate from the snapshot until it can take a
+//! function, and the first request of a never-seen function on a pre-warmed blank isolate
+//! (load + evaluate its module, then answer one request).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+mod percentiles;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use deno_core::PollEventLoopOptions;
+use outpost::function_code::{FunctionCode, TranspileCache};
+use outpost::isolate::{BlankIsolate, FunctionSpec};
+use outpost_ext_dispatch::DispatchRequest;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+const JS_HANDLER: &str =
+  "export default { fetch: (r) => new Response('hello from ' + new URL(r.url).pathname) };";
+const TS_HANDLER: &str = "export default { fetch: (r: Request): Response => new Response(`hello from ${new URL(r.url).pathname}`) };";
+
+fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> FunctionSpec {
+  // A fresh file and transpile cache each time: the function has never been seen.
+  let path = dir.join(format!("{index}-{file}"));
+  std::fs::write(&path, source).unwrap();
+  let code = FunctionCode::new("bench", &path, Arc::new(TranspileCache::default())).unwrap();
+  FunctionSpec {
+    code: Arc::new(code),
+    env: Arc::default(),
+  }
+}
+
+/// A pre-warmed blank isolate and its request channel.
+fn blank() -> (BlankIsolate, mpsc::Sender<DispatchRequest>) {
+  let (sender, receiver) = mpsc::channel(8);
+  (BlankIsolate::new(Some(receiver)).unwrap(), sender)
+}
+
+/// Gives `isolate` the function and serves one GET through it.
+async fn first_request(
+  mut isolate: BlankIsolate,
+  sender: mpsc::Sender<DispatchRequest>,
+  spec: FunctionSpec,
+) -> BlankIsolate {
+  let serving = isolate.start_function(&spec).await.unwrap();
+  let (reply, replied) = oneshot::channel();
+  sender
+    .send(DispatchRequest {
+      method: http::Method::GET,
+      url: "http://bench.local/first".into(),
+      headers: http::HeaderMap::new(),
+      body: None,
+      cancel: CancellationToken::new(),
+      reply,
+    })
+    .await
+    .unwrap();
+  let response = isolate
+    .runtime
+    .with_event_loop_future(Box::pin(replied), PollEventLoopOptions::default())
+    .await
+    .unwrap()
+    .unwrap();
+  assert_eq!(response.status(), 200);
+  drop(serving);
+  isolate
+}
+
+fn benches(c: &mut Criterion) {
+  outpost::init_v8();
+  let tokio = tokio::runtime::Builder::new_current_thread()
+    .enable_all()
+    .build()
+    .unwrap();
+  let _guard = tokio.enter();
+  let dir = tempfile::tempdir().unwrap();
+
+  percentiles::report("isolate_from_snapshot", 500, || {
+    percentiles::timed(|| BlankIsolate::new(None).unwrap()).1
+  });
+  c.bench_function("isolate_from_snapshot", |b| {
+    b.iter_with_large_drop(|| BlankIsolate::new(None).unwrap())
+  });
+
+  for (name, file, source) in [
+    ("first_request_js", "hello.js", JS_HANDLER),
+    ("first_request_ts", "hello.ts", TS_HANDLER),
+  ] {
+    let mut index = 0;
+    percentiles::report(name, 300, || {
+      index += 1;
+      let spec = new_spec(dir.path(), file, source, index);
+      let (isolate, sender) = blank();
+      percentiles::timed(|| tokio.block_on(first_request(isolate, sender, spec))).1
+    });
+    c.bench_function(name, |b| {
+      b.iter_batched(
+        || {
+          index += 1;
+          let (isolate, sender) = blank();
+          (isolate, sender, new_spec(dir.path(), file, source, index))
+        },
+        |(isolate, sender, spec)| tokio.block_on(first_request(isolate, sender, spec)),
+        BatchSize::PerIteration,
+      )
+    });
+  }
+}
+
+criterion_group! {
+  name = isolate;
+  config = Criterion::default().sample_size(50).measurement_time(Duration::from_secs(10));
+  targets = benches
+}
+criterion_main!(isolate);
