@@ -138,7 +138,7 @@ const globalScope = {
   fetch: fn(fetchMod.fetch),
   navigator: core.propGetterOnly(() => navigator),
   performance: cls(performanceMod.performance),
-  reportError: fn(event.reportError),
+  reportError: fn(reportError),
   self: core.propGetterOnly(() => globalThis),
   setInterval: fn(timers.setInterval),
   setTimeout: fn(timers.setTimeout),
@@ -175,6 +175,20 @@ function describeError(error) {
     return error.stack;
   }
   return consoleMod.inspect(error);
+}
+
+/**
+ * What happens to an exception nothing caught outside a handler's promise chain (a timer
+ * callback, a microtask, reportError()): it is logged and the isolate carries on, as in
+ * Workers. Deno's default would end the isolate, and with it every request in flight.
+ */
+function reportUncaught(error) {
+  console.error(`Uncaught ${describeError(error)}`);
+}
+
+function reportError(error) {
+  webidl.requiredArguments(arguments.length, 1, "Failed to execute 'reportError'");
+  reportUncaught(error);
 }
 
 /** The `ctx` argument of module handlers and the base of FetchEvent.waitUntil. */
@@ -290,7 +304,7 @@ async function handleRequest(next, handler, env, pending) {
 function bootstrap() {
   performanceMod.setTimeOrigin();
   core.setWasmStreamingCallback(fetchMod.handleWasmStreaming);
-  core.setReportExceptionCallback(event.reportException);
+  core.setReportExceptionCallback(reportUncaught);
   // One bad promise must not take the isolate down: log and carry on.
   core.setUnhandledPromiseRejectionHandler((_promise, reason) => {
     console.error(`Uncaught (in promise) ${describeError(reason)}`);

@@ -349,3 +349,58 @@ export default {
     "1"
   );
 }
+
+#[tokio::test]
+async fn exceptions_outside_a_request_are_logged_and_the_isolate_lives_on() {
+  let outpost = Outpost::start_handler(
+    "late.js",
+    r#"
+let served = 0;
+export default {
+  fetch(request) {
+    served += 1;
+    const path = new URL(request.url).pathname;
+    if (path === "/timer") setTimeout(() => { throw new Error("thrown in a timer"); }, 0);
+    if (path === "/microtask") queueMicrotask(() => { throw new Error("thrown in a microtask"); });
+    if (path === "/rejection") Promise.reject(new Error("rejected and unhandled"));
+    if (path === "/report") reportError(new Error("reported"));
+    return new Response(String(served));
+  },
+};
+"#,
+  );
+  let client = http1();
+  for (i, path) in ["/timer", "/microtask", "/rejection", "/report"]
+    .iter()
+    .enumerate()
+  {
+    let body = client
+      .get(outpost.url(path))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap();
+    assert_eq!(body, (i + 1).to_string(), "{path}");
+  }
+  let logs = outpost.wait_for_log("Uncaught Error: reported");
+  for message in [
+    "Uncaught Error: thrown in a timer",
+    "Uncaught Error: thrown in a microtask",
+    "Uncaught (in promise) Error: rejected and unhandled",
+  ] {
+    assert!(logs.contains(message), "{message} missing from:\n{logs}");
+  }
+  // Still the same isolate: the counter kept going.
+  let body = client
+    .get(outpost.url("/"))
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+  assert_eq!(body, "5");
+  assert!(!logs.contains("isolate event loop failed"), "{logs}");
+}

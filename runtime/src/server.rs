@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
 use crate::isolate::{FunctionSpec, InFlightGuard};
-use crate::pool::{IsolatePool, PoolError};
+use crate::pool::IsolatePool;
 use crate::router::Router;
 use crate::tls::{self, TlsError};
 
@@ -360,7 +360,7 @@ async fn dispatch(
     .await
   {
     Ok(guard) => guard,
-    Err(err @ PoolError::LoadFailed { .. }) | Err(err @ PoolError::Unavailable { .. }) => {
+    Err(err) => {
       tracing::warn!(request_id, function = pool.name(), error = %err, "function unavailable");
       return outpost_response(
         StatusCode::SERVICE_UNAVAILABLE,
