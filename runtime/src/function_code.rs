@@ -276,3 +276,85 @@ impl ModuleLoader for FunctionModuleLoader {
     Some(Cow::Owned(map.to_vec()))
   }
 }
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn transpiled_output_is_cached_by_content() {
+    let cache = TranspileCache::default();
+    let specifier = ModuleSpecifier::parse("file:///f/a.ts").unwrap();
+    let other = ModuleSpecifier::parse("file:///g/b.ts").unwrap();
+    let first = cache
+      .transpile(
+        &specifier,
+        MediaType::TypeScript,
+        "export const x: number = 1;",
+      )
+      .unwrap();
+    assert!(first.code.contains("export const x = 1"), "{}", first.code);
+    let same_text = cache
+      .transpile(&other, MediaType::TypeScript, "export const x: number = 1;")
+      .unwrap();
+    assert!(
+      Arc::ptr_eq(&first, &same_text),
+      "identical content is transpiled once"
+    );
+    let changed = cache
+      .transpile(
+        &specifier,
+        MediaType::TypeScript,
+        "export const x: number = 2;",
+      )
+      .unwrap();
+    assert!(!Arc::ptr_eq(&first, &changed));
+  }
+
+  #[test]
+  fn syntax_errors_name_the_file_line_and_column() {
+    let cache = TranspileCache::default();
+    let specifier = ModuleSpecifier::parse("file:///f/bad.ts").unwrap();
+    let err = cache
+      .transpile(
+        &specifier,
+        MediaType::TypeScript,
+        "const a = 1;\nconst b: = 2;\n",
+      )
+      .err()
+      .unwrap();
+    assert!(err.to_string().contains("file:///f/bad.ts:2:"), "{err}");
+  }
+
+  #[test]
+  fn imports_stay_inside_the_function_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("fn")).unwrap();
+    std::fs::write(dir.path().join("fn/main.js"), "").unwrap();
+    std::fs::write(dir.path().join("fn/data.json"), "{}").unwrap();
+    std::fs::write(dir.path().join("secret.js"), "").unwrap();
+    let code = FunctionCode::new("f", &dir.path().join("fn/main.js"), Arc::default()).unwrap();
+    let url = |p: &str| ModuleSpecifier::from_file_path(dir.path().join(p)).unwrap();
+
+    let outside = code
+      .load(&url("secret.js"), &RequestedModuleType::None)
+      .err()
+      .unwrap();
+    assert!(
+      outside.to_string().contains("may only import files under"),
+      "{outside}"
+    );
+    let json = code
+      .load(&url("fn/data.json"), &RequestedModuleType::None)
+      .err()
+      .unwrap();
+    assert!(
+      json.to_string().contains("with { type: \"json\" }"),
+      "{json}"
+    );
+    let module = code
+      .load(&url("fn/data.json"), &RequestedModuleType::Json)
+      .unwrap();
+    assert_eq!(module.module_type, ModuleType::Json);
+  }
+}
