@@ -1,6 +1,6 @@
 //! Handler styles, languages, routing and error handling.
 
-use crate::support::{Outpost, http1};
+use crate::support::{Outpost, functions_config, http1};
 
 const TS_HANDLER: &str = r#"
 import { shout } from "./lib/shout.ts";
@@ -21,19 +21,14 @@ export default {
 #[tokio::test]
 async fn typescript_module_with_relative_and_json_imports() {
   let outpost = Outpost::start(
-    r#"
-[node]
-pop = "ams1"
-
-[[listen]]
-address = "127.0.0.1:0"
-
-[[functions]]
-name = "api"
-entry = "fn/index.ts"
-routes = ["/"]
-env = { GREETING = "hello" }
-"#,
+    &functions_config(
+      "[node]\npop = \"ams1\"",
+      &[(
+        "api",
+        "fn/index.ts",
+        "routes = [\"/\"]\nenv = { GREETING = \"hello\" }",
+      )],
+    ),
     &[
       ("fn/index.ts", TS_HANDLER),
       (
@@ -56,20 +51,13 @@ env = { GREETING = "hello" }
 #[tokio::test]
 async fn javascript_module_and_service_worker_styles() {
   let outpost = Outpost::start(
-    r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[[functions]]
-name = "module"
-entry = "module.js"
-routes = ["/module/"]
-
-[[functions]]
-name = "worker"
-entry = "worker.js"
-routes = ["/sw/"]
-"#,
+    &functions_config(
+      "",
+      &[
+        ("module", "module.js", r#"routes = ["/module/"]"#),
+        ("worker", "worker.js", r#"routes = ["/sw/"]"#),
+      ],
+    ),
     &[
       (
         "module.js",
@@ -95,30 +83,15 @@ async fn host_and_path_routing_with_outpost_marked_404() {
   let handler = |name: &str| format!("export default {{ fetch: () => new Response('{name}') }};");
   let (a, b, c, d) = (handler("a"), handler("b"), handler("c"), handler("d"));
   let outpost = Outpost::start(
-    r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[[functions]]
-name = "a"
-entry = "a.js"
-routes = ["api.example.com/"]
-
-[[functions]]
-name = "b"
-entry = "b.js"
-routes = ["example.com/api/", "/health"]
-
-[[functions]]
-name = "c"
-entry = "c.js"
-routes = ["*.example.com/"]
-
-[[functions]]
-name = "d"
-entry = "d.js"
-routes = ["example.com/"]
-"#,
+    &functions_config(
+      "",
+      &[
+        ("a", "a.js", r#"routes = ["api.example.com/"]"#),
+        ("b", "b.js", r#"routes = ["example.com/api/", "/health"]"#),
+        ("c", "c.js", r#"routes = ["*.example.com/"]"#),
+        ("d", "d.js", r#"routes = ["example.com/"]"#),
+      ],
+    ),
     &[("a.js", &a), ("b.js", &b), ("c.js", &c), ("d.js", &d)],
   );
   let client = http1();
@@ -210,20 +183,13 @@ export default {
 #[tokio::test]
 async fn syntax_error_in_one_function_leaves_the_others_serving() {
   let outpost = Outpost::start(
-    r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[[functions]]
-name = "broken"
-entry = "broken.ts"
-routes = ["/broken"]
-
-[[functions]]
-name = "fine"
-entry = "fine.js"
-routes = ["/"]
-"#,
+    &functions_config(
+      "",
+      &[
+        ("broken", "broken.ts", r#"routes = ["/broken"]"#),
+        ("fine", "fine.js", r#"routes = ["/"]"#),
+      ],
+    ),
     &[
       (
         "broken.ts",
@@ -313,41 +279,10 @@ export default {
 };
 "#,
   );
-  let client = http1();
-  assert_eq!(
-    client
-      .get(outpost.url("/start"))
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap(),
-    "started"
-  );
-  assert_eq!(
-    client
-      .get(outpost.url("/count"))
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap(),
-    "0"
-  );
+  assert_eq!(outpost.get_text("/start").await, "started");
+  assert_eq!(outpost.get_text("/count").await, "0");
   tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-  assert_eq!(
-    client
-      .get(outpost.url("/count"))
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap(),
-    "1"
-  );
+  assert_eq!(outpost.get_text("/count").await, "1");
 }
 
 #[tokio::test]
@@ -369,19 +304,11 @@ export default {
 };
 "#,
   );
-  let client = http1();
   for (i, path) in ["/timer", "/microtask", "/rejection", "/report"]
     .iter()
     .enumerate()
   {
-    let body = client
-      .get(outpost.url(path))
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap();
+    let body = outpost.get_text(path).await;
     assert_eq!(body, (i + 1).to_string(), "{path}");
   }
   let logs = outpost.wait_for_log("Uncaught Error: reported");
@@ -393,14 +320,7 @@ export default {
     assert!(logs.contains(message), "{message} missing from:\n{logs}");
   }
   // Still the same isolate: the counter kept going.
-  let body = client
-    .get(outpost.url("/"))
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+  let body = outpost.get_text("/").await;
   assert_eq!(body, "5");
   assert!(!logs.contains("isolate event loop failed"), "{logs}");
 }

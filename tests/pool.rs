@@ -3,12 +3,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::support::{Outpost, http1};
+use crate::support::{Outpost, functions_config, http1};
 
 /// Each isolate draws its own id when the module is evaluated.
 const WHOAMI: &str = r#"
 const isolate = crypto.randomUUID();
-globalThis.visits = (globalThis.visits ?? 0);
 export default {
   async fetch(request) {
     const url = new URL(request.url);
@@ -37,16 +36,14 @@ async fn isolates_serving(outpost: &Outpost, path: &str, concurrent: usize) -> H
 #[tokio::test]
 async fn pool_grows_to_its_maximum_under_load_and_evicts_idle_isolates() {
   let outpost = Outpost::start(
-    r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[[functions]]
-name = "whoami"
-entry = "whoami.js"
-routes = ["/"]
-pool = { prewarm = 1, max_isolates = 3, idle_timeout_s = 1, isolate_concurrency = 1 }
-"#,
+    &functions_config(
+      "",
+      &[(
+        "whoami",
+        "whoami.js",
+        "routes = [\"/\"]\npool = { prewarm = 1, max_isolates = 3, idle_timeout_s = 1, isolate_concurrency = 1 }",
+      )],
+    ),
     &[("whoami.js", WHOAMI)],
   );
   let first = isolates_serving(&outpost, "/?hold", 6).await;
@@ -70,20 +67,13 @@ pool = { prewarm = 1, max_isolates = 3, idle_timeout_s = 1, isolate_concurrency 
 #[tokio::test]
 async fn functions_never_share_an_isolate() {
   let outpost = Outpost::start(
-    r#"
-[[listen]]
-address = "127.0.0.1:0"
-
-[[functions]]
-name = "tenant-a"
-entry = "a/whoami.js"
-routes = ["a.test/"]
-
-[[functions]]
-name = "tenant-b"
-entry = "b/whoami.js"
-routes = ["b.test/"]
-"#,
+    &functions_config(
+      "",
+      &[
+        ("tenant-a", "a/whoami.js", r#"routes = ["a.test/"]"#),
+        ("tenant-b", "b/whoami.js", r#"routes = ["b.test/"]"#),
+      ],
+    ),
     &[("a/whoami.js", WHOAMI), ("b/whoami.js", WHOAMI)],
   );
   let client = http1();

@@ -99,16 +99,7 @@ async fn two_hundred_concurrent_requests() {
     assert_eq!(body, format!("slow ?{i}"));
   }
   // The handlers overlapped inside an isolate instead of running one after another.
-  let max: usize = client
-    .get(outpost.url("/max"))
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap()
-    .parse()
-    .unwrap();
+  let max: usize = outpost.get_text("/max").await.parse().unwrap();
   assert!(
     max > 1,
     "at most {max} request(s) were in flight on an isolate at once"

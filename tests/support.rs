@@ -29,6 +29,19 @@ pub fn write_files(dir: &Path, files: Files<'_>) {
   }
 }
 
+/// `outpost.toml` text: `preamble` (e.g. a `[node]` table), one plain listener on
+/// 127.0.0.1:0, and one `[[functions]]` table per (name, entry, further lines such as
+/// `routes = ["/"]`).
+pub fn functions_config(preamble: &str, functions: &[(&str, &str, &str)]) -> String {
+  let mut config = format!("{preamble}\n[[listen]]\naddress = \"127.0.0.1:0\"\n");
+  for (name, entry, rest) in functions {
+    config.push_str(&format!(
+      "\n[[functions]]\nname = \"{name}\"\nentry = \"{entry}\"\n{rest}\n"
+    ));
+  }
+  config
+}
+
 pub fn outpost_bin() -> &'static str {
   env!("CARGO_BIN_EXE_outpost")
 }
@@ -121,6 +134,18 @@ impl Outpost {
   /// `http://127.0.0.1:PORT{path}` on the first plain listener.
   pub fn url(&self, path: &str) -> String {
     format!("http://{}{path}", self.http[0])
+  }
+
+  /// GETs `path` over HTTP/1.1 and returns the body text.
+  pub async fn get_text(&self, path: &str) -> String {
+    http1()
+      .get(self.url(path))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap()
   }
 
   pub fn pid(&self) -> u32 {
