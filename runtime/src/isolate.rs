@@ -22,24 +22,12 @@ use deno_permissions::{
 use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::Error;
 use crate::function_code::{FunctionCode, FunctionModuleLoader};
 use crate::snapshot;
 
 /// Requests that may wait in one isolate's channel before senders are held back.
 const REQUEST_CHANNEL_CAPACITY: usize = 256;
-
-/// Why an isolate could not start serving.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum IsolateError {
-  #[error("creating the isolate failed: {0}")]
-  Create(String),
-  /// The function's module failed to load, evaluate, or has no handler. The message names
-  /// file:line:col where V8 or the transpiler gives one.
-  #[error("{0}")]
-  Load(String),
-  #[error("the isolate thread could not be started: {0}")]
-  Thread(String),
-}
 
 /// What a function's isolate is created with.
 #[derive(Clone)]
@@ -110,17 +98,17 @@ impl Drop for InFlightGuard {
 
 /// Starts an isolate thread for `spec` and waits until it serves or fails to load.
 /// Dropping every clone of the returned handle closes the channel and lets the thread end.
-pub async fn spawn_isolate(spec: FunctionSpec) -> Result<Arc<IsolateHandle>, IsolateError> {
+pub async fn spawn_isolate(spec: FunctionSpec) -> Result<Arc<IsolateHandle>, Error> {
   let (ready_tx, ready_rx) = oneshot::channel();
   let (sender, receiver) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
   let thread_name = format!("isolate:{}", spec.code.name);
   std::thread::Builder::new()
     .name(thread_name)
     .spawn(move || run_isolate_thread(spec, receiver, ready_tx))
-    .map_err(|err| IsolateError::Thread(err.to_string()))?;
+    .map_err(|err| Error::IsolateThread(err.to_string()))?;
   ready_rx
     .await
-    .map_err(|_| IsolateError::Create("the isolate thread exited during startup".into()))??;
+    .map_err(|_| Error::IsolateCreate("the isolate thread exited during startup".into()))??;
   let epoch = Instant::now();
   Ok(Arc::new(IsolateHandle {
     sender,
@@ -133,7 +121,7 @@ pub async fn spawn_isolate(spec: FunctionSpec) -> Result<Arc<IsolateHandle>, Iso
 fn run_isolate_thread(
   spec: FunctionSpec,
   receiver: mpsc::Receiver<DispatchRequest>,
-  ready: oneshot::Sender<Result<(), IsolateError>>,
+  ready: oneshot::Sender<Result<(), Error>>,
 ) {
   let tokio = match tokio::runtime::Builder::new_current_thread()
     .enable_all()
@@ -141,7 +129,7 @@ fn run_isolate_thread(
   {
     Ok(rt) => rt,
     Err(err) => {
-      let _ = ready.send(Err(IsolateError::Create(err.to_string())));
+      let _ = ready.send(Err(Error::IsolateCreate(err.to_string())));
       return;
     }
   };
@@ -179,9 +167,7 @@ pub struct BlankIsolate {
 impl BlankIsolate {
   /// Creates a blank isolate from the snapshot. `receiver` is its request channel (none for
   /// load checks).
-  pub fn new(
-    receiver: Option<mpsc::Receiver<DispatchRequest>>,
-  ) -> Result<BlankIsolate, IsolateError> {
+  pub fn new(receiver: Option<mpsc::Receiver<DispatchRequest>>) -> Result<BlankIsolate, Error> {
     let loader = Rc::new(FunctionModuleLoader::default());
     let mut runtime = JsRuntime::try_new(RuntimeOptions {
       extensions: outpost_js::extensions(outpost_js::IsolateOptions {
@@ -197,14 +183,14 @@ impl BlankIsolate {
       module_loader: Some(loader.clone()),
       ..Default::default()
     })
-    .map_err(|err| IsolateError::Create(err.to_string()))?;
+    .map_err(|err| Error::IsolateCreate(err.to_string()))?;
     runtime.op_state().borrow_mut().put(outbound_permissions()?);
     // Read both entry points first: bootstrap() deletes globalThis.__outpost.
     let bootstrap = entry_point(&mut runtime, "bootstrap")?;
     let serve = entry_point(&mut runtime, "serve")?;
     // bootstrap() is synchronous; its call future is ready at once.
     futures::executor::block_on(runtime.call(&bootstrap))
-      .map_err(|err| IsolateError::Create(format!("bootstrap failed: {err}")))?;
+      .map_err(|err| Error::IsolateCreate(format!("bootstrap failed: {err}")))?;
     Ok(BlankIsolate {
       runtime,
       loader,
@@ -214,11 +200,11 @@ impl BlankIsolate {
 
   /// Loads and evaluates the function's module and starts the JS serve loop. Returns the
   /// serve loop's promise future, which settles when the isolate is done.
-  pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<ServeFuture, IsolateError> {
+  pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<ServeFuture, Error> {
     self
       .loader
       .assign(spec.code.clone())
-      .map_err(|_| IsolateError::Create("this isolate already runs a function".into()))?;
+      .map_err(|_| Error::IsolateCreate("this isolate already runs a function".into()))?;
     let runtime = &mut self.runtime;
     runtime
       .op_state()
@@ -227,20 +213,20 @@ impl BlankIsolate {
     let module = runtime
       .load_main_es_module(spec.code.entry())
       .await
-      .map_err(|err| IsolateError::Load(err.to_string()))?;
+      .map_err(|err| Error::FunctionLoad(err.to_string()))?;
     let evaluation = runtime.mod_evaluate(module);
     runtime
       .with_event_loop_future(Box::pin(evaluation), PollEventLoopOptions::default())
       .await
-      .map_err(|err| IsolateError::Load(err.to_string()))?;
+      .map_err(|err| Error::FunctionLoad(err.to_string()))?;
     let namespace = runtime
       .get_module_namespace(module)
-      .map_err(|err| IsolateError::Load(err.to_string()))?;
+      .map_err(|err| Error::FunctionLoad(err.to_string()))?;
     let (namespace, env) = {
       deno_core::scope!(scope, runtime);
       let namespace: v8::Local<v8::Value> = v8::Local::new(scope, namespace).into();
       let env = deno_core::serde_v8::to_v8(scope, spec.env.as_ref())
-        .map_err(|err| IsolateError::Create(format!("env: {err}")))?;
+        .map_err(|err| Error::IsolateCreate(format!("env: {err}")))?;
       (
         v8::Global::new(scope, namespace),
         v8::Global::new(scope, env),
@@ -249,7 +235,7 @@ impl BlankIsolate {
     let mut serving = Box::pin(runtime.call_with_args(&self.serve, &[namespace, env]));
     // serve() throws synchronously when the module has no handler.
     if let std::task::Poll::Ready(Err(err)) = futures::poll!(&mut serving) {
-      return Err(IsolateError::Load(err.to_string()));
+      return Err(Error::FunctionLoad(err.to_string()));
     }
     Ok(serving)
   }
@@ -257,7 +243,7 @@ impl BlankIsolate {
 
 /// Handlers may reach the network through `fetch` and nothing else: no files, environment,
 /// subprocesses, FFI or system information.
-fn outbound_permissions() -> Result<PermissionsContainer, IsolateError> {
+fn outbound_permissions() -> Result<PermissionsContainer, Error> {
   let parser = Arc::new(RuntimePermissionDescriptorParser::new(
     sys_traits::impls::RealSys,
   ));
@@ -269,7 +255,7 @@ fn outbound_permissions() -> Result<PermissionsContainer, IsolateError> {
       ..Default::default()
     },
   )
-  .map_err(|err| IsolateError::Create(format!("permissions: {err}")))?;
+  .map_err(|err| Error::IsolateCreate(format!("permissions: {err}")))?;
   Ok(PermissionsContainer::new(parser, permissions))
 }
 
@@ -297,12 +283,9 @@ async fn drive_event_loop(runtime: &mut JsRuntime, mut serving: ServeFuture) -> 
 }
 
 /// Reads `globalThis.__outpost[name]`, published by the bootstrap JS in the snapshot.
-fn entry_point(
-  runtime: &mut JsRuntime,
-  name: &str,
-) -> Result<v8::Global<v8::Function>, IsolateError> {
+fn entry_point(runtime: &mut JsRuntime, name: &str) -> Result<v8::Global<v8::Function>, Error> {
   deno_core::scope!(scope, runtime);
-  let missing = || IsolateError::Create(format!("the snapshot has no __outpost.{name}"));
+  let missing = || Error::IsolateCreate(format!("the snapshot has no __outpost.{name}"));
   let context = scope.get_current_context();
   let global = context.global(scope);
   let key = v8::String::new(scope, "__outpost").ok_or_else(missing)?;
@@ -319,11 +302,11 @@ fn entry_point(
 }
 
 /// Loads a function in a throwaway isolate to check that it would serve (`outpost check`).
-pub fn check_function(spec: &FunctionSpec) -> Result<(), IsolateError> {
+pub fn check_function(spec: &FunctionSpec) -> Result<(), Error> {
   let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
     .build()
-    .map_err(|err| IsolateError::Create(err.to_string()))?;
+    .map_err(|err| Error::IsolateCreate(err.to_string()))?;
   tokio.block_on(async {
     let mut isolate = BlankIsolate::new(None)?;
     isolate.start_function(spec).await.map(drop)

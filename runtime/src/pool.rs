@@ -12,17 +12,8 @@ use std::time::Duration;
 use outpost_ext_dispatch::DispatchRequest;
 
 use crate::config::PoolConfig;
-use crate::isolate::{FunctionSpec, InFlightGuard, IsolateError, IsolateHandle, spawn_isolate};
-
-/// Why a request could not be handed to an isolate.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PoolError {
-  /// The function's code does not load; the message says where and why.
-  #[error("function {function:?} failed to load: {message}")]
-  LoadFailed { function: String, message: String },
-  #[error("function {function:?} has no isolate available: {message}")]
-  Unavailable { function: String, message: String },
-}
+use crate::error::Error;
+use crate::isolate::{FunctionSpec, InFlightGuard, IsolateHandle, spawn_isolate};
 
 pub struct IsolatePool {
   spec: FunctionSpec,
@@ -72,7 +63,7 @@ impl IsolatePool {
     self.isolates.lock().expect("pool lock").len()
   }
 
-  async fn add_isolate(&self) -> Result<Arc<IsolateHandle>, PoolError> {
+  async fn add_isolate(&self) -> Result<Arc<IsolateHandle>, Error> {
     match spawn_isolate(self.spec.clone()).await {
       Ok(isolate) => {
         self
@@ -82,18 +73,18 @@ impl IsolatePool {
           .push(isolate.clone());
         Ok(isolate)
       }
-      Err(IsolateError::Load(message)) => {
+      Err(Error::FunctionLoad(message)) => {
         let mut load_error = self.load_error.lock().expect("pool lock");
         if load_error.is_none() {
           tracing::error!(function = %self.name(), "function failed to load: {message}");
         }
         *load_error = Some(message.clone());
-        Err(PoolError::LoadFailed {
+        Err(Error::FunctionFailed {
           function: self.name().into(),
           message,
         })
       }
-      Err(err) => Err(PoolError::Unavailable {
+      Err(err) => Err(Error::FunctionUnavailable {
         function: self.name().into(),
         message: err.to_string(),
       }),
@@ -111,9 +102,9 @@ impl IsolatePool {
   }
 
   /// Hands a request to one of the function's isolates.
-  pub async fn dispatch(&self, mut request: DispatchRequest) -> Result<InFlightGuard, PoolError> {
+  pub async fn dispatch(&self, mut request: DispatchRequest) -> Result<InFlightGuard, Error> {
     if let Some(message) = self.load_error() {
-      return Err(PoolError::LoadFailed {
+      return Err(Error::FunctionFailed {
         function: self.name().into(),
         message,
       });
@@ -140,7 +131,7 @@ impl IsolatePool {
         }
       }
     }
-    Err(PoolError::Unavailable {
+    Err(Error::FunctionUnavailable {
       function: self.name().into(),
       message: "isolates stopped while taking the request".into(),
     })

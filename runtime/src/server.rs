@@ -31,37 +31,18 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::compression;
 use crate::config::Config;
+use crate::error::Error;
 use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
 use crate::isolate::{FunctionSpec, InFlightGuard};
 use crate::pool::IsolatePool;
 use crate::router::Router;
-use crate::tls::{self, TlsError};
+use crate::tls;
 
 /// Response header naming the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
 /// Response header set on responses Outpost generated itself, naming why.
 pub const ERROR_HEADER: &str = "outpost-error";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-  #[error("cannot listen on {address}: {source}")]
-  Bind {
-    address: SocketAddr,
-    source: std::io::Error,
-  },
-  #[error("listener {address}: {source}")]
-  Tls {
-    address: SocketAddr,
-    source: TlsError,
-  },
-  #[error("function {function:?}: cannot read {entry}: {source}")]
-  Entry {
-    function: String,
-    entry: String,
-    source: std::io::Error,
-  },
-}
 
 /// A running node: functions loaded, listeners bound.
 pub struct Node {
@@ -91,12 +72,12 @@ pub struct ListenerInfo {
 
 impl Node {
   /// Loads every function (pre-warming its isolates) and binds every listener.
-  pub async fn start(config: &Config) -> Result<Node, ServerError> {
+  pub async fn start(config: &Config) -> Result<Node, Error> {
     let transpiler = Arc::new(TranspileCache::default());
     let mut starts = Vec::new();
     for function in &config.functions {
       let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
-        |source| ServerError::Entry {
+        |source| Error::Entry {
           function: function.name.clone(),
           entry: function.entry.display().to_string(),
           source,
@@ -122,15 +103,15 @@ impl Node {
       let tls = if listener.tls.is_empty() {
         None
       } else {
-        let config = tls::server_config(&listener.tls).map_err(|source| ServerError::Tls {
+        let config = tls::server_config(&listener.tls).map_err(|source| Error::Listener {
           address: listener.address,
-          source,
+          source: Box::new(source),
         })?;
         Some(TlsAcceptor::from(config))
       };
       let bound = TcpListener::bind(listener.address)
         .await
-        .map_err(|source| ServerError::Bind {
+        .map_err(|source| Error::Bind {
           address: listener.address,
           source,
         })?;

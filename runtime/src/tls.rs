@@ -10,32 +10,19 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::config::CertificateConfig;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-  #[error("{path}: cannot read certificates: {reason}")]
-  Certificates { path: String, reason: String },
-  #[error("{path}: cannot read the private key: {reason}")]
-  Key { path: String, reason: String },
-  #[error("{path}: {reason}")]
-  Unusable { path: String, reason: String },
-  #[error("a TLS listener needs at least one certificate")]
-  NoCertificates,
-  #[error("TLS configuration: {0}")]
-  Rustls(#[from] rustls::Error),
-}
+use crate::error::Error;
 
 /// Builds the rustls server config of one listener.
 pub fn server_config(
   certificates: &[CertificateConfig],
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+) -> Result<Arc<rustls::ServerConfig>, Error> {
   let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
   let mut keys = Vec::with_capacity(certificates.len());
   for certificate in certificates {
     keys.push(Arc::new(load_certified_key(certificate, &provider)?));
   }
   if keys.is_empty() {
-    return Err(TlsError::NoCertificates);
+    return Err(Error::NoCertificates);
   }
   let mut config = rustls::ServerConfig::builder_with_provider(provider)
     .with_safe_default_protocol_versions()?
@@ -48,30 +35,31 @@ pub fn server_config(
 fn load_certified_key(
   certificate: &CertificateConfig,
   provider: &rustls::crypto::CryptoProvider,
-) -> Result<CertifiedKey, TlsError> {
+) -> Result<CertifiedKey, Error> {
   let cert_path = certificate.cert.display().to_string();
   let key_path = certificate.key.display().to_string();
   let chain = CertificateDer::pem_file_iter(&certificate.cert)
     .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-    .map_err(|err| TlsError::Certificates {
+    .map_err(|err| Error::Certificates {
       path: cert_path.clone(),
       reason: err.to_string(),
     })?;
   if chain.is_empty() {
-    return Err(TlsError::Certificates {
+    return Err(Error::Certificates {
       path: cert_path,
       reason: "no PEM CERTIFICATE block found".into(),
     });
   }
-  let key = PrivateKeyDer::from_pem_file(&certificate.key).map_err(|err| TlsError::Key {
+  let key = PrivateKeyDer::from_pem_file(&certificate.key).map_err(|err| Error::PrivateKey {
     path: key_path.clone(),
     reason: err.to_string(),
   })?;
-  let key = CertifiedKey::from_der(chain, key, provider).map_err(|err| TlsError::Unusable {
-    path: format!("{cert_path} + {key_path}"),
-    reason: err.to_string(),
-  })?;
-  webpki::EndEntityCert::try_from(&key.cert[0]).map_err(|err| TlsError::Unusable {
+  let key =
+    CertifiedKey::from_der(chain, key, provider).map_err(|err| Error::UnusableCertificate {
+      path: format!("{cert_path} + {key_path}"),
+      reason: err.to_string(),
+    })?;
+  webpki::EndEntityCert::try_from(&key.cert[0]).map_err(|err| Error::UnusableCertificate {
     path: cert_path,
     reason: format!("not a usable end-entity certificate: {err}"),
   })?;
