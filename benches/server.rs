@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-mod percentiles;
+mod timing;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use outpost::config::Config;
@@ -51,10 +51,7 @@ fn benches(c: &mut Criterion) {
         .unwrap();
       assert_eq!(&body[..], b"hello from /bench");
     };
-    percentiles::report(name, 2000, || {
-      percentiles::timed(|| tokio.block_on(get())).1
-    });
-    c.bench_function(name, |b| b.iter(|| tokio.block_on(get())));
+    timing::bench(c, name, 2000, || timing::timed(|| tokio.block_on(get())).1);
   }
 }
 

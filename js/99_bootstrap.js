@@ -13,6 +13,7 @@ import {
   isResponse,
   nextRequest,
   respond,
+  responseParts,
   toRequest,
 } from "ext:outpost_dispatch/01_dispatch.js";
 
@@ -340,9 +341,41 @@ function serve(namespace, env) {
   })();
 }
 
+/**
+ * Runs the request path once while the snapshot is built, so the snapshot carries its
+ * bytecode and a new isolate does not compile it on its first request. Touches no op that
+ * needs a request and leaves nothing behind. (deno_core's separate warm-up pass,
+ * create_snapshot's warmup_script, produced snapshots that crashed on load here.)
+ */
+function warmup() {
+  const next = {
+    id: 0,
+    method: "POST",
+    url: "http://warmup.invalid/path?query=1",
+    headers: [["content-type", "text/plain"], ["accept-encoding", "br"]],
+    bodyRid: null,
+  };
+  const request = toRequest(next);
+  const url = new URL(request.url);
+  request.headers.get(url.searchParams.get("query") ?? "accept");
+  const handler = findHandler({ default: { fetch: () => new Response("") } });
+  callHandler(handler, request, {}, new ExecutionContext(new SafeSet()));
+  for (
+    const response of [
+      new Response("text", { status: 201, headers: { "x-warmup": "1" } }),
+      new Response(new Uint8Array(1)),
+      Response.json({ warm: true }),
+      new Response(null, { status: 204 }),
+    ]
+  ) {
+    if (isResponse(response)) responseParts(response);
+  }
+}
+
 ObjectDefineProperty(globalThis, "__outpost", {
   __proto__: null,
   value: { bootstrap, serve },
   configurable: true,
 });
 
+warmup();

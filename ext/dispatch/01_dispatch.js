@@ -56,10 +56,11 @@ function isResponse(value) {
 }
 
 /**
- * Sends a handler's Response for dispatch `id`. Throws a TypeError (to be reported with
- * fail()) when the response cannot be sent.
+ * Takes a Response apart for sending: `[status, headerList, bytes, stream]`, where at most
+ * one of `bytes` (a Uint8Array) and `stream` (a ReadableStream) is set. Throws a TypeError
+ * when the response cannot be sent.
  */
-function respond(id, response) {
+function responseParts(response) {
   if (responseBodyUsed(response)) {
     throw new TypeError("the Response body was already used");
   }
@@ -70,17 +71,11 @@ function respond(id, response) {
   const headers = wireHeaderList(inner);
   const body = inner.body;
   if (body === null) {
-    op_dispatch_respond(id, inner.status, headers, null, null);
-    return;
+    return [inner.status, headers, null, null];
   }
   const source = body.streamOrStatic;
   if (ObjectPrototypeIsPrototypeOf(ReadableStreamPrototype, source)) {
-    const backing = getReadableStreamResourceBacking(source);
-    const rid = backing !== undefined && backing.autoClose
-      ? backing.rid
-      : resourceForReadableStream(source);
-    op_dispatch_respond(id, inner.status, headers, null, rid);
-    return;
+    return [inner.status, headers, null, source];
   }
   if (source.consumed) {
     throw new TypeError("the Response body was already used");
@@ -91,7 +86,23 @@ function respond(id, response) {
   if (TypedArrayPrototypeGetSymbolToStringTag(bytes) !== "Uint8Array") {
     throw new TypeError("unsupported Response body type");
   }
-  op_dispatch_respond(id, inner.status, headers, bytes, null);
+  return [inner.status, headers, bytes, null];
+}
+
+/**
+ * Sends a handler's Response for dispatch `id`. A stream body that is already backed by a
+ * resource (a fetch() response) is handed over as is; any other stream gets one.
+ */
+function respond(id, response) {
+  const { 0: status, 1: headers, 2: bytes, 3: stream } = responseParts(response);
+  let rid = null;
+  if (stream !== null) {
+    const backing = getReadableStreamResourceBacking(stream);
+    rid = backing !== undefined && backing.autoClose
+      ? backing.rid
+      : resourceForReadableStream(stream);
+  }
+  op_dispatch_respond(id, status, headers, bytes, rid);
 }
 
 /** Reports a failed dispatch: `notAResponse` when the handler returned a non-Response. */
@@ -99,4 +110,4 @@ function fail(id, notAResponse, detail) {
   op_dispatch_fail(id, notAResponse, detail);
 }
 
-export { fail, isResponse, nextRequest, respond, toRequest };
+export { fail, isResponse, nextRequest, respond, responseParts, toRequest };
