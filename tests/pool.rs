@@ -101,3 +101,26 @@ async fn functions_never_share_an_isolate() {
     "tenant b cannot see tenant a's globals"
   );
 }
+
+#[tokio::test]
+async fn new_isolates_come_from_the_spares() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[server]\nspare_isolates = 1",
+      &[(
+        "lazy",
+        "whoami.js",
+        "routes = [\"/\"]\npool = { prewarm = 0, max_isolates = 2, isolate_concurrency = 1 }",
+      )],
+    ),
+    &[("whoami.js", WHOAMI)],
+  );
+  // No isolate runs the function yet: the first request takes the spare, which is refilled.
+  assert_eq!(isolates_serving(&outpost, "/", 1).await.len(), 1);
+  let logs = outpost.wait_for_log("isolate ready");
+  let line = logs.lines().find(|l| l.contains("isolate ready")).unwrap();
+  assert!(
+    line.contains("from=\"spare\"") && line.contains("function=\"lazy\""),
+    "{line}"
+  );
+}

@@ -78,6 +78,8 @@ pub struct ServerConfig {
   pub shutdown_grace_s: u64,
   /// Compress compressible responses with brotli or gzip per `Accept-Encoding`.
   pub compression: bool,
+  /// Blank isolates kept ready for pools that grow and functions seen for the first time.
+  pub spare_isolates: usize,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +87,7 @@ impl Default for ServerConfig {
     Self {
       shutdown_grace_s: 30,
       compression: true,
+      spare_isolates: 1,
     }
   }
 }

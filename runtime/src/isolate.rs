@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
@@ -96,48 +96,200 @@ impl Drop for InFlightGuard {
   }
 }
 
-/// Starts an isolate thread for `spec` and waits until it serves or fails to load.
-/// Dropping every clone of the returned handle closes the channel and lets the thread end.
-pub async fn spawn_isolate(spec: FunctionSpec) -> Result<Arc<IsolateHandle>, Error> {
-  let (ready_tx, ready_rx) = oneshot::channel();
-  let (sender, receiver) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
-  let thread_name = format!("isolate:{}", spec.code.name);
-  std::thread::Builder::new()
-    .name(thread_name)
-    .spawn(move || run_isolate_thread(spec, receiver, ready_tx))
-    .map_err(|err| Error::IsolateThread(err.to_string()))?;
-  ready_rx
-    .await
-    .map_err(|_| Error::IsolateCreate("the isolate thread exited during startup".into()))??;
-  let epoch = Instant::now();
-  Ok(Arc::new(IsolateHandle {
-    sender,
-    in_flight: Arc::default(),
-    last_active_ms: AtomicU64::new(0),
-    epoch,
-  }))
+/// Starts isolate threads, and keeps `spares` blank isolates ready on threads of their own
+/// so that a pool that grows, or a function seen for the first time, does not wait for an
+/// isolate to be created from the snapshot: taking a spare costs only loading the function.
+pub struct IsolateFactory {
+  spares: usize,
+  state: Mutex<SpareState>,
+  /// Signalled whenever a spare thread has finished creating its isolate.
+  announced: tokio::sync::Notify,
 }
 
-fn run_isolate_thread(
+#[derive(Default)]
+struct SpareState {
+  ready: Vec<Spare>,
+  /// Spare threads still creating their isolate.
+  starting: usize,
+}
+
+/// A blank isolate waiting on its thread for a function.
+struct Spare {
+  sender: mpsc::Sender<DispatchRequest>,
+  assign: oneshot::Sender<Assignment>,
+}
+
+/// A function for an isolate thread to take on, and where to say when it serves.
+struct Assignment {
   spec: FunctionSpec,
-  receiver: mpsc::Receiver<DispatchRequest>,
   ready: oneshot::Sender<Result<(), Error>>,
-) {
-  let tokio = match tokio::runtime::Builder::new_current_thread()
+}
+
+/// How an isolate thread gets its function.
+enum Start {
+  Now(Assignment),
+  /// Become a spare: `announce` is called once the blank isolate exists (with `true`), or
+  /// failed (`false`); then wait for an assignment.
+  Spare {
+    announce: Box<dyn FnOnce(bool) + Send>,
+    assigned: oneshot::Receiver<Assignment>,
+  },
+}
+
+impl IsolateFactory {
+  /// A factory keeping `spares` blank isolates ready (0: none; every isolate is created on
+  /// demand).
+  pub fn new(spares: usize) -> Arc<IsolateFactory> {
+    let factory = Arc::new(IsolateFactory {
+      spares,
+      state: Mutex::default(),
+      announced: tokio::sync::Notify::new(),
+    });
+    factory.refill();
+    factory
+  }
+
+  /// Waits until every spare thread started so far has created its isolate (or failed to).
+  pub async fn spares_settled(&self) {
+    loop {
+      let announced = self.announced.notified();
+      if self.state.lock().expect("spare lock").starting == 0 {
+        return;
+      }
+      announced.await;
+    }
+  }
+
+  /// Starts spare threads until `spares` are ready or starting.
+  fn refill(self: &Arc<Self>) {
+    let mut state = self.state.lock().expect("spare lock");
+    while state.ready.len() + state.starting < self.spares {
+      let (sender, receiver) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
+      let (assign, assigned) = oneshot::channel();
+      let factory = Arc::downgrade(self);
+      let announce = Box::new(move |created: bool| {
+        let Some(factory) = factory.upgrade() else {
+          return;
+        };
+        let mut state = factory.state.lock().expect("spare lock");
+        state.starting -= 1;
+        if created {
+          state.ready.push(Spare { sender, assign });
+        }
+        drop(state);
+        factory.announced.notify_waiters();
+      });
+      let start = Start::Spare { announce, assigned };
+      if let Err(err) = spawn_isolate_thread("isolate:spare", receiver, start) {
+        tracing::warn!(error = %err, "cannot start a spare isolate");
+        break;
+      }
+      state.starting += 1;
+    }
+  }
+
+  /// Starts an isolate running `spec` — on a spare when one is ready — and waits until it
+  /// serves or fails to load. Dropping every clone of the returned handle closes the
+  /// isolate's channel and lets its thread end.
+  pub async fn start(self: &Arc<Self>, spec: FunctionSpec) -> Result<Arc<IsolateHandle>, Error> {
+    let started = Instant::now();
+    let function = spec.code.name.clone();
+    let (ready, is_ready) = oneshot::channel();
+    let mut assignment = Some(Assignment { spec, ready });
+    let mut taken = None;
+    while let Some(unsent) = assignment.take() {
+      let spare = self.state.lock().expect("spare lock").ready.pop();
+      let Some(spare) = spare else {
+        assignment = Some(unsent);
+        break;
+      };
+      match spare.assign.send(unsent) {
+        Ok(()) => taken = Some(spare.sender),
+        // That spare's thread is gone; try the next one.
+        Err(returned) => assignment = Some(returned),
+      }
+    }
+    let (sender, source) = match (taken, assignment) {
+      (Some(sender), _) => (sender, "spare"),
+      (None, Some(assignment)) => {
+        let (sender, receiver) = mpsc::channel(REQUEST_CHANNEL_CAPACITY);
+        spawn_isolate_thread(
+          &format!("isolate:{function}"),
+          receiver,
+          Start::Now(assignment),
+        )?;
+        (sender, "snapshot")
+      }
+      (None, None) => unreachable!("an assignment is either sent or kept"),
+    };
+    self.refill();
+    is_ready
+      .await
+      .map_err(|_| Error::IsolateCreate("the isolate thread exited during startup".into()))??;
+    tracing::info!(
+      function,
+      from = source,
+      ready_ms = started.elapsed().as_secs_f64() * 1e3,
+      "isolate ready"
+    );
+    Ok(Arc::new(IsolateHandle {
+      sender,
+      in_flight: Arc::default(),
+      last_active_ms: AtomicU64::new(0),
+      epoch: Instant::now(),
+    }))
+  }
+}
+
+fn spawn_isolate_thread(
+  name: &str,
+  receiver: mpsc::Receiver<DispatchRequest>,
+  start: Start,
+) -> Result<(), Error> {
+  std::thread::Builder::new()
+    .name(name.into())
+    .spawn(move || run_isolate_thread(receiver, start))
+    .map(drop)
+    .map_err(|err| Error::IsolateThread(err.to_string()))
+}
+
+fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start) {
+  let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
-    .build()
-  {
-    Ok(rt) => rt,
-    Err(err) => {
-      let _ = ready.send(Err(Error::IsolateCreate(err.to_string())));
+    .build();
+  let (tokio, start) = match (tokio, start) {
+    (Ok(tokio), start) => (tokio, start),
+    (Err(err), Start::Now(assignment)) => {
+      let _ = assignment
+        .ready
+        .send(Err(Error::IsolateCreate(err.to_string())));
+      return;
+    }
+    (Err(err), Start::Spare { announce, .. }) => {
+      tracing::warn!(error = %err, "cannot start a spare isolate");
+      announce(false);
       return;
     }
   };
   tokio.block_on(async move {
-    let mut isolate = match BlankIsolate::new(Some(receiver)) {
-      Ok(isolate) => isolate,
-      Err(err) => {
-        let _ = ready.send(Err(err));
+    let blank = BlankIsolate::new(Some(receiver));
+    let (mut isolate, Assignment { spec, ready }) = match (blank, start) {
+      (Ok(isolate), Start::Now(assignment)) => (isolate, assignment),
+      (Err(err), Start::Now(assignment)) => {
+        let _ = assignment.ready.send(Err(err));
+        return;
+      }
+      (Ok(isolate), Start::Spare { announce, assigned }) => {
+        announce(true);
+        // The factory dropped this spare (shutdown): nothing to run.
+        let Ok(assignment) = assigned.await else {
+          return;
+        };
+        (isolate, assignment)
+      }
+      (Err(err), Start::Spare { announce, .. }) => {
+        tracing::warn!(error = %err, "cannot create a spare isolate");
+        announce(false);
         return;
       }
     };

@@ -1,5 +1,6 @@
 //! The `outpost` command line: `serve` and `check`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     )
     .with_writer(std::io::stderr)
+    .with_ansi(std::io::stderr().is_terminal())
     .init();
   let cli = Cli::parse();
   // Outbound fetch reads proxy settings from the process environment; tenants must not

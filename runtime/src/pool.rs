@@ -13,9 +13,10 @@ use outpost_ext_dispatch::DispatchRequest;
 
 use crate::config::PoolConfig;
 use crate::error::Error;
-use crate::isolate::{FunctionSpec, InFlightGuard, IsolateHandle, spawn_isolate};
+use crate::isolate::{FunctionSpec, InFlightGuard, IsolateFactory, IsolateHandle};
 
 pub struct IsolatePool {
+  factory: Arc<IsolateFactory>,
   spec: FunctionSpec,
   config: PoolConfig,
   isolates: Mutex<Vec<Arc<IsolateHandle>>>,
@@ -28,8 +29,13 @@ pub struct IsolatePool {
 impl IsolatePool {
   /// Creates the pool and starts its pre-warmed isolates. A load error is recorded (and
   /// logged) rather than returned: the function answers 503 and the others keep serving.
-  pub async fn start(spec: FunctionSpec, config: PoolConfig) -> Arc<IsolatePool> {
+  pub async fn start(
+    factory: Arc<IsolateFactory>,
+    spec: FunctionSpec,
+    config: PoolConfig,
+  ) -> Arc<IsolatePool> {
     let pool = Arc::new(IsolatePool {
+      factory,
       spec,
       config,
       isolates: Mutex::default(),
@@ -64,7 +70,7 @@ impl IsolatePool {
   }
 
   async fn add_isolate(&self) -> Result<Arc<IsolateHandle>, Error> {
-    match spawn_isolate(self.spec.clone()).await {
+    match self.factory.start(self.spec.clone()).await {
       Ok(isolate) => {
         self
           .isolates

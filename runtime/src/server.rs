@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
-use crate::isolate::{FunctionSpec, InFlightGuard};
+use crate::isolate::{FunctionSpec, InFlightGuard, IsolateFactory};
 use crate::pool::IsolatePool;
 use crate::router::Router;
 use crate::tls;
@@ -74,6 +74,7 @@ impl Node {
   /// Loads every function (pre-warming its isolates) and binds every listener.
   pub async fn start(config: &Config) -> Result<Node, Error> {
     let transpiler = Arc::new(TranspileCache::default());
+    let factory = IsolateFactory::new(config.server.spare_isolates);
     let mut starts = Vec::new();
     for function in &config.functions {
       let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
@@ -87,9 +88,15 @@ impl Node {
         code: Arc::new(code),
         env: Arc::new(config.handler_env(function)),
       };
-      starts.push(IsolatePool::start(spec, function.pool.clone()));
+      starts.push(IsolatePool::start(
+        factory.clone(),
+        spec,
+        function.pool.clone(),
+      ));
     }
     let pools = futures::future::join_all(starts).await;
+    // Listen only once the spares exist, so the first new isolate never waits for one.
+    factory.spares_settled().await;
     let router = Router::new(
       config
         .functions
