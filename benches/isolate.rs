@@ -1,6 +1,7 @@
 //! Isolate start-up: creating a blank isolate from the snapshot until it can take a
-//! function, and the first request of a never-seen function on a pre-warmed blank isolate
-//! (load + evaluate its module, then answer one request).
+//! function; the first request of a never-seen function on a pre-warmed blank isolate
+//! (load + evaluate its module, then answer one request); and a pool's view of a new
+//! isolate, taken from the spares until it is ready to serve.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ mod timing;
 use criterion::{Criterion, criterion_group, criterion_main};
 use deno_core::PollEventLoopOptions;
 use outpost::function_code::{FunctionCode, TranspileCache};
-use outpost::isolate::{BlankIsolate, FunctionSpec};
+use outpost::isolate::{BlankIsolate, FunctionSpec, IsolateFactory};
 use outpost_ext_dispatch::DispatchRequest;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -93,6 +94,16 @@ fn benches(c: &mut Criterion) {
       timing::timed(|| tokio.block_on(first_request(isolate, sender, spec))).1
     });
   }
+
+  let factory = IsolateFactory::new(1);
+  let mut index = 0;
+  timing::bench(c, "new_isolate_from_spare", 300, || {
+    index += 1;
+    let spec = new_spec(dir.path(), "spare.js", JS_HANDLER, index);
+    // The refill happens between runs, outside the timing.
+    tokio.block_on(factory.spares_settled());
+    timing::timed(|| tokio.block_on(factory.start(spec)).unwrap()).1
+  });
 }
 
 criterion_group! {
