@@ -95,7 +95,7 @@ fn benches(c: &mut Criterion) {
     });
   }
 
-  let factory = IsolateFactory::new(1);
+  let factory = IsolateFactory::new(1, Duration::from_secs(10));
   let mut index = 0;
   timing::bench(c, "new_isolate_from_spare", 300, || {
     index += 1;

@@ -324,3 +324,41 @@ export default {
   assert_eq!(body, "5");
   assert!(!logs.contains("isolate event loop failed"), "{logs}");
 }
+
+#[tokio::test]
+async fn a_module_that_never_finishes_loading_is_stopped_and_reported() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[server]\nload_timeout_ms = 1000",
+      &[
+        ("spins", "spins.js", "routes = [\"/spins\"]"),
+        ("waits", "waits.js", "routes = [\"/waits\"]"),
+        ("fine", "fine.js", "routes = [\"/\"]"),
+      ],
+    ),
+    &[
+      (
+        "spins.js",
+        "while (true) {}\nexport default { fetch: () => new Response('never') };",
+      ),
+      (
+        "waits.js",
+        "await new Promise(() => {});\nexport default { fetch: () => new Response('never') };",
+      ),
+      (
+        "fine.js",
+        "export default { fetch: () => new Response('fine') };",
+      ),
+    ],
+  );
+  let client = http1();
+  let spins = client.get(outpost.url("/spins")).send().await.unwrap();
+  assert_eq!(spins.status(), 503);
+  let body = spins.text().await.unwrap();
+  assert!(body.contains("did not finish loading within 1s"), "{body}");
+  let waits = client.get(outpost.url("/waits")).send().await.unwrap();
+  assert_eq!(waits.status(), 503);
+  let body = waits.text().await.unwrap();
+  assert!(body.contains("waits.js"), "{body}");
+  assert_eq!(outpost.get_text("/").await, "fine");
+}

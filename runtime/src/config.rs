@@ -80,6 +80,9 @@ pub struct ServerConfig {
   pub compression: bool,
   /// Blank isolates kept ready for pools that grow and functions seen for the first time.
   pub spare_isolates: usize,
+  /// How long loading a function's module may take before the isolate is terminated and
+  /// the function reported as failed to load.
+  pub load_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
       shutdown_grace_s: 30,
       compression: true,
       spare_isolates: 1,
+      load_timeout_ms: 10_000,
     }
   }
 }

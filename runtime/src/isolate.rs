@@ -101,6 +101,8 @@ impl Drop for InFlightGuard {
 /// isolate to be created from the snapshot: taking a spare costs only loading the function.
 pub struct IsolateFactory {
   spares: usize,
+  /// How long loading a function's module may take before it is terminated.
+  load_timeout: Duration,
   state: Mutex<SpareState>,
   /// Signalled whenever a spare thread has finished creating its isolate.
   announced: tokio::sync::Notify,
@@ -122,6 +124,9 @@ struct Spare {
 /// A function for an isolate thread to take on, and where to say when it serves.
 struct Assignment {
   spec: FunctionSpec,
+  /// Gets the isolate's thread-safe handle as loading begins, so a load that overruns the
+  /// timeout can be terminated.
+  loading: oneshot::Sender<v8::IsolateHandle>,
   ready: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -138,10 +143,11 @@ enum Start {
 
 impl IsolateFactory {
   /// A factory keeping `spares` blank isolates ready (0: none; every isolate is created on
-  /// demand).
-  pub fn new(spares: usize) -> Arc<IsolateFactory> {
+  /// demand), whose isolates may take `load_timeout` to load their function.
+  pub fn new(spares: usize, load_timeout: Duration) -> Arc<IsolateFactory> {
     let factory = Arc::new(IsolateFactory {
       spares,
+      load_timeout,
       state: Mutex::default(),
       announced: tokio::sync::Notify::new(),
     });
@@ -195,7 +201,12 @@ impl IsolateFactory {
     let started = Instant::now();
     let function = spec.code.name.clone();
     let (ready, is_ready) = oneshot::channel();
-    let mut assignment = Some(Assignment { spec, ready });
+    let (loading, is_loading) = oneshot::channel();
+    let mut assignment = Some(Assignment {
+      spec,
+      loading,
+      ready,
+    });
     let mut taken = None;
     while let Some(unsent) = assignment.take() {
       let spare = self.state.lock().expect("spare lock").ready.pop();
@@ -223,9 +234,24 @@ impl IsolateFactory {
       (None, None) => unreachable!("an assignment is either sent or kept"),
     };
     self.refill();
-    is_ready
-      .await
-      .map_err(|_| Error::IsolateCreate("the isolate thread exited during startup".into()))??;
+    let exited = || Error::IsolateCreate("the isolate thread exited during startup".into());
+    let Ok(isolate) = is_loading.await else {
+      // The thread failed before loading began; its error, if any, is on `ready`.
+      return Err(match is_ready.await {
+        Ok(Err(err)) => err,
+        _ => exited(),
+      });
+    };
+    match tokio::time::timeout(self.load_timeout, is_ready).await {
+      Ok(ready) => ready.map_err(|_| exited())??,
+      Err(_) => {
+        isolate.terminate_execution();
+        return Err(Error::FunctionLoad(format!(
+          "the module did not finish loading within {:?} (a top-level loop or await that does not end?)",
+          self.load_timeout
+        )));
+      }
+    }
     tracing::info!(
       function,
       from = source,
@@ -273,7 +299,14 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start) {
   };
   tokio.block_on(async move {
     let blank = BlankIsolate::new(Some(receiver));
-    let (mut isolate, Assignment { spec, ready }) = match (blank, start) {
+    let (
+      mut isolate,
+      Assignment {
+        spec,
+        loading,
+        ready,
+      },
+    ) = match (blank, start) {
       (Ok(isolate), Start::Now(assignment)) => (isolate, assignment),
       (Err(err), Start::Now(assignment)) => {
         let _ = assignment.ready.send(Err(err));
@@ -293,6 +326,7 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start) {
         return;
       }
     };
+    let _ = loading.send(isolate.runtime.v8_isolate().thread_safe_handle());
     let serving = match isolate.start_function(&spec).await {
       Ok(serving) => serving,
       Err(err) => {
@@ -366,9 +400,10 @@ impl BlankIsolate {
       .load_main_es_module(spec.code.entry())
       .await
       .map_err(|err| Error::FunctionLoad(err.to_string()))?;
+    // Fails, rather than waits forever, when a top-level await can no longer settle.
     let evaluation = runtime.mod_evaluate(module);
     runtime
-      .with_event_loop_future(Box::pin(evaluation), PollEventLoopOptions::default())
+      .with_event_loop_promise(Box::pin(evaluation), PollEventLoopOptions::default())
       .await
       .map_err(|err| Error::FunctionLoad(err.to_string()))?;
     let namespace = runtime
@@ -415,8 +450,9 @@ pub type ServeFuture = std::pin::Pin<
   Box<dyn Future<Output = Result<v8::Global<v8::Value>, Box<deno_core::error::JsError>>>>,
 >;
 
-/// Drives the isolate until its serve loop has finished. Every entry into JS on this thread
-/// happens inside `poll_event_loop`; this is the seam where CPU metering wraps each poll.
+/// Drives the isolate until its serve loop has finished. Once the function is loaded, every
+/// entry into JS on this thread happens inside `poll_event_loop`; this is the seam where
+/// CPU metering wraps each poll.
 async fn drive_event_loop(runtime: &mut JsRuntime, mut serving: ServeFuture) -> Result<(), String> {
   let options = PollEventLoopOptions::default();
   poll_fn(|cx| {

@@ -74,7 +74,10 @@ impl Node {
   /// Loads every function (pre-warming its isolates) and binds every listener.
   pub async fn start(config: &Config) -> Result<Node, Error> {
     let transpiler = Arc::new(TranspileCache::default());
-    let factory = IsolateFactory::new(config.server.spare_isolates);
+    let factory = IsolateFactory::new(
+      config.server.spare_isolates,
+      Duration::from_millis(config.server.load_timeout_ms),
+    );
     let mut starts = Vec::new();
     for function in &config.functions {
       let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
