@@ -42,12 +42,9 @@ impl IsolatePool {
       load_error: Mutex::default(),
       growth: tokio::sync::Mutex::new(()),
     });
+    // Failures are logged by add_isolate; a load error is kept for the requests to come.
     let starts = (0..pool.config.prewarm).map(|_| pool.add_isolate());
-    for result in futures::future::join_all(starts).await {
-      if let Err(err) = result {
-        tracing::debug!(function = %pool.name(), error = %err, "pre-warming an isolate failed");
-      }
-    }
+    futures::future::join_all(starts).await;
     pool
   }
 
@@ -60,13 +57,8 @@ impl IsolatePool {
   }
 
   /// The load error, if the function's module does not load.
-  pub fn load_error(&self) -> Option<String> {
+  fn load_error(&self) -> Option<String> {
     self.load_error.lock().expect("pool lock").clone()
-  }
-
-  /// Number of live isolates.
-  pub fn size(&self) -> usize {
-    self.isolates.lock().expect("pool lock").len()
   }
 
   async fn add_isolate(&self) -> Result<Arc<IsolateHandle>, Error> {
@@ -90,10 +82,13 @@ impl IsolatePool {
           message,
         })
       }
-      Err(err) => Err(Error::FunctionUnavailable {
-        function: self.name().into(),
-        message: err.to_string(),
-      }),
+      Err(err) => {
+        tracing::warn!(function = %self.name(), error = %err, "starting an isolate failed");
+        Err(Error::FunctionUnavailable {
+          function: self.name().into(),
+          message: err.to_string(),
+        })
+      }
     }
   }
 
