@@ -8,6 +8,8 @@ use crate::support::{Outpost, TestCa, http1};
 
 const ECHO_PROTOCOL: &str = r#"export default {
   fetch(request) {
+    const host = request.headers.get("host");
+    if (host !== new URL(request.url).host) return new Response("host header " + host + " != " + request.url);
     return new Response("via " + new URL(request.url).protocol + " " + (request.headers.get("x-test") ?? ""), {
       headers: { "content-type": "text/plain" },
     });

@@ -14,16 +14,13 @@ const HOP_BY_HOP: [&str; 4] = [
   "http2-settings",
 ];
 
-/// Removes hop-by-hop headers, including any named in `Connection`. `Host` goes too: the
-/// handler reads the authority from `request.url`, and HTTP/2 has no `Host` header.
+/// Removes hop-by-hop headers from a request, including any named in `Connection`.
 /// `TE: trailers` is the one TE value that survives, as HTTP/2 allows.
 pub fn strip_request(headers: &mut HeaderMap) {
   strip(headers);
-  headers.remove(http::header::HOST);
 }
 
-/// Removes hop-by-hop headers from a handler's response. `Proxy-Authenticate` is hop-by-hop
-/// too; `Host` is not a response header but is harmless to drop.
+/// Removes hop-by-hop headers from a handler's response; `Proxy-Authenticate` is one too.
 pub fn strip_response(headers: &mut HeaderMap) {
   strip(headers);
   headers.remove(PROXY_AUTHENTICATE);
@@ -80,7 +77,7 @@ mod tests {
     strip_request(&mut headers);
     let mut names: Vec<_> = headers.keys().map(|k| k.as_str().to_string()).collect();
     names.sort();
-    assert_eq!(names, ["te", "x-kept"]);
+    assert_eq!(names, ["host", "te", "x-kept"]);
     assert_eq!(headers["te"], "trailers");
   }
 }

@@ -332,6 +332,12 @@ async fn dispatch(
   let request_headers = parts.headers;
   let mut headers = request_headers.clone();
   hop_by_hop::strip_request(&mut headers);
+  // HTTP/2 carries the host as :authority; handlers read it as `host` either way.
+  if !headers.contains_key(http::header::HOST)
+    && let Ok(host) = HeaderValue::from_str(&authority)
+  {
+    headers.insert(http::header::HOST, host);
+  }
   let body = if http_body::Body::is_end_stream(&body) {
     None
   } else {
