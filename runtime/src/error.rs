@@ -5,9 +5,6 @@ use std::net::SocketAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-  #[error(transparent)]
-  Config(#[from] crate::config::ConfigErrors),
-
   #[error("cannot listen on {address}: {source}")]
   Bind {
     address: SocketAddr,
