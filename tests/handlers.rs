@@ -201,17 +201,20 @@ async fn syntax_error_in_one_function_leaves_the_others_serving() {
       ),
     ],
   );
-  let client = http1();
-  let broken = client.get(outpost.url("/broken")).send().await.unwrap();
-  assert_eq!(broken.status(), 503);
-  assert_eq!(broken.headers()["outpost-error"], "function-unavailable");
-  let body = broken.text().await.unwrap();
+  let body = unavailable(&outpost, "/broken").await;
   assert!(
     body.contains("broken.ts:3:"),
     "the error names file:line:col: {body}"
   );
-  let fine = client.get(outpost.url("/")).send().await.unwrap();
-  assert_eq!(fine.text().await.unwrap(), "fine");
+  assert_eq!(outpost.get_text("/").await, "fine");
+}
+
+/// GETs `path`, expects Outpost's 503 for a function that cannot serve, and returns the body.
+async fn unavailable(outpost: &Outpost, path: &str) -> String {
+  let response = http1().get(outpost.url(path)).send().await.unwrap();
+  assert_eq!(response.status(), 503);
+  assert_eq!(response.headers()["outpost-error"], "function-unavailable");
+  response.text().await.unwrap()
 }
 
 #[tokio::test]
@@ -351,14 +354,12 @@ async fn a_module_that_never_finishes_loading_is_stopped_and_reported() {
       ),
     ],
   );
-  let client = http1();
-  let spins = client.get(outpost.url("/spins")).send().await.unwrap();
-  assert_eq!(spins.status(), 503);
-  let body = spins.text().await.unwrap();
+  let body = unavailable(&outpost, "/spins").await;
   assert!(body.contains("did not finish loading within 1s"), "{body}");
-  let waits = client.get(outpost.url("/waits")).send().await.unwrap();
-  assert_eq!(waits.status(), 503);
-  let body = waits.text().await.unwrap();
-  assert!(body.contains("waits.js"), "{body}");
+  let body = unavailable(&outpost, "/waits").await;
+  assert!(
+    body.contains("Top-level await promise never resolved") && body.contains("waits.js:1:1"),
+    "{body}"
+  );
   assert_eq!(outpost.get_text("/").await, "fine");
 }

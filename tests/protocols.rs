@@ -221,3 +221,35 @@ async fn hop_by_hop_headers_are_not_passed_through() {
   assert!(!seen.contains("x-private"), "{seen}");
   assert!(!seen.contains("connection"), "{seen}");
 }
+
+#[tokio::test]
+async fn a_wrong_content_length_from_the_handler_cannot_break_the_response() {
+  let outpost = Outpost::start_handler(
+    "length.js",
+    r#"export default {
+      fetch(request) {
+        const body = new URL(request.url).pathname === "/stream"
+          ? new Blob(["streamed body"]).stream()
+          : "inline body";
+        return new Response(body, { headers: { "content-length": "1000" } });
+      },
+    };"#,
+  );
+  for (path, expected) in [("/", "inline body"), ("/stream", "streamed body")] {
+    let response = http1().get(outpost.url(path)).send().await.unwrap();
+    if let Some(length) = response.headers().get("content-length") {
+      assert_eq!(
+        length.to_str().unwrap(),
+        expected.len().to_string(),
+        "{path}"
+      );
+    }
+    assert_eq!(response.text().await.unwrap(), expected, "{path}");
+  }
+  let head = http1().head(outpost.url("/")).send().await.unwrap();
+  assert_eq!(
+    head.headers()["content-length"],
+    "11",
+    "HEAD reports the length GET would send"
+  );
+}

@@ -98,7 +98,7 @@ function respond(id, response) {
   let rid = null;
   if (stream !== null) {
     const backing = getReadableStreamResourceBacking(stream);
-    rid = backing !== undefined && backing.autoClose
+    rid = backing != null && backing.autoClose
       ? backing.rid
       : resourceForReadableStream(stream);
   }

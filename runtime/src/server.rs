@@ -372,6 +372,10 @@ async fn dispatch(
   match replied.await {
     Ok(Ok(mut response)) => {
       hop_by_hop::strip_response(response.headers_mut());
+      // Framing is ours: hyper derives Content-Length from the body (exact for inline
+      // bodies, also for HEAD) or streams it chunked. A handler's own value could contradict
+      // the body and break the connection.
+      response.headers_mut().remove(http::header::CONTENT_LENGTH);
       if state.compression {
         compression::compress_response(&mut response, &request_headers, is_head);
       }
