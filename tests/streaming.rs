@@ -105,3 +105,73 @@ async fn two_hundred_concurrent_requests() {
     "at most {max} request(s) were in flight on an isolate at once"
   );
 }
+
+#[tokio::test]
+async fn a_handler_stream_reaches_the_client_chunk_by_chunk() {
+  let outpost = Outpost::start_handler(
+    "held.js",
+    r#"
+let release;
+const released = new Promise((resolve) => { release = resolve; });
+export default {
+  fetch(request) {
+    if (new URL(request.url).pathname === "/release") {
+      release();
+      return new Response("released");
+    }
+    const encoder = new TextEncoder();
+    const body = new ReadableStream({
+      async start(controller) {
+        controller.enqueue(encoder.encode("first;"));
+        await released;
+        controller.enqueue(encoder.encode("second"));
+        controller.close();
+      },
+    });
+    return new Response(body.pipeThrough(new TransformStream()));
+  },
+};
+"#,
+  );
+  let response = http1().get(outpost.url("/held")).send().await.unwrap();
+  let mut stream = response.bytes_stream();
+  // The first chunk arrives while the handler still holds the stream open; a server that
+  // buffered the body would never send it.
+  let first = tokio::time::timeout(std::time::Duration::from_secs(20), stream.next())
+    .await
+    .expect("the first chunk arrives before the stream ends")
+    .unwrap()
+    .unwrap();
+  assert_eq!(&first[..], b"first;");
+  assert_eq!(outpost.get_text("/release").await, "released");
+  let mut rest = Vec::new();
+  while let Some(chunk) = stream.next().await {
+    rest.extend_from_slice(&chunk.unwrap());
+  }
+  assert_eq!(rest, b"second");
+}
+
+#[tokio::test]
+async fn a_fetch_response_is_proxied_through() {
+  let outpost = Outpost::start_handler(
+    "proxy.js",
+    r#"
+export default {
+  async fetch(request) {
+    const url = new URL(request.url);
+    if (url.pathname === "/origin") {
+      return new Response("x".repeat(100000), { headers: { "x-origin": "yes" } });
+    }
+    const upstream = await fetch(new URL("/origin", url), { headers: { "accept-encoding": "identity" } });
+    return upstream;
+  },
+};
+"#,
+  );
+  let response = http1().get(outpost.url("/proxy")).send().await.unwrap();
+  assert_eq!(response.status(), 200);
+  assert_eq!(response.headers()["x-origin"], "yes");
+  let body = response.text().await.unwrap();
+  assert_eq!(body.len(), 100000);
+  assert!(body.bytes().all(|b| b == b'x'));
+}
