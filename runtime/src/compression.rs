@@ -98,12 +98,9 @@ fn is_compressible(content_type: &str) -> bool {
     )
 }
 
-/// Compresses `response` in place when it is eligible (see the module docs).
-pub fn compress_response(
-  response: &mut Response<Body>,
-  request_headers: &HeaderMap,
-  is_head: bool,
-) {
+/// Compresses `response` in place with `encoding` (what [`negotiate`] chose for the
+/// request) when it is eligible (see the module docs).
+pub fn compress_response(response: &mut Response<Body>, encoding: Option<Encoding>, is_head: bool) {
   let headers = response.headers();
   let eligible = !headers.contains_key(CONTENT_ENCODING)
     && headers
@@ -128,7 +125,7 @@ pub fn compress_response(
   if !already_varies {
     headers.append(VARY, HeaderValue::from_static("Accept-Encoding"));
   }
-  let Some(encoding) = negotiate(request_headers) else {
+  let Some(encoding) = encoding else {
     return;
   };
   if is_head || response.body().is_end_stream() {

@@ -329,8 +329,8 @@ async fn dispatch(
 
   let (parts, body) = request.into_parts();
   let is_head = parts.method == Method::HEAD;
-  let request_headers = parts.headers;
-  let mut headers = request_headers.clone();
+  let encoding = compression::negotiate(&parts.headers);
+  let mut headers = parts.headers;
   hop_by_hop::strip_request(&mut headers);
   // HTTP/2 carries the host as :authority; handlers read it as `host` either way.
   if !headers.contains_key(http::header::HOST)
@@ -377,7 +377,7 @@ async fn dispatch(
       // the body and break the connection.
       response.headers_mut().remove(http::header::CONTENT_LENGTH);
       if state.compression {
-        compression::compress_response(&mut response, &request_headers, is_head);
+        compression::compress_response(&mut response, encoding, is_head);
       }
       response.map(|body| {
         GuardedBody {
@@ -464,7 +464,8 @@ impl http_body::Body for GuardedBody {
   }
 }
 
-/// Request ids: a random per-process prefix plus a counter, unique across restarts.
+/// Request ids: a random per-process prefix plus a counter, so ids from different runs
+/// are unlikely to collide.
 struct RequestIds {
   prefix: u32,
   counter: AtomicU64,
