@@ -100,7 +100,7 @@ pub enum DispatchError {
   #[error("dispatch id {0} is not in flight (already answered or never issued)")]
   UnknownDispatch(u32),
   #[class(type)]
-  #[error("invalid response status {0}: must be 200..=599 or 101..=199")]
+  #[error("invalid response status {0}: must be a status code from 100 to 999")]
   InvalidStatus(u32),
   #[class(type)]
   #[error("invalid response header {name:?}: {reason}")]
