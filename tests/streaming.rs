@@ -175,3 +175,40 @@ export default {
   assert_eq!(body.len(), 100000);
   assert!(body.bytes().all(|b| b == b'x'));
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_handler_stream() {
+  let outpost = Outpost::start_handler(
+    "endless.js",
+    r#"
+let cancelled = 0;
+export default {
+  fetch(request) {
+    if (new URL(request.url).pathname === "/cancelled") return new Response(String(cancelled));
+    const chunk = new Uint8Array(16 * 1024);
+    const body = new ReadableStream({
+      pull(controller) { controller.enqueue(chunk); },
+      cancel() { cancelled += 1; },
+    });
+    return new Response(body);
+  },
+};
+"#,
+  );
+  let response = http1().get(outpost.url("/endless")).send().await.unwrap();
+  let mut stream = response.bytes_stream();
+  let mut received = 0;
+  while received < 1024 * 1024 {
+    received += stream.next().await.unwrap().unwrap().len();
+  }
+  drop(stream);
+  // The endless stream is cancelled once the connection is gone, and the isolate serves on.
+  let deadline = Instant::now() + std::time::Duration::from_secs(10);
+  while outpost.get_text("/cancelled").await != "1" {
+    assert!(
+      Instant::now() < deadline,
+      "the handler's stream was never cancelled"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+  }
+}
