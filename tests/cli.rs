@@ -75,16 +75,17 @@ fn check_loads_functions_and_reports_load_errors() {
   assert!(status.success(), "{output}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
   let mut outpost = Outpost::start_handler(
     "slow.js",
-    "export default { async fetch() { await new Promise((r) => setTimeout(r, 1000)); return new Response('finished'); } };",
+    "export default { async fetch() { console.log('handler started'); await new Promise((r) => setTimeout(r, 1000)); return new Response('finished'); } };",
   );
   let url = outpost.url("/");
   let in_flight =
     tokio::spawn(async move { http1().get(url).send().await.unwrap().text().await.unwrap() });
-  tokio::time::sleep(Duration::from_millis(300)).await;
+  // Signal only once the handler is running, so the request is surely in flight.
+  tokio::task::block_in_place(|| outpost.wait_for_log("handler started"));
   outpost.signal("TERM");
   assert_eq!(in_flight.await.unwrap(), "finished");
   let status = tokio::task::spawn_blocking(move || {

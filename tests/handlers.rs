@@ -273,10 +273,17 @@ async fn wait_until_work_continues_after_the_response() {
     "wait.js",
     r#"
 let finished = 0;
+let finish;
 export default {
   fetch(request, env, ctx) {
-    if (new URL(request.url).pathname === "/count") return new Response(String(finished));
-    ctx.waitUntil(new Promise((resolve) => setTimeout(resolve, 200)).then(() => { finished += 1; }));
+    const path = new URL(request.url).pathname;
+    if (path === "/count") return new Response(String(finished));
+    if (path === "/finish") {
+      finish();
+      return new Response("finishing");
+    }
+    // Work that outlives the response and ends only when /finish is called.
+    ctx.waitUntil(new Promise((resolve) => { finish = resolve; }).then(() => { finished += 1; }));
     return new Response("started");
   },
 };
@@ -284,8 +291,15 @@ export default {
   );
   assert_eq!(outpost.get_text("/start").await, "started");
   assert_eq!(outpost.get_text("/count").await, "0");
-  tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-  assert_eq!(outpost.get_text("/count").await, "1");
+  assert_eq!(outpost.get_text("/finish").await, "finishing");
+  let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+  while outpost.get_text("/count").await != "1" {
+    assert!(
+      std::time::Instant::now() < deadline,
+      "the waitUntil work never finished"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+  }
 }
 
 #[tokio::test]
