@@ -292,14 +292,9 @@ export default {
   assert_eq!(outpost.get_text("/start").await, "started");
   assert_eq!(outpost.get_text("/count").await, "0");
   assert_eq!(outpost.get_text("/finish").await, "finishing");
-  let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-  while outpost.get_text("/count").await != "1" {
-    assert!(
-      std::time::Instant::now() < deadline,
-      "the waitUntil work never finished"
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-  }
+  outpost
+    .wait_for_text("/count", "1", "the waitUntil work never finished")
+    .await;
 }
 
 #[tokio::test]

@@ -148,6 +148,16 @@ impl Outpost {
       .unwrap()
   }
 
+  /// GETs `path` until its body is `expected`; fails with `what` after 10 s. For effects a
+  /// handler applies after its response has been sent.
+  pub async fn wait_for_text(&self, path: &str, expected: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while self.get_text(path).await != expected {
+      assert!(Instant::now() < deadline, "{what}");
+      tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+  }
+
   pub fn pid(&self) -> u32 {
     self.child.id()
   }
