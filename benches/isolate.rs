@@ -28,6 +28,7 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
   FunctionSpec {
     code: Arc::new(code),
     env: Arc::default(),
+    egress: Arc::default(),
   }
 }
 

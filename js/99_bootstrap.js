@@ -28,6 +28,7 @@ const {
   SafeSet,
   SetPrototypeAdd,
   SetPrototypeDelete,
+  StringPrototypeIncludes,
   Symbol,
   TypeError,
 } = primordials;
@@ -136,7 +137,7 @@ const globalScope = {
   clearTimeout: fn(timers.clearTimeout),
   console: cls(console),
   crypto: core.propGetterOnly(() => crypto.crypto),
-  fetch: fn(fetchMod.fetch),
+  fetch: fn(fetch),
   navigator: core.propGetterOnly(() => navigator),
   performance: cls(performanceMod.performance),
   reportError: fn(reportError),
@@ -190,6 +191,37 @@ function reportUncaught(error) {
 function reportError(error) {
   webidl.requiredArguments(arguments.length, 1, "Failed to execute 'reportError'");
   reportUncaught(error);
+}
+
+/**
+ * Whether a fetch() failure is the egress policy refusing the destination: deno_fetch
+ * raises NotCapable for a denied URL, and a TypeError caused by it for a host name that
+ * resolved to a denied address.
+ */
+function isEgressDenial(error) {
+  const denial = (e) =>
+    e !== null && typeof e === "object" &&
+    (e.name === "NotCapable" ||
+      (typeof e.message === "string" &&
+        StringPrototypeIncludes(e.message, "Requires net access")));
+  return denial(error) || (error !== null && typeof error === "object" && denial(error.cause));
+}
+
+/** fetch() whose egress denials are TypeErrors that say what was refused and why. */
+function fetch(input, init = undefined) {
+  return PromisePrototypeThen(fetchMod.fetch(input, init), undefined, (error) => {
+    if (!isEgressDenial(error)) throw error;
+    const target = typeof input === "string"
+      ? input
+      : (input !== null && typeof input === "object" && typeof input.url === "string")
+      ? input.url
+      : String(input);
+    throw new TypeError(
+      `fetch() to ${target} was refused by this node's egress policy: private, loopback and ` +
+        "link-local addresses are blocked, as is any host outside the function's egress allow list",
+      { cause: error },
+    );
+  });
 }
 
 /** The `ctx` argument of module handlers and the base of FetchEvent.waitUntil. */

@@ -3,6 +3,7 @@
 //! once.
 
 mod cli;
+mod egress;
 mod handlers;
 mod pool;
 mod protocols;

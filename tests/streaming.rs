@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 
-use crate::support::{Outpost, http1};
+use crate::support::{Outpost, functions_config, http1};
 
 const ECHO: &str = r#"let inFlight = 0, maxInFlight = 0;
 export default {
@@ -153,9 +153,15 @@ export default {
 
 #[tokio::test]
 async fn a_fetch_response_is_proxied_through() {
-  let outpost = Outpost::start_handler(
-    "proxy.js",
-    r#"
+  // The upstream is this node itself, on loopback: the operator switch allows it.
+  let outpost = Outpost::start(
+    &functions_config(
+      "[egress]\nallow_private = true",
+      &[("proxy", "proxy.js", "routes = [\"/\"]")],
+    ),
+    &[(
+      "proxy.js",
+      r#"
 export default {
   async fetch(request) {
     const url = new URL(request.url);
@@ -167,7 +173,9 @@ export default {
   },
 };
 "#,
+    )],
   );
+
   let response = http1().get(outpost.url("/proxy")).send().await.unwrap();
   assert_eq!(response.status(), 200);
   assert_eq!(response.headers()["x-origin"], "yes");

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use geo_config::NodeIdentity;
 
+use crate::egress::{EgressConfig, NodeEgressConfig};
 use crate::router::RoutePattern;
 
 /// A validated configuration, with paths resolved against the config file's directory.
@@ -18,6 +19,7 @@ use crate::router::RoutePattern;
 pub struct Config {
   /// Who this node is (`[node]`); its PoP and region reach every function's `env`.
   pub node: Option<NodeIdentity>,
+  pub egress: NodeEgressConfig,
   pub listeners: Vec<ListenerConfig>,
   pub functions: Vec<FunctionConfig>,
   pub server: ServerConfig,
@@ -43,6 +45,7 @@ pub struct FunctionConfig {
   pub routes: Vec<RoutePattern>,
   pub env: BTreeMap<String, String>,
   pub pool: PoolConfig,
+  pub egress: EgressConfig,
 }
 
 /// Isolate pool settings of one function (`pool = { ... }`).
@@ -120,6 +123,8 @@ struct RawConfig {
   #[serde(default)]
   node: Option<Spanned<NodeIdentity>>,
   #[serde(default)]
+  egress: NodeEgressConfig,
+  #[serde(default)]
   listen: Vec<RawListener>,
   #[serde(default)]
   functions: Vec<RawFunction>,
@@ -152,6 +157,8 @@ struct RawFunction {
   env: Option<Spanned<BTreeMap<String, String>>>,
   #[serde(default)]
   pool: Option<Spanned<PoolConfig>>,
+  #[serde(default)]
+  egress: Option<Spanned<EgressConfig>>,
 }
 
 impl Config {
@@ -295,6 +302,20 @@ impl Config {
           ));
         }
       }
+      let egress = function
+        .egress
+        .as_ref()
+        .map(|e| e.get_ref().clone())
+        .unwrap_or_default();
+      if let Some(spanned) = &function.egress {
+        for (entry, message) in egress.problems() {
+          errors.push(locate.error(
+            spanned.span(),
+            &format!("functions[{i}].egress.{entry}"),
+            message,
+          ));
+        }
+      }
       let pool = function
         .pool
         .as_ref()
@@ -312,6 +333,7 @@ impl Config {
           routes,
           env,
           pool,
+          egress,
         });
       }
     }
@@ -329,6 +351,7 @@ impl Config {
     if errors.is_empty() {
       Ok(Config {
         node: raw.node.map(Spanned::into_inner),
+        egress: raw.egress,
         listeners,
         functions,
         server: raw.server,
@@ -365,14 +388,21 @@ impl Config {
         routes: vec![RoutePattern::parse("/").expect("\"/\" is a valid route")],
         env: BTreeMap::new(),
         pool: PoolConfig::default(),
+        egress: EgressConfig::default(),
       }],
       server: ServerConfig::default(),
       node: None,
+      egress: NodeEgressConfig::default(),
     })
   }
 }
 
 impl Config {
+  /// The egress policy of a function on this node.
+  pub fn egress_policy(&self, function: &FunctionConfig) -> crate::egress::EgressPolicy {
+    crate::egress::EgressPolicy::new(&function.egress, &self.egress)
+  }
+
   /// The `env` a function's handler receives: its own variables plus the node identity
   /// (`OUTPOST_POP`, `OUTPOST_REGION`).
   pub fn handler_env(&self, function: &FunctionConfig) -> BTreeMap<String, String> {
@@ -481,6 +511,7 @@ name = "Bad Name"
 entry = "missing.ts"
 routes = []
 pool = { prewarm = 5, max_isolates = 2 }
+egress = { allow = ["api.example.com"], deny = ["not a host"] }
 "#;
     let err = parse(text).unwrap_err();
     let keys: Vec<_> = err.errors.iter().map(|e| e.key.as_str()).collect();
@@ -491,6 +522,7 @@ pool = { prewarm = 5, max_isolates = 2 }
         "functions[0].name",
         "functions[0].entry",
         "functions[0].routes",
+        "functions[0].egress.deny[0]",
         "functions[0].pool"
       ]
     );

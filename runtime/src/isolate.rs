@@ -16,12 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
-use deno_permissions::{
-  Permissions, PermissionsContainer, PermissionsOptions, RuntimePermissionDescriptorParser,
-};
 use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::egress::EgressPolicy;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, FunctionModuleLoader};
 use crate::snapshot;
@@ -34,6 +32,7 @@ const REQUEST_CHANNEL_CAPACITY: usize = 256;
 pub struct FunctionSpec {
   pub code: Arc<FunctionCode>,
   pub env: Arc<BTreeMap<String, String>>,
+  pub egress: Arc<EgressPolicy>,
 }
 
 /// The server side's handle on a running isolate.
@@ -370,7 +369,6 @@ impl BlankIsolate {
       ..Default::default()
     })
     .map_err(|err| Error::IsolateCreate(err.to_string()))?;
-    runtime.op_state().borrow_mut().put(outbound_permissions()?);
     // Read both entry points first: bootstrap() deletes globalThis.__outpost.
     let bootstrap = entry_point(&mut runtime, "bootstrap")?;
     let serve = entry_point(&mut runtime, "serve")?;
@@ -392,10 +390,12 @@ impl BlankIsolate {
       .assign(spec.code.clone())
       .map_err(|_| Error::IsolateCreate("this isolate already runs a function".into()))?;
     let runtime = &mut self.runtime;
-    runtime
-      .op_state()
-      .borrow_mut()
-      .put(outpost_js::FunctionName(spec.code.name.clone()));
+    {
+      let state = runtime.op_state();
+      let mut state = state.borrow_mut();
+      state.put(outpost_js::FunctionName(spec.code.name.clone()));
+      state.put(spec.egress.permissions()?);
+    }
     let module = runtime
       .load_main_es_module(spec.code.entry())
       .await
@@ -426,24 +426,6 @@ impl BlankIsolate {
     }
     Ok(serving)
   }
-}
-
-/// Handlers may reach the network through `fetch` and nothing else: no files, environment,
-/// subprocesses, FFI or system information.
-fn outbound_permissions() -> Result<PermissionsContainer, Error> {
-  let parser = Arc::new(RuntimePermissionDescriptorParser::new(
-    sys_traits::impls::RealSys,
-  ));
-  let permissions = Permissions::from_options(
-    parser.as_ref(),
-    &PermissionsOptions {
-      allow_net: Some(Vec::new()),
-      prompt: false,
-      ..Default::default()
-    },
-  )
-  .map_err(|err| Error::IsolateCreate(format!("permissions: {err}")))?;
-  Ok(PermissionsContainer::new(parser, permissions))
 }
 
 pub type ServeFuture = std::pin::Pin<

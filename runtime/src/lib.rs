@@ -7,6 +7,7 @@
 
 pub mod compression;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod function_code;
 pub mod hop_by_hop;

@@ -154,6 +154,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
         check_function(&FunctionSpec {
           code: Arc::new(code),
           env: Arc::new(config.handler_env(function)),
+          egress: Arc::new(config.egress_policy(function)),
         })
         .map_err(|err| err.to_string())
       });

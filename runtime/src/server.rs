@@ -90,6 +90,7 @@ impl Node {
       let spec = FunctionSpec {
         code: Arc::new(code),
         env: Arc::new(config.handler_env(function)),
+        egress: Arc::new(config.egress_policy(function)),
       };
       starts.push(IsolatePool::start(
         factory.clone(),
