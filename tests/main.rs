@@ -2,6 +2,7 @@
 //! from a test CA, real HTTP/1.1 and h2 clients, real V8. One test binary, so V8 is linked
 //! once.
 
+mod ambient_authority;
 mod cli;
 mod egress;
 mod handlers;

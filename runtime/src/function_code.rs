@@ -196,7 +196,15 @@ impl FunctionCode {
     if specifier.scheme() != "file" {
       return Err(outside());
     }
+    // Decide on the path as written before touching the filesystem, so that a handler
+    // cannot probe which files exist outside its directory; then again after resolving
+    // symlinks, so that a link cannot lead outside.
     let path = specifier.to_file_path().map_err(|()| outside())?;
+    if !deno_core::normalize_path(std::borrow::Cow::Borrowed(path.as_path()))
+      .starts_with(&self.root)
+    {
+      return Err(outside());
+    }
     let path = std::fs::canonicalize(&path)
       .map_err(|err| JsErrorBox::generic(format!("cannot import {specifier}: {err}")))?;
     if path.starts_with(&self.root) {
@@ -336,6 +344,14 @@ mod tests {
     let code = FunctionCode::new("f", &dir.path().join("fn/main.js"), Arc::default()).unwrap();
     let url = |p: &str| ModuleSpecifier::from_file_path(dir.path().join(p)).unwrap();
 
+    let missing = code
+      .load(&url("no-such-file.js"), &RequestedModuleType::None)
+      .err()
+      .unwrap();
+    assert!(
+      missing.to_string().contains("may only import files under"),
+      "a missing file outside the directory looks like any other: {missing}"
+    );
     let outside = code
       .load(&url("secret.js"), &RequestedModuleType::None)
       .err()
