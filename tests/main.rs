@@ -6,6 +6,7 @@ mod ambient_authority;
 mod cli;
 mod egress;
 mod handlers;
+mod limits;
 mod pool;
 mod protocols;
 mod streaming;

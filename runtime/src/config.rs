@@ -86,6 +86,18 @@ pub struct ServerConfig {
   /// How long loading a function's module may take before the isolate is terminated and
   /// the function reported as failed to load.
   pub load_timeout_ms: u64,
+  /// Largest request head (request line and headers) accepted; HTTP/1.1 answers 431 above
+  /// it, HTTP/2 refuses the stream. At least 8192.
+  pub max_header_bytes: usize,
+  /// Largest request body accepted; 413 above it.
+  pub max_body_bytes: u64,
+  /// Time a client has to send a complete request head (guards against slowloris).
+  pub header_read_timeout_ms: u64,
+  /// Streams one HTTP/2 connection may have open at once.
+  pub h2_max_concurrent_streams: u32,
+  /// Streams an HTTP/2 client may reset before they are served, before the connection is
+  /// closed (the rapid-reset flood guard).
+  pub h2_max_pending_resets: usize,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +107,11 @@ impl Default for ServerConfig {
       compression: true,
       spare_isolates: 1,
       load_timeout_ms: 10_000,
+      max_header_bytes: 64 * 1024,
+      max_body_bytes: 100 * 1024 * 1024,
+      header_read_timeout_ms: 10_000,
+      h2_max_concurrent_streams: 250,
+      h2_max_pending_resets: 20,
     }
   }
 }
@@ -338,6 +355,16 @@ impl Config {
       }
     }
 
+    if raw.server.max_header_bytes < 8192 {
+      errors.push(locate.error(
+        0..0,
+        "server.max_header_bytes",
+        format!(
+          "{} is below the minimum of 8192 bytes",
+          raw.server.max_header_bytes
+        ),
+      ));
+    }
     if let Some(node) = &raw.node {
       for problem in node.get_ref().problems() {
         errors.push(locate.error(
@@ -532,6 +559,19 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
       err
         .to_string()
         .contains("outpost.toml:7:9: functions[0].entry: file not found")
+    );
+  }
+
+  #[test]
+  fn a_header_limit_below_what_hyper_accepts_is_an_error() {
+    let err = parse("[server]\nmax_header_bytes = 4096\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n")
+      .unwrap_err();
+    assert_eq!(err.errors.len(), 1);
+    assert_eq!(err.errors[0].key, "server.max_header_bytes");
+    assert!(
+      err.errors[0].message.contains("minimum of 8192"),
+      "{}",
+      err.errors[0]
     );
   }
 

@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::compression;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::error::Error;
 use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
@@ -48,13 +48,14 @@ pub const ERROR_HEADER: &str = "outpost-error";
 pub struct Node {
   state: Arc<NodeState>,
   listeners: Vec<BoundListener>,
-  shutdown_grace: Duration,
+  server: ServerConfig,
 }
 
 struct NodeState {
   router: Router,
   pools: Vec<Arc<IsolatePool>>,
   compression: bool,
+  max_body_bytes: u64,
   request_ids: RequestIds,
 }
 
@@ -136,10 +137,11 @@ impl Node {
         router,
         pools,
         compression: config.server.compression,
+        max_body_bytes: config.server.max_body_bytes,
         request_ids: RequestIds::new(),
       }),
       listeners,
-      shutdown_grace: Duration::from_secs(config.server.shutdown_grace_s),
+      server: config.server.clone(),
     })
   }
 
@@ -161,7 +163,7 @@ impl Node {
   pub async fn run(self, shutdown: impl Future<Output = ()>) {
     let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
-    let builder = Arc::new(connection_builder());
+    let builder = Arc::new(connection_builder(&self.server));
     let mut accept_loops = Vec::new();
     for listener in self.listeners {
       accept_loops.push(tokio::spawn(accept_loop(
@@ -181,10 +183,15 @@ impl Node {
     }
     evictor.abort();
     let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
-    match tokio::time::timeout(self.shutdown_grace, graceful.shutdown()).await {
+    match tokio::time::timeout(
+      Duration::from_secs(self.server.shutdown_grace_s),
+      graceful.shutdown(),
+    )
+    .await
+    {
       Ok(()) => tracing::info!("all connections closed"),
       Err(_) => tracing::warn!(
-        grace_s = self.shutdown_grace.as_secs(),
+        grace_s = self.server.shutdown_grace_s,
         "grace period over; closing the remaining connections"
       ),
     }
@@ -194,10 +201,20 @@ impl Node {
   }
 }
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 and HTTP/2 settings, with the protocol limits of `[server]`.
+fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
   let mut builder = auto::Builder::new(TokioExecutor::new());
-  builder.http1().timer(hyper_util::rt::TokioTimer::new());
-  builder.http2().timer(hyper_util::rt::TokioTimer::new());
+  builder
+    .http1()
+    .timer(hyper_util::rt::TokioTimer::new())
+    .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
+    .max_buf_size(server.max_header_bytes);
+  builder
+    .http2()
+    .timer(hyper_util::rt::TokioTimer::new())
+    .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+    .max_concurrent_streams(server.h2_max_concurrent_streams)
+    .max_pending_accept_reset_streams(server.h2_max_pending_resets);
   builder
 }
 
@@ -339,10 +356,23 @@ async fn dispatch(
   {
     headers.insert(http::header::HOST, host);
   }
+  let declared_length = headers
+    .get(http::header::CONTENT_LENGTH)
+    .and_then(|v| v.to_str().ok())
+    .and_then(|v| v.parse::<u64>().ok());
+  if declared_length.is_some_and(|length| length > state.max_body_bytes) {
+    return body_too_large(state.max_body_bytes);
+  }
+  let body_exceeded = Arc::new(AtomicBool::new(false));
   let body = if http_body::Body::is_end_stream(&body) {
     None
   } else {
-    Some(body.map_err(BoxError::from).boxed_unsync())
+    let limited = LimitedBody {
+      inner: body,
+      remaining: state.max_body_bytes,
+      exceeded: body_exceeded.clone(),
+    };
+    Some(limited.boxed_unsync())
   };
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
@@ -370,7 +400,13 @@ async fn dispatch(
   // Cancels body streaming if the client goes away before the response is complete.
   let cancel_on_drop = cancel.drop_guard();
 
-  match replied.await {
+  let replied = replied.await;
+  // A body that outgrew the limit while streaming (no or a false Content-Length) makes the
+  // answer 413, whatever the handler made of the failed read.
+  if body_exceeded.load(Ordering::Relaxed) {
+    return body_too_large(state.max_body_bytes);
+  }
+  match replied {
     Ok(Ok(mut response)) => {
       hop_by_hop::strip_response(response.headers_mut());
       // Framing is ours: hyper derives Content-Length from the body (exact for inline
@@ -421,6 +457,57 @@ async fn dispatch(
         format!("outpost: the isolate stopped before answering (request id {request_id})\n"),
       )
     }
+  }
+}
+
+fn body_too_large(limit: u64) -> Response<Body> {
+  outpost_response(
+    StatusCode::PAYLOAD_TOO_LARGE,
+    "body-too-large",
+    format!("outpost: the request body is larger than this node accepts ({limit} bytes)\n"),
+  )
+}
+
+/// A request body that fails once more than `remaining` bytes have come, and says so.
+struct LimitedBody {
+  inner: Incoming,
+  remaining: u64,
+  exceeded: Arc<AtomicBool>,
+}
+
+impl http_body::Body for LimitedBody {
+  type Data = Bytes;
+  type Error = BoxError;
+
+  fn poll_frame(
+    mut self: Pin<&mut Self>,
+    cx: &mut Context<'_>,
+  ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+      Poll::Ready(Some(Ok(frame))) => frame,
+      Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err.into()))),
+      Poll::Ready(None) => return Poll::Ready(None),
+      Poll::Pending => return Poll::Pending,
+    };
+    if let Some(data) = frame.data_ref() {
+      let length = data.len() as u64;
+      if length > self.remaining {
+        self.exceeded.store(true, Ordering::Relaxed);
+        return Poll::Ready(Some(Err(
+          "the request body is larger than this node accepts".into(),
+        )));
+      }
+      self.remaining -= length;
+    }
+    Poll::Ready(Some(Ok(frame)))
+  }
+
+  fn is_end_stream(&self) -> bool {
+    self.inner.is_end_stream()
+  }
+
+  fn size_hint(&self) -> http_body::SizeHint {
+    self.inner.size_hint()
   }
 }
 
