@@ -110,3 +110,93 @@ fn a_client_that_dribbles_its_headers_is_cut_off() {
     started.elapsed()
   );
 }
+
+const SLOW: &str = r#"export default {
+  async fetch(request) {
+    const path = new URL(request.url).pathname;
+    if (path === "/hold") {
+      console.log("holding");
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      return new Response("held");
+    }
+    if (path === "/never") {
+      await new Promise(() => {});
+    }
+    if (path === "/trickle") {
+      let timer;
+      const body = new ReadableStream({
+        start(controller) {
+          timer = setInterval(() => controller.enqueue(new TextEncoder().encode(".")), 50);
+        },
+        cancel() { clearInterval(timer); },
+      });
+      return new Response(body);
+    }
+    return new Response("quick");
+  },
+};"#;
+
+fn slow_server(preamble: &str, limits: &str) -> Outpost {
+  Outpost::start(
+    &functions_config(
+      preamble,
+      &[(
+        "slow",
+        "slow.js",
+        &format!("routes = [\"/\"]\nlimits = {limits}"),
+      )],
+    ),
+    &[("slow.js", SLOW)],
+  )
+}
+
+#[tokio::test]
+async fn the_wall_clock_limit_answers_504_and_ends_streaming_responses() {
+  let outpost = slow_server("", "{ wall_ms = 500 }");
+  let client = http1();
+  let never = client.get(outpost.url("/never")).send().await.unwrap();
+  assert_eq!(never.status(), 504);
+  assert_eq!(never.headers()["outpost-termination"], "timeout");
+  assert_eq!(outpost.get_text("/").await, "quick");
+
+  // A response that streams forever is cut at the limit.
+  let trickle = client.get(outpost.url("/trickle")).send().await.unwrap();
+  assert_eq!(trickle.status(), 200);
+  let ended = tokio::time::timeout(Duration::from_secs(20), trickle.bytes()).await;
+  assert!(ended.is_ok(), "the endless response was never ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_concurrency_limit_and_queue_requests_get_503_with_retry_after() {
+  let outpost = slow_server(
+    "[server]\nqueue_depth = 1\nqueue_timeout_ms = 5000",
+    "{ max_concurrency = 1 }",
+  );
+  let client = http1();
+  let url = outpost.url("/hold");
+  let first = tokio::spawn(client.get(&url).send());
+  tokio::task::block_in_place(|| outpost.wait_for_log("holding"));
+  // The function's one slot is taken: one more request may wait, the next is turned away.
+  // Which of the two arrives first is up to the scheduler, so only the pair is checked.
+  let (second, third) = tokio::join!(client.get(&url).send(), async {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.get(&url).send().await
+  });
+  let mut statuses = Vec::new();
+  for response in [second.unwrap(), third.unwrap()] {
+    statuses.push(response.status().as_u16());
+    if response.status() == 503 {
+      assert_eq!(response.headers()["retry-after"], "1");
+      assert_eq!(response.headers()["outpost-error"], "overloaded");
+    } else {
+      assert_eq!(
+        response.text().await.unwrap(),
+        "held",
+        "the queued request is served"
+      );
+    }
+  }
+  statuses.sort();
+  assert_eq!(statuses, [200, 503]);
+  assert_eq!(first.await.unwrap().unwrap().status(), 200);
+}

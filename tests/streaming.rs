@@ -88,7 +88,18 @@ async fn fifty_megabytes_stream_through_without_being_buffered() {
 
 #[tokio::test]
 async fn two_hundred_concurrent_requests() {
-  let outpost = Outpost::start_handler("echo.js", ECHO);
+  // All 200 in flight at once: the function's concurrency limit is raised above them.
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "echo",
+        "echo.js",
+        "routes = [\"/\"]\nlimits = { max_concurrency = 256 }",
+      )],
+    ),
+    &[("echo.js", ECHO)],
+  );
   let client = http1();
   let requests = (0..200).map(|i| {
     let request = client.get(outpost.url(&format!("/slow?{i}"))).send();

@@ -12,6 +12,7 @@ use toml::Spanned;
 use geo_config::NodeIdentity;
 
 use crate::egress::{EgressConfig, NodeEgressConfig};
+use crate::limits::{Limits, LimitsConfig};
 use crate::router::RoutePattern;
 
 /// A validated configuration, with paths resolved against the config file's directory.
@@ -46,6 +47,7 @@ pub struct FunctionConfig {
   pub env: BTreeMap<String, String>,
   pub pool: PoolConfig,
   pub egress: EgressConfig,
+  pub limits: Limits,
 }
 
 /// Isolate pool settings of one function (`pool = { ... }`).
@@ -98,6 +100,12 @@ pub struct ServerConfig {
   /// Streams an HTTP/2 client may reset before they are served, before the connection is
   /// closed (the rapid-reset flood guard).
   pub h2_max_pending_resets: usize,
+  /// Requests in flight on the whole node at once.
+  pub max_in_flight: usize,
+  /// Requests that may wait for a free slot when the node or their function is at its limit.
+  pub queue_depth: usize,
+  /// How long a request may wait in that queue before it gets 503.
+  pub queue_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +120,9 @@ impl Default for ServerConfig {
       header_read_timeout_ms: 10_000,
       h2_max_concurrent_streams: 250,
       h2_max_pending_resets: 20,
+      max_in_flight: 10_000,
+      queue_depth: 1024,
+      queue_timeout_ms: 1000,
     }
   }
 }
@@ -141,6 +152,8 @@ struct RawConfig {
   node: Option<Spanned<NodeIdentity>>,
   #[serde(default)]
   egress: NodeEgressConfig,
+  #[serde(default)]
+  limits: Option<Spanned<LimitsConfig>>,
   #[serde(default)]
   listen: Vec<RawListener>,
   #[serde(default)]
@@ -176,6 +189,8 @@ struct RawFunction {
   pool: Option<Spanned<PoolConfig>>,
   #[serde(default)]
   egress: Option<Spanned<EgressConfig>>,
+  #[serde(default)]
+  limits: Option<Spanned<LimitsConfig>>,
 }
 
 impl Config {
@@ -252,6 +267,19 @@ impl Config {
       }
     }
 
+    let node_limits = raw
+      .limits
+      .as_ref()
+      .map(|l| l.get_ref().clone())
+      .unwrap_or_default();
+    if let Some(spanned) = &raw.limits {
+      for (key, message) in spanned.get_ref().problems() {
+        errors.push(locate.error(spanned.span(), &format!("limits.{key}"), message));
+      }
+    }
+    if raw.server.max_in_flight == 0 {
+      errors.push(locate.error(0..0, "server.max_in_flight", "must be at least 1".into()));
+    }
     let mut functions = Vec::new();
     let mut names = HashSet::new();
     let mut seen_routes: Vec<(RoutePattern, String)> = Vec::new();
@@ -319,6 +347,15 @@ impl Config {
           ));
         }
       }
+      if let Some(spanned) = &function.limits {
+        for (key, message) in spanned.get_ref().problems() {
+          errors.push(locate.error(
+            spanned.span(),
+            &format!("functions[{i}].limits.{key}"),
+            message,
+          ));
+        }
+      }
       let egress = function
         .egress
         .as_ref()
@@ -351,6 +388,14 @@ impl Config {
           env,
           pool,
           egress,
+          limits: Limits::resolve(
+            &function
+              .limits
+              .as_ref()
+              .map(|l| l.get_ref().clone())
+              .unwrap_or_default(),
+            &node_limits,
+          ),
         });
       }
     }
@@ -416,6 +461,7 @@ impl Config {
         env: BTreeMap::new(),
         pool: PoolConfig::default(),
         egress: EgressConfig::default(),
+        limits: Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()),
       }],
       server: ServerConfig::default(),
       node: None,

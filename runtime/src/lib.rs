@@ -12,6 +12,7 @@ pub mod error;
 pub mod function_code;
 pub mod hop_by_hop;
 pub mod isolate;
+pub mod limits;
 pub mod pool;
 pub mod router;
 pub mod server;

@@ -25,7 +25,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use outpost_ext_dispatch::{Body, BoxError, DispatchRequest, FailureKind, full_body};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -35,6 +35,7 @@ use crate::error::Error;
 use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
 use crate::isolate::{FunctionSpec, InFlightGuard, IsolateFactory};
+use crate::limits::{Admission, Admitted, Limits};
 use crate::pool::IsolatePool;
 use crate::router::Router;
 use crate::tls;
@@ -43,6 +44,8 @@ use crate::tls;
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
 /// Response header set on responses Outpost generated itself, naming why.
 pub const ERROR_HEADER: &str = "outpost-error";
+/// Response header naming the limit that ended a request.
+pub const TERMINATION_HEADER: &str = "outpost-termination";
 
 /// A running node: functions loaded, listeners bound.
 pub struct Node {
@@ -53,7 +56,8 @@ pub struct Node {
 
 struct NodeState {
   router: Router,
-  pools: Vec<Arc<IsolatePool>>,
+  functions: Vec<RoutedFunction>,
+  admission: Admission,
   compression: bool,
   max_body_bytes: u64,
   request_ids: RequestIds,
@@ -100,6 +104,15 @@ impl Node {
       ));
     }
     let pools = futures::future::join_all(starts).await;
+    let functions = pools
+      .into_iter()
+      .zip(&config.functions)
+      .map(|(pool, function)| RoutedFunction {
+        pool,
+        limits: function.limits,
+        slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
+      })
+      .collect();
     // Listen only once the spares exist, so the first new isolate never waits for one.
     factory.spares_settled().await;
     let router = Router::new(
@@ -135,7 +148,12 @@ impl Node {
     Ok(Node {
       state: Arc::new(NodeState {
         router,
-        pools,
+        functions,
+        admission: Admission::new(
+          config.server.max_in_flight,
+          config.server.queue_depth,
+          Duration::from_millis(config.server.queue_timeout_ms),
+        ),
         compression: config.server.compression,
         max_body_bytes: config.server.max_body_bytes,
         request_ids: RequestIds::new(),
@@ -195,8 +213,8 @@ impl Node {
         "grace period over; closing the remaining connections"
       ),
     }
-    for pool in &self.state.pools {
-      pool.close();
+    for function in &self.state.functions {
+      function.pool.close();
     }
   }
 }
@@ -280,17 +298,17 @@ async fn accept_loop(
 /// an isolate is evicted at most half a timeout late.
 async fn evict_idle_isolates(state: Arc<NodeState>) {
   let shortest = state
-    .pools
+    .functions
     .iter()
-    .map(|p| p.idle_timeout())
+    .map(|f| f.pool.idle_timeout())
     .min()
     .unwrap_or(Duration::from_secs(10));
   let period = (shortest / 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
   let mut interval = tokio::time::interval(period);
   loop {
     interval.tick().await;
-    for pool in &state.pools {
-      pool.evict_idle();
+    for function in &state.functions {
+      function.pool.evict_idle();
     }
   }
 }
@@ -341,7 +359,31 @@ async fn dispatch(
       format!("outpost: no function is routed for {authority}{path}\n"),
     );
   };
-  let pool = &state.pools[function];
+  let RoutedFunction {
+    pool,
+    limits,
+    slots,
+  } = &state.functions[function];
+  // The wall-clock limit covers everything from here on, the response body included.
+  let deadline = tokio::time::Instant::now() + limits.wall;
+  let admitted = match state.admission.admit(slots).await {
+    Ok(admitted) => admitted,
+    Err(rejection) => {
+      tracing::warn!(request_id, function = pool.name(), ?rejection, "overloaded");
+      let mut response = outpost_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!(
+          "outpost: function {:?} is at its concurrency limit; retry shortly\n",
+          pool.name()
+        ),
+      );
+      response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+      return response;
+    }
+  };
   let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
   let url = format!("{scheme}://{authority}{path_and_query}");
 
@@ -376,19 +418,18 @@ async fn dispatch(
   };
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
-  let in_flight = match pool
-    .dispatch(DispatchRequest {
-      method: parts.method,
-      url,
-      headers,
-      body,
-      cancel: cancel.clone(),
-      reply,
-    })
-    .await
-  {
-    Ok(guard) => guard,
-    Err(err) => {
+  let dispatched = pool.dispatch(DispatchRequest {
+    method: parts.method,
+    url,
+    headers,
+    body,
+    cancel: cancel.clone(),
+    reply,
+  });
+  let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
+    Err(_) => return wall_time_exceeded(pool.name(), limits.wall),
+    Ok(Ok(guard)) => guard,
+    Ok(Err(err)) => {
       tracing::warn!(request_id, function = pool.name(), error = %err, "function unavailable");
       return outpost_response(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -400,7 +441,16 @@ async fn dispatch(
   // Cancels body streaming if the client goes away before the response is complete.
   let cancel_on_drop = cancel.drop_guard();
 
-  let replied = replied.await;
+  let Ok(replied) = tokio::time::timeout_at(deadline, replied).await else {
+    // Dropping the guard cancels the request's token: body streaming stops.
+    drop(cancel_on_drop);
+    tracing::warn!(
+      request_id,
+      function = pool.name(),
+      "wall-clock limit reached"
+    );
+    return wall_time_exceeded(pool.name(), limits.wall);
+  };
   // A body that outgrew the limit while streaming (no or a false Content-Length) makes the
   // answer 413, whatever the handler made of the failed read.
   if body_exceeded.load(Ordering::Relaxed) {
@@ -419,7 +469,9 @@ async fn dispatch(
       response.map(|body| {
         GuardedBody {
           inner: body,
+          deadline: Box::pin(tokio::time::sleep_until(deadline)),
           _in_flight: in_flight,
+          _admitted: admitted,
           _cancel_on_drop: cancel_on_drop,
         }
         .boxed_unsync()
@@ -458,6 +510,28 @@ async fn dispatch(
       )
     }
   }
+}
+
+/// A function of the node: its pool, its limits and its concurrency slots.
+struct RoutedFunction {
+  pool: Arc<IsolatePool>,
+  limits: Limits,
+  slots: Arc<Semaphore>,
+}
+
+/// 504 for a request that ran past its function's wall-clock limit.
+fn wall_time_exceeded(function: &str, limit: Duration) -> Response<Body> {
+  let mut response = outpost_response(
+    StatusCode::GATEWAY_TIMEOUT,
+    "timeout",
+    format!(
+      "outpost: function {function:?} did not answer within its wall-clock limit of {limit:?}\n"
+    ),
+  );
+  response
+    .headers_mut()
+    .insert(TERMINATION_HEADER, HeaderValue::from_static("timeout"));
+  response
 }
 
 fn body_too_large(limit: u64) -> Response<Body> {
@@ -524,11 +598,14 @@ fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> R
   response
 }
 
-/// A response body that keeps its request counted as in flight until it has been sent, and
-/// cancels body streaming inside the isolate when it is dropped early.
+/// A response body that keeps its request counted as in flight (and holding its admission
+/// slots) until it has been sent, ends it at the wall-clock deadline, and cancels body
+/// streaming inside the isolate when it is dropped early.
 struct GuardedBody {
   inner: Body,
+  deadline: Pin<Box<tokio::time::Sleep>>,
   _in_flight: InFlightGuard,
+  _admitted: Admitted,
   _cancel_on_drop: DropGuard,
 }
 
@@ -540,6 +617,11 @@ impl http_body::Body for GuardedBody {
     mut self: Pin<&mut Self>,
     cx: &mut Context<'_>,
   ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if self.deadline.as_mut().poll(cx).is_ready() {
+      return Poll::Ready(Some(Err(
+        "the function's wall-clock limit ended the response".into(),
+      )));
+    }
     Pin::new(&mut self.inner).poll_frame(cx)
   }
 

@@ -1,0 +1,188 @@
+//! Request limits: wall-clock time per request, concurrency per function and node-wide, and
+//! the bounded queue in front of them.
+//!
+//! A request first needs a node-wide slot (`server.max_in_flight`) and a slot of its
+//! function (`limits.max_concurrency`). When none is free it may wait in a queue of
+//! `server.queue_depth` requests for up to `server.queue_timeout_ms`; past that it is turned
+//! away with 503 and `Retry-After`, so memory stays bounded under overload.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// `limits = { ... }` on a function, or `[limits]` for the node-wide defaults. Keys left out
+/// of a function's table take the node-wide value.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+  /// Wall-clock time a request may take, response body included; 504 past it.
+  pub wall_ms: Option<u64>,
+  /// Requests of the function in flight at once, across all its isolates.
+  pub max_concurrency: Option<usize>,
+}
+
+/// The limits in force for one function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+  pub wall: Duration,
+  pub max_concurrency: usize,
+}
+
+impl Limits {
+  pub const DEFAULT_WALL_MS: u64 = 30_000;
+  pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+
+  /// The function's own values, else the node's, else the defaults.
+  pub fn resolve(function: &LimitsConfig, node: &LimitsConfig) -> Limits {
+    Limits {
+      wall: Duration::from_millis(
+        function
+          .wall_ms
+          .or(node.wall_ms)
+          .unwrap_or(Self::DEFAULT_WALL_MS),
+      ),
+      max_concurrency: function
+        .max_concurrency
+        .or(node.max_concurrency)
+        .unwrap_or(Self::DEFAULT_MAX_CONCURRENCY),
+    }
+  }
+}
+
+impl LimitsConfig {
+  /// Every value that cannot work, with the reason.
+  pub fn problems(&self) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if self.wall_ms == Some(0) {
+      problems.push(("wall_ms", "must be at least 1".to_string()));
+    }
+    if self.max_concurrency == Some(0) {
+      problems.push(("max_concurrency", "must be at least 1".to_string()));
+    }
+    problems
+  }
+}
+
+/// Node-wide admission: the in-flight cap and the bounded wait queue.
+pub struct Admission {
+  node: Arc<Semaphore>,
+  waiting: AtomicUsize,
+  queue_depth: usize,
+  queue_timeout: Duration,
+}
+
+/// Slots held by a request until its response has been sent.
+pub struct Admitted {
+  _node: OwnedSemaphorePermit,
+  _function: OwnedSemaphorePermit,
+}
+
+/// Why a request was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+  /// The queue was full when the request came.
+  QueueFull,
+  /// No slot came free within the queue timeout.
+  QueueTimeout,
+}
+
+impl Admission {
+  pub fn new(max_in_flight: usize, queue_depth: usize, queue_timeout: Duration) -> Admission {
+    Admission {
+      node: Arc::new(Semaphore::new(max_in_flight)),
+      waiting: AtomicUsize::new(0),
+      queue_depth,
+      queue_timeout,
+    }
+  }
+
+  /// Takes a node slot and a slot of `function` (a function's `max_concurrency` semaphore),
+  /// waiting in the queue when needed.
+  pub async fn admit(&self, function: &Arc<Semaphore>) -> Result<Admitted, Rejection> {
+    if let (Ok(node), Ok(own)) = (
+      self.node.clone().try_acquire_owned(),
+      function.clone().try_acquire_owned(),
+    ) {
+      return Ok(Admitted {
+        _node: node,
+        _function: own,
+      });
+    }
+    if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_depth {
+      self.waiting.fetch_sub(1, Ordering::AcqRel);
+      return Err(Rejection::QueueFull);
+    }
+    let acquire = async {
+      let node = self.node.clone().acquire_owned().await;
+      let own = function.clone().acquire_owned().await;
+      (node, own)
+    };
+    let result = tokio::time::timeout(self.queue_timeout, acquire).await;
+    self.waiting.fetch_sub(1, Ordering::AcqRel);
+    match result {
+      Ok((Ok(node), Ok(own))) => Ok(Admitted {
+        _node: node,
+        _function: own,
+      }),
+      // The semaphores are never closed; a timeout is the only way to fail.
+      _ => Err(Rejection::QueueTimeout),
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn function_values_override_node_values_which_override_defaults() {
+    let node = LimitsConfig {
+      wall_ms: Some(5000),
+      max_concurrency: None,
+    };
+    let function = LimitsConfig {
+      wall_ms: None,
+      max_concurrency: Some(3),
+    };
+    assert_eq!(
+      Limits::resolve(&function, &node),
+      Limits {
+        wall: Duration::from_millis(5000),
+        max_concurrency: 3
+      }
+    );
+    let defaults = Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default());
+    assert_eq!(defaults.max_concurrency, Limits::DEFAULT_MAX_CONCURRENCY);
+  }
+
+  #[tokio::test]
+  async fn a_full_queue_turns_requests_away_and_a_freed_slot_admits_a_waiter() {
+    let admission = Admission::new(10, 1, Duration::from_secs(5));
+    let function = Arc::new(Semaphore::new(1));
+    let first = admission.admit(&function).await.unwrap();
+    // The second request waits in the one-place queue; a third finds the queue full.
+    let waiter = {
+      let function = function.clone();
+      let admission = &admission;
+      async move { admission.admit(&function).await }
+    };
+    let (second, third) = tokio::join!(waiter, async {
+      tokio::task::yield_now().await;
+      let third = admission.admit(&function).await;
+      drop(first);
+      third
+    });
+    assert_eq!(third.err(), Some(Rejection::QueueFull));
+    assert!(second.is_ok());
+
+    let admission = Admission::new(10, 4, Duration::from_millis(50));
+    let busy = Arc::new(Semaphore::new(0));
+    assert_eq!(
+      admission.admit(&busy).await.err(),
+      Some(Rejection::QueueTimeout)
+    );
+  }
+}
