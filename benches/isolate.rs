@@ -29,6 +29,7 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
     code: Arc::new(code),
     env: Arc::default(),
     egress: Arc::default(),
+    cpu_limit: Duration::from_secs(10),
   }
 }
 
@@ -96,7 +97,7 @@ fn benches(c: &mut Criterion) {
     });
   }
 
-  let factory = IsolateFactory::new(1, Duration::from_secs(10));
+  let factory = IsolateFactory::new(1, Duration::from_secs(10)).unwrap();
   let mut index = 0;
   timing::bench(c, "new_isolate_from_spare", 300, || {
     index += 1;

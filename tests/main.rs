@@ -4,6 +4,7 @@
 
 mod ambient_authority;
 mod cli;
+mod cpu;
 mod egress;
 mod handlers;
 mod limits;

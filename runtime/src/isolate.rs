@@ -5,7 +5,7 @@
 //! 1. create the runtime from the snapshot ([`BlankIsolate::new`]) and hide Deno's internals;
 //! 2. load and evaluate the function's module, find its handler and start the JS serve loop;
 //! 3. report ready (or the load error) to whoever spawned it;
-//! 4. drive the event loop ([`drive_event_loop`], where CPU metering hooks in) until the
+//! 4. drive the event loop ([`drive_event_loop`], metered and limited by `crate::cpu`) until the
 //!    request channel closes and `waitUntil` work has finished; then drop the runtime.
 
 use std::collections::BTreeMap;
@@ -19,6 +19,7 @@ use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
 use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cpu::{CpuGuard, CpuWatchdog};
 use crate::egress::EgressPolicy;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, FunctionModuleLoader};
@@ -33,11 +34,14 @@ pub struct FunctionSpec {
   pub code: Arc<FunctionCode>,
   pub env: Arc<BTreeMap<String, String>>,
   pub egress: Arc<EgressPolicy>,
+  /// CPU time one request may use (see `crate::cpu`).
+  pub cpu_limit: Duration,
 }
 
 /// The server side's handle on a running isolate.
 pub struct IsolateHandle {
   sender: mpsc::Sender<DispatchRequest>,
+  cpu: Arc<CpuGuard>,
   in_flight: Arc<AtomicUsize>,
   /// Milliseconds since `epoch` at the last request start or finish.
   last_active_ms: AtomicU64,
@@ -45,6 +49,12 @@ pub struct IsolateHandle {
 }
 
 impl IsolateHandle {
+  /// When the isolate was terminated for running past its CPU budget: the CPU time the
+  /// terminated entry into JS had used.
+  pub fn terminated_for_cpu(&self) -> Option<Duration> {
+    self.cpu.terminated_for_cpu()
+  }
+
   /// Requests currently dispatched to this isolate and not yet answered.
   pub fn in_flight(&self) -> usize {
     self.in_flight.load(Ordering::Relaxed)
@@ -88,6 +98,13 @@ pub struct InFlightGuard {
   isolate: Arc<IsolateHandle>,
 }
 
+impl InFlightGuard {
+  /// The isolate the request went to.
+  pub fn isolate(&self) -> &IsolateHandle {
+    &self.isolate
+  }
+}
+
 impl Drop for InFlightGuard {
   fn drop(&mut self) {
     self.isolate.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -100,6 +117,7 @@ impl Drop for InFlightGuard {
 /// isolate to be created from the snapshot: taking a spare costs only loading the function.
 pub struct IsolateFactory {
   spares: usize,
+  watchdog: Arc<CpuWatchdog>,
   /// How long loading a function's module may take before it is terminated.
   load_timeout: Duration,
   state: Mutex<SpareState>,
@@ -123,9 +141,9 @@ struct Spare {
 /// A function for an isolate thread to take on, and where to say when it serves.
 struct Assignment {
   spec: FunctionSpec,
-  /// Gets the isolate's thread-safe handle as loading begins, so a load that overruns the
-  /// timeout can be terminated.
-  loading: oneshot::Sender<v8::IsolateHandle>,
+  /// Gets the isolate's CPU guard as loading begins, so a load that overruns the timeout
+  /// can be terminated.
+  loading: oneshot::Sender<Arc<CpuGuard>>,
   ready: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -143,15 +161,17 @@ enum Start {
 impl IsolateFactory {
   /// A factory keeping `spares` blank isolates ready (0: none; every isolate is created on
   /// demand), whose isolates may take `load_timeout` to load their function.
-  pub fn new(spares: usize, load_timeout: Duration) -> Arc<IsolateFactory> {
+  pub fn new(spares: usize, load_timeout: Duration) -> Result<Arc<IsolateFactory>, Error> {
+    let watchdog = CpuWatchdog::start().map_err(|err| Error::IsolateThread(err.to_string()))?;
     let factory = Arc::new(IsolateFactory {
       spares,
+      watchdog,
       load_timeout,
       state: Mutex::default(),
       announced: tokio::sync::Notify::new(),
     });
     factory.refill();
-    factory
+    Ok(factory)
   }
 
   /// Waits until every spare thread started so far has created its isolate (or failed to).
@@ -185,7 +205,9 @@ impl IsolateFactory {
         factory.announced.notify_waiters();
       });
       let start = Start::Spare { announce, assigned };
-      if let Err(err) = spawn_isolate_thread("isolate:spare", receiver, start) {
+      if let Err(err) =
+        spawn_isolate_thread("isolate:spare", receiver, start, self.watchdog.clone())
+      {
         tracing::warn!(error = %err, "cannot start a spare isolate");
         break;
       }
@@ -227,6 +249,7 @@ impl IsolateFactory {
           &format!("isolate:{function}"),
           receiver,
           Start::Now(assignment),
+          self.watchdog.clone(),
         )?;
         (sender, "snapshot")
       }
@@ -234,7 +257,7 @@ impl IsolateFactory {
     };
     self.refill();
     let exited = || Error::IsolateCreate("the isolate thread exited during startup".into());
-    let Ok(isolate) = is_loading.await else {
+    let Ok(cpu) = is_loading.await else {
       // The thread failed before loading began; its error, if any, is on `ready`.
       return Err(match is_ready.await {
         Ok(Err(err)) => err,
@@ -244,7 +267,7 @@ impl IsolateFactory {
     match tokio::time::timeout(self.load_timeout, is_ready).await {
       Ok(ready) => ready.map_err(|_| exited())??,
       Err(_) => {
-        isolate.terminate_execution();
+        cpu.terminate();
         return Err(Error::FunctionLoad(format!(
           "the module did not finish loading within {:?} (a top-level loop or await that does not end?)",
           self.load_timeout
@@ -259,6 +282,7 @@ impl IsolateFactory {
     );
     Ok(Arc::new(IsolateHandle {
       sender,
+      cpu,
       in_flight: Arc::default(),
       last_active_ms: AtomicU64::new(0),
       epoch: Instant::now(),
@@ -270,15 +294,20 @@ fn spawn_isolate_thread(
   name: &str,
   receiver: mpsc::Receiver<DispatchRequest>,
   start: Start,
+  watchdog: Arc<CpuWatchdog>,
 ) -> Result<(), Error> {
   std::thread::Builder::new()
     .name(name.into())
-    .spawn(move || run_isolate_thread(receiver, start))
+    .spawn(move || run_isolate_thread(receiver, start, watchdog))
     .map(drop)
     .map_err(|err| Error::IsolateThread(err.to_string()))
 }
 
-fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start) {
+fn run_isolate_thread(
+  receiver: mpsc::Receiver<DispatchRequest>,
+  start: Start,
+  watchdog: Arc<CpuWatchdog>,
+) {
   let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
     .build();
@@ -325,7 +354,10 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start) {
         return;
       }
     };
-    let _ = loading.send(isolate.runtime.v8_isolate().thread_safe_handle());
+    let cpu = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
+    let meter: Arc<dyn outpost_ext_dispatch::CpuMeter> = cpu.clone();
+    isolate.runtime.op_state().borrow_mut().put(meter);
+    let _ = loading.send(cpu.clone());
     let serving = match isolate.start_function(&spec).await {
       Ok(serving) => serving,
       Err(err) => {
@@ -334,7 +366,7 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start) {
       }
     };
     let _ = ready.send(Ok(()));
-    if let Err(err) = drive_event_loop(&mut isolate.runtime, serving).await {
+    if let Err(err) = drive_event_loop(&mut isolate.runtime, serving, &cpu, spec.cpu_limit).await {
       tracing::error!(function = %spec.code.name, error = %err, "isolate event loop failed");
     }
   });
@@ -435,10 +467,35 @@ pub type ServeFuture = std::pin::Pin<
 /// Drives the isolate until its serve loop has finished. Once the function is loaded, every
 /// entry into JS on this thread happens inside `poll_event_loop`; this is the seam where
 /// CPU metering wraps each poll.
-async fn drive_event_loop(runtime: &mut JsRuntime, mut serving: ServeFuture) -> Result<(), String> {
+async fn drive_event_loop(
+  runtime: &mut JsRuntime,
+  mut serving: ServeFuture,
+  cpu: &CpuGuard,
+  cpu_limit: Duration,
+) -> Result<(), String> {
   let options = PollEventLoopOptions::default();
+  let op_state = runtime.op_state();
   poll_fn(|cx| {
+    // With one request in flight, the entry may use what that request has left of its
+    // limit. With several, the entry's time cannot be pinned on one of them (it is split
+    // evenly for the usage records), so each entry may use one limit: a handler that never
+    // yields is still stopped, and a request waiting on I/O is not charged for its
+    // neighbours' work. Background work (no request in flight) also gets one limit.
+    let (in_flight, most) = outpost_ext_dispatch::cpu_in_flight(&op_state.borrow());
+    let budget = if in_flight == 1 {
+      cpu_limit.saturating_sub(most)
+    } else {
+      cpu_limit
+    };
+    cpu.enter(budget);
     let polled = runtime.poll_event_loop(cx, options);
+    let used = cpu.leave();
+    outpost_ext_dispatch::charge_cpu(&mut op_state.borrow_mut(), used);
+    // A terminated isolate is finished even if V8 let some JS go on (deno_core resumes after
+    // a termination caught in a microtask checkpoint): it is discarded, never polled again.
+    if cpu.terminated_for_cpu().is_some() {
+      return std::task::Poll::Ready(Err("terminated: CPU limit".to_string()));
+    }
     if let std::task::Poll::Ready(result) = serving.as_mut().poll(cx) {
       return std::task::Poll::Ready(result.map(drop).map_err(|e| e.to_string()));
     }

@@ -7,6 +7,7 @@
 
 pub mod compression;
 pub mod config;
+pub mod cpu;
 pub mod egress;
 pub mod error;
 pub mod function_code;

@@ -18,6 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
+  /// CPU time a request may use inside its isolate; past it the isolate is terminated and
+  /// the request answered 503.
+  pub cpu_ms: Option<u64>,
   /// Wall-clock time a request may take, response body included; 504 past it.
   pub wall_ms: Option<u64>,
   /// Requests of the function in flight at once, across all its isolates.
@@ -27,17 +30,25 @@ pub struct LimitsConfig {
 /// The limits in force for one function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+  pub cpu: Duration,
   pub wall: Duration,
   pub max_concurrency: usize,
 }
 
 impl Limits {
+  pub const DEFAULT_CPU_MS: u64 = 50;
   pub const DEFAULT_WALL_MS: u64 = 30_000;
   pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
 
   /// The function's own values, else the node's, else the defaults.
   pub fn resolve(function: &LimitsConfig, node: &LimitsConfig) -> Limits {
     Limits {
+      cpu: Duration::from_millis(
+        function
+          .cpu_ms
+          .or(node.cpu_ms)
+          .unwrap_or(Self::DEFAULT_CPU_MS),
+      ),
       wall: Duration::from_millis(
         function
           .wall_ms
@@ -56,6 +67,9 @@ impl LimitsConfig {
   /// Every value that cannot work, with the reason.
   pub fn problems(&self) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
+    if self.cpu_ms == Some(0) {
+      problems.push(("cpu_ms", "must be at least 1".to_string()));
+    }
     if self.wall_ms == Some(0) {
       problems.push(("wall_ms", "must be at least 1".to_string()));
     }
@@ -140,16 +154,19 @@ mod tests {
   #[test]
   fn function_values_override_node_values_which_override_defaults() {
     let node = LimitsConfig {
+      cpu_ms: Some(20),
       wall_ms: Some(5000),
       max_concurrency: None,
     };
     let function = LimitsConfig {
+      cpu_ms: None,
       wall_ms: None,
       max_concurrency: Some(3),
     };
     assert_eq!(
       Limits::resolve(&function, &node),
       Limits {
+        cpu: Duration::from_millis(20),
         wall: Duration::from_millis(5000),
         max_concurrency: 3
       }

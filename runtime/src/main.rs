@@ -155,6 +155,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
           code: Arc::new(code),
           env: Arc::new(config.handler_env(function)),
           egress: Arc::new(config.egress_policy(function)),
+          cpu_limit: function.limits.cpu,
         })
         .map_err(|err| err.to_string())
       });

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use outpost_ext_dispatch::{Body, BoxError, DispatchRequest, FailureKind, full_body};
+use outpost_ext_dispatch::{Body, BoxError, DispatchRequest, FailureKind, RequestUsage, full_body};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_rustls::TlsAcceptor;
@@ -82,7 +82,7 @@ impl Node {
     let factory = IsolateFactory::new(
       config.server.spare_isolates,
       Duration::from_millis(config.server.load_timeout_ms),
-    );
+    )?;
     let mut starts = Vec::new();
     for function in &config.functions {
       let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
@@ -96,6 +96,7 @@ impl Node {
         code: Arc::new(code),
         env: Arc::new(config.handler_env(function)),
         egress: Arc::new(config.egress_policy(function)),
+        cpu_limit: function.limits.cpu,
       };
       starts.push(IsolatePool::start(
         factory.clone(),
@@ -458,6 +459,14 @@ async fn dispatch(
   }
   match replied {
     Ok(Ok(mut response)) => {
+      if let Some(usage) = response.extensions().get::<RequestUsage>() {
+        tracing::debug!(
+          request_id,
+          function = pool.name(),
+          cpu_us = usage.cpu.as_micros() as u64,
+          "handler answered"
+        );
+      }
       hop_by_hop::strip_response(response.headers_mut());
       // Framing is ours: hyper derives Content-Length from the body (exact for inline
       // bodies, also for HEAD) or streams it chunked. A handler's own value could contradict
@@ -496,6 +505,31 @@ async fn dispatch(
           pool.name()
         ),
       )
+    }
+    Err(_) if let Some(used) = in_flight.isolate().terminated_for_cpu() => {
+      // Every request in flight on an isolate terminated for CPU ends here: JS cannot be
+      // stopped for one request only.
+      tracing::warn!(
+        request_id,
+        function = pool.name(),
+        cpu_limit = ?limits.cpu,
+        cpu_used = ?used,
+        "isolate terminated: CPU limit"
+      );
+      let mut response = outpost_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "cpu-limit",
+        format!(
+          "outpost: function {:?} ran past its CPU limit of {:?} (terminated after {} us of CPU); its isolate was discarded (request id {request_id})\n",
+          pool.name(),
+          limits.cpu,
+          used.as_micros()
+        ),
+      );
+      response
+        .headers_mut()
+        .insert(TERMINATION_HEADER, HeaderValue::from_static("cpu-limit"));
+      response
     }
     Err(_) => {
       tracing::error!(

@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use deno_core::convert::{ByteString, Uint8Array};
@@ -91,6 +92,68 @@ struct InFlight {
 struct PendingReply {
   reply: oneshot::Sender<DispatchReply>,
   cancel: CancellationToken,
+  /// CPU time charged to this request so far, its share included (see [`charge_cpu`]).
+  cpu: Duration,
+  /// The part of `cpu` used while it was the only request in flight: the time that is
+  /// certainly its own, and what its CPU limit is enforced on.
+  cpu_alone: Duration,
+}
+
+/// What a request used inside the isolate, attached to its response's extensions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestUsage {
+  /// CPU time charged to the request until its response head was produced.
+  pub cpu: Duration,
+}
+
+/// How many requests are in flight on this isolate, and the most CPU time any of them used
+/// while it was alone.
+pub fn cpu_in_flight(state: &OpState) -> (usize, Duration) {
+  let in_flight = state.borrow::<InFlight>();
+  let most = in_flight
+    .pending
+    .values()
+    .map(|p| p.cpu_alone)
+    .max()
+    .unwrap_or_default();
+  (in_flight.pending.len(), most)
+}
+
+/// The isolate's CPU meter, as the dispatch ops see it (put into `OpState` as
+/// `Arc<dyn CpuMeter>` by the runtime).
+pub trait CpuMeter {
+  /// CPU time used on this thread since the meter was last read, in the current entry
+  /// into JS.
+  fn take_uncharged(&self) -> Duration;
+}
+
+/// Charges the CPU time used so far in this entry into JS to the requests in flight, before
+/// one of them leaves or a new one joins.
+fn settle_cpu(state: &mut OpState) {
+  let uncharged = state
+    .try_borrow::<std::sync::Arc<dyn CpuMeter>>()
+    .map(|meter| meter.take_uncharged());
+  if let Some(uncharged) = uncharged {
+    charge_cpu(state, uncharged);
+  }
+}
+
+/// Charges `cpu` (one entry into JS) to the requests in flight, split evenly among them:
+/// JS runs them interleaved on one thread, so no finer attribution exists. Time spent with
+/// no request in flight (`waitUntil` work, timers) is charged to none.
+pub fn charge_cpu(state: &mut OpState, cpu: Duration) {
+  let in_flight = state.borrow_mut::<InFlight>();
+  let alone = in_flight.pending.len() == 1;
+  let share = match u32::try_from(in_flight.pending.len()) {
+    Ok(0) | Err(_) => return,
+    Ok(n) => cpu / n,
+  };
+  for pending in in_flight.pending.values_mut() {
+    pending.cpu += share;
+    if alone {
+      pending.cpu_alone += share;
+    }
+  }
 }
 
 /// Errors the dispatch ops raise into JS.
@@ -144,6 +207,7 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
     rx.recv().await?
   };
   let mut state = state.borrow_mut();
+  settle_cpu(&mut state);
   let body_rid = request.body.map(|body| {
     state
       .resource_table
@@ -157,6 +221,8 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
     PendingReply {
       reply: request.reply,
       cancel: request.cancel,
+      cpu: Duration::ZERO,
+      cpu_alone: Duration::ZERO,
     },
   );
   let headers = request
@@ -211,6 +277,7 @@ fn op_dispatch_respond(
   let resource = body_rid
     .map(|rid| state.resource_table.take_any(rid))
     .transpose()?;
+  settle_cpu(state);
   let pending = state
     .borrow_mut::<InFlight>()
     .pending
@@ -224,6 +291,9 @@ fn op_dispatch_respond(
   let mut response = http::Response::new(body);
   *response.status_mut() = status;
   *response.headers_mut() = header_map;
+  response
+    .extensions_mut()
+    .insert(RequestUsage { cpu: pending.cpu });
   // The client may have gone away already; then there is nobody to tell.
   let _ = pending.reply.send(Ok(response));
   Ok(())
@@ -237,6 +307,7 @@ fn op_dispatch_fail(
   not_a_response: bool,
   #[string] detail: String,
 ) -> Result<(), DispatchError> {
+  settle_cpu(state);
   let pending = state
     .borrow_mut::<InFlight>()
     .pending

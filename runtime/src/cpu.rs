@@ -1,0 +1,208 @@
+//! CPU metering and the CPU limit.
+//!
+//! Every entry into JS on an isolate thread (each poll of its event loop) is bracketed by
+//! [`CpuGuard::enter`] and [`CpuGuard::leave`], which read the thread's CPU clock
+//! (`CLOCK_THREAD_CPUTIME_ID`). The time is charged to the requests in flight (split evenly,
+//! see `outpost_ext_dispatch::charge_cpu`), also when one of them answers or a new one
+//! arrives mid-entry. The budget of an entry: with one request in flight, what that request
+//! has left of its limit; otherwise one whole limit (see `drive_event_loop`). Code that never returns from JS (`while (true)
+//! {}`) cannot be caught after the fact, so one [`CpuWatchdog`] thread watches every isolate
+//! that is inside JS: it reads that thread's CPU clock and terminates the isolate once the
+//! entry has used its budget. It sleeps until the earliest moment a budget could run out
+//! (CPU time cannot pass faster than wall time), so it wakes rarely and on time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use deno_core::v8;
+
+/// Marks "not inside JS" in [`CpuGuard::entered_ns`].
+const OUTSIDE_JS: u64 = u64::MAX;
+/// How long the watchdog sleeps when no budget can run out sooner.
+const IDLE_CHECK: Duration = Duration::from_millis(10);
+
+/// A thread's CPU clock.
+#[derive(Debug, Clone, Copy)]
+struct ThreadClock(libc::clockid_t);
+
+impl ThreadClock {
+  /// The clock of the calling thread, readable from any thread.
+  fn current() -> ThreadClock {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self() is the calling thread, alive for the call; `clock` is a valid
+    // out-pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    if rc == 0 {
+      ThreadClock(clock)
+    } else {
+      ThreadClock(libc::CLOCK_THREAD_CPUTIME_ID)
+    }
+  }
+
+  fn now_ns(self) -> u64 {
+    let mut time = libc::timespec {
+      tv_sec: 0,
+      tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid out-pointer; an invalid clock id only makes the call fail.
+    if unsafe { libc::clock_gettime(self.0, &mut time) } != 0 {
+      return 0;
+    }
+    (time.tv_sec as u64) * 1_000_000_000 + time.tv_nsec as u64
+  }
+}
+
+/// The CPU state of one isolate, shared by its thread and the watchdog.
+pub struct CpuGuard {
+  clock: ThreadClock,
+  /// Thread CPU time when the current entry into JS began, or [`OUTSIDE_JS`].
+  entered_ns: AtomicU64,
+  /// CPU time the current entry may use before the isolate is terminated.
+  budget_ns: AtomicU64,
+  /// Thread CPU time up to which the current entry has been charged to requests.
+  charged_ns: AtomicU64,
+  terminated: AtomicBool,
+  /// CPU time the entry had used when the watchdog terminated it.
+  used_at_termination_ns: AtomicU64,
+  isolate: v8::IsolateHandle,
+  watchdog: Arc<CpuWatchdog>,
+}
+
+impl CpuGuard {
+  /// Registers the calling thread's isolate with the watchdog. Call on the isolate thread.
+  pub fn new(isolate: v8::IsolateHandle, watchdog: &Arc<CpuWatchdog>) -> Arc<CpuGuard> {
+    let guard = Arc::new(CpuGuard {
+      clock: ThreadClock::current(),
+      entered_ns: AtomicU64::new(OUTSIDE_JS),
+      budget_ns: AtomicU64::new(u64::MAX),
+      charged_ns: AtomicU64::new(0),
+      terminated: AtomicBool::new(false),
+      used_at_termination_ns: AtomicU64::new(0),
+      isolate,
+      watchdog: watchdog.clone(),
+    });
+    watchdog.register(&guard);
+    guard
+  }
+
+  /// JS is about to run with `budget` CPU time to use.
+  pub fn enter(&self, budget: Duration) {
+    let budget_ns = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+    self.budget_ns.store(budget_ns, Ordering::Relaxed);
+    let now = self.clock.now_ns();
+    self.charged_ns.store(now, Ordering::Relaxed);
+    self.entered_ns.store(now, Ordering::Release);
+    if budget < IDLE_CHECK {
+      self.watchdog.wake();
+    }
+  }
+
+  /// JS has returned; the CPU time of this entry not yet charged to requests.
+  pub fn leave(&self) -> Duration {
+    self.entered_ns.store(OUTSIDE_JS, Ordering::Release);
+    self.uncharged()
+  }
+
+  fn uncharged(&self) -> Duration {
+    let now = self.clock.now_ns();
+    let charged = self.charged_ns.swap(now, Ordering::Relaxed);
+    Duration::from_nanos(now.saturating_sub(charged))
+  }
+
+  /// When the watchdog terminated this isolate for running past its CPU budget: the CPU
+  /// time the entry had used by then.
+  pub fn terminated_for_cpu(&self) -> Option<Duration> {
+    self
+      .terminated
+      .load(Ordering::Acquire)
+      .then(|| Duration::from_nanos(self.used_at_termination_ns.load(Ordering::Relaxed)))
+  }
+
+  /// Stops whatever JS runs now (for the module load timeout).
+  pub fn terminate(&self) {
+    self.isolate.terminate_execution();
+  }
+
+  /// Terminates the isolate if the current entry is over budget; otherwise the CPU time it
+  /// has left. `None` when not inside JS.
+  fn check(&self) -> Option<Duration> {
+    let entered = self.entered_ns.load(Ordering::Acquire);
+    if entered == OUTSIDE_JS {
+      return None;
+    }
+    let used = self.clock.now_ns().saturating_sub(entered);
+    let budget = self.budget_ns.load(Ordering::Relaxed);
+    if used >= budget && self.entered_ns.load(Ordering::Acquire) == entered {
+      self.used_at_termination_ns.store(used, Ordering::Relaxed);
+      self.terminated.store(true, Ordering::Release);
+      self.isolate.terminate_execution();
+      return None;
+    }
+    Some(Duration::from_nanos(budget.saturating_sub(used)))
+  }
+}
+
+impl outpost_ext_dispatch::CpuMeter for CpuGuard {
+  fn take_uncharged(&self) -> Duration {
+    self.uncharged()
+  }
+}
+
+/// The one thread that enforces CPU budgets for all isolates of a node.
+pub struct CpuWatchdog {
+  guards: Mutex<Vec<Weak<CpuGuard>>>,
+  woken: Condvar,
+}
+
+impl CpuWatchdog {
+  /// Starts the watchdog thread; it ends when the last `Arc` is dropped.
+  pub fn start() -> std::io::Result<Arc<CpuWatchdog>> {
+    let watchdog = Arc::new(CpuWatchdog {
+      guards: Mutex::default(),
+      woken: Condvar::new(),
+    });
+    let weak = Arc::downgrade(&watchdog);
+    std::thread::Builder::new()
+      .name("cpu-watchdog".into())
+      .spawn(move || Self::run(weak))?;
+    Ok(watchdog)
+  }
+
+  fn register(&self, guard: &Arc<CpuGuard>) {
+    self
+      .guards
+      .lock()
+      .expect("watchdog lock")
+      .push(Arc::downgrade(guard));
+  }
+
+  fn wake(&self) {
+    self.woken.notify_one();
+  }
+
+  fn run(watchdog: Weak<CpuWatchdog>) {
+    loop {
+      let Some(watchdog) = watchdog.upgrade() else {
+        return;
+      };
+      let mut guards = watchdog.guards.lock().expect("watchdog lock");
+      let mut next = IDLE_CHECK;
+      guards.retain(|guard| {
+        let Some(guard) = guard.upgrade() else {
+          return false;
+        };
+        if let Some(left) = guard.check() {
+          next = next.min(left);
+        }
+        true
+      });
+      let wake_at = Instant::now() + next.max(Duration::from_micros(50));
+      let timeout = wake_at.saturating_duration_since(Instant::now());
+      let _ = watchdog
+        .woken
+        .wait_timeout(guards, timeout)
+        .expect("watchdog lock");
+    }
+  }
+}

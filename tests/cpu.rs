@@ -1,0 +1,123 @@
+//! The CPU limit: runaway handlers are terminated near the limit; their function carries
+//! on in a fresh isolate.
+
+use crate::support::{Outpost, functions_config, http1};
+
+const HOG: &str = r#"
+const isolate = crypto.randomUUID();
+export default {
+  async fetch(request) {
+    const path = new URL(request.url).pathname;
+    if (path === "/spin") while (true) {}
+    if (path === "/microtasks") for (;;) await null;
+    if (path === "/burn") {
+      const end = performance.now() + 10;
+      while (performance.now() < end) {}
+    }
+    return new Response(isolate);
+  },
+};
+"#;
+
+fn server() -> Outpost {
+  Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "hog",
+        "hog.js",
+        "routes = [\"/\"]\nlimits = { cpu_ms = 50 }",
+      )],
+    ),
+    &[("hog.js", HOG)],
+  )
+}
+
+/// The CPU time the body of a cpu-limit 503 says the isolate had used, in microseconds.
+fn used_us(body: &str) -> u64 {
+  let after = body.split("terminated after ").nth(1).expect(body);
+  after.split(' ').next().unwrap().parse().expect(body)
+}
+
+#[tokio::test]
+async fn runaway_handlers_are_terminated_near_the_limit_and_replaced() {
+  let outpost = server();
+  let before = outpost.get_text("/").await;
+  for path in ["/spin", "/microtasks"] {
+    let response = http1().get(outpost.url(path)).send().await.unwrap();
+    assert_eq!(response.status(), 503, "{path}");
+    assert_eq!(response.headers()["outpost-termination"], "cpu-limit");
+    let used = used_us(&response.text().await.unwrap());
+    assert!(
+      (50_000..=60_000).contains(&used),
+      "{path}: terminated after {used} us"
+    );
+  }
+  // The function carries on, in a new isolate.
+  let after = outpost.get_text("/").await;
+  assert_ne!(before, after);
+}
+
+#[tokio::test]
+async fn work_within_the_limit_is_not_cut_and_does_not_add_up_across_requests() {
+  let outpost = server();
+  let first = outpost.get_text("/burn").await;
+  // Ten requests of 10 ms each: 100 ms in all, twice the per-request limit.
+  for _ in 0..10 {
+    assert_eq!(
+      outpost.get_text("/burn").await,
+      first,
+      "same isolate, never terminated"
+    );
+  }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_io_is_not_charged_for_its_neighbours() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "shared",
+        "shared.js",
+        "routes = [\"/\"]\nlimits = { cpu_ms = 50 }",
+      )],
+    ),
+    &[(
+      "shared.js",
+      r#"
+let release;
+const released = new Promise((resolve) => { release = resolve; });
+export default {
+  async fetch(request) {
+    const path = new URL(request.url).pathname;
+    if (path === "/wait") {
+      console.log("waiting");
+      await released;
+      // Alone again after the timer: only its own CPU counts against its limit now.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      const end = performance.now() + 5;
+      while (performance.now() < end) {}
+      return new Response("waited");
+    }
+    if (path === "/release") release();
+    const end = performance.now() + 10;
+    while (performance.now() < end) {}
+    return new Response("burned");
+  },
+};
+"#,
+    )],
+  );
+  let url = outpost.url("/wait");
+  let waiting = tokio::spawn(async move { http1().get(url).send().await.unwrap() });
+  tokio::task::block_in_place(|| outpost.wait_for_log("waiting"));
+  // 200 ms of CPU in all from neighbours, four times the limit, while /wait is in flight.
+  for _ in 0..20 {
+    assert_eq!(outpost.get_text("/burn").await, "burned");
+  }
+  assert_eq!(outpost.get_text("/release").await, "burned");
+  let waited = waiting.await.unwrap();
+  assert_eq!(waited.status(), 200);
+  assert_eq!(waited.text().await.unwrap(), "waited");
+}
