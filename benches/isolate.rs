@@ -16,6 +16,9 @@ use outpost_ext_dispatch::DispatchRequest;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+/// Heap limit of the benchmarked isolates: Outpost's default.
+const HEAP: usize = 128 * 1024 * 1024;
+
 const JS_HANDLER: &str =
   "export default { fetch: (r) => new Response('hello from ' + new URL(r.url).pathname) };";
 const TS_HANDLER: &str = "export default { fetch: (r: Request): Response => new Response(`hello from ${new URL(r.url).pathname}`) };";
@@ -30,13 +33,14 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
     env: Arc::default(),
     egress: Arc::default(),
     cpu_limit: Duration::from_secs(10),
+    memory_limit: HEAP,
   }
 }
 
 /// A pre-warmed blank isolate and its request channel.
 fn blank() -> (BlankIsolate, mpsc::Sender<DispatchRequest>) {
   let (sender, receiver) = mpsc::channel(8);
-  (BlankIsolate::new(Some(receiver)).unwrap(), sender)
+  (BlankIsolate::new(Some(receiver), HEAP).unwrap(), sender)
 }
 
 /// Gives `isolate` the function and serves one GET through it.
@@ -81,7 +85,7 @@ fn benches(c: &mut Criterion) {
   // Isolates on one thread must be dropped in reverse order of creation: each one is
   // dropped right after it is timed, outside the timing.
   timing::bench(c, "isolate_from_snapshot", 500, || {
-    timing::timed(|| BlankIsolate::new(None).unwrap()).1
+    timing::timed(|| BlankIsolate::new(None, HEAP).unwrap()).1
   });
 
   for (name, file, source) in [
@@ -97,7 +101,7 @@ fn benches(c: &mut Criterion) {
     });
   }
 
-  let factory = IsolateFactory::new(1, Duration::from_secs(10)).unwrap();
+  let factory = IsolateFactory::new(1, Duration::from_secs(10), HEAP).unwrap();
   let mut index = 0;
   timing::bench(c, "new_isolate_from_spare", 300, || {
     index += 1;

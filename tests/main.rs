@@ -8,6 +8,7 @@ mod cpu;
 mod egress;
 mod handlers;
 mod limits;
+mod memory;
 mod pool;
 mod protocols;
 mod streaming;

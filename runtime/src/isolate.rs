@@ -23,6 +23,7 @@ use crate::cpu::{CpuGuard, CpuWatchdog};
 use crate::egress::EgressPolicy;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, FunctionModuleLoader};
+use crate::memory::HeapGuard;
 use crate::snapshot;
 
 /// Requests that may wait in one isolate's channel before senders are held back.
@@ -36,12 +37,15 @@ pub struct FunctionSpec {
   pub egress: Arc<EgressPolicy>,
   /// CPU time one request may use (see `crate::cpu`).
   pub cpu_limit: Duration,
+  /// Heap bytes an isolate of the function may use (see `crate::memory`).
+  pub memory_limit: usize,
 }
 
 /// The server side's handle on a running isolate.
 pub struct IsolateHandle {
   sender: mpsc::Sender<DispatchRequest>,
   cpu: Arc<CpuGuard>,
+  heap: Arc<HeapGuard>,
   in_flight: Arc<AtomicUsize>,
   /// Milliseconds since `epoch` at the last request start or finish.
   last_active_ms: AtomicU64,
@@ -53,6 +57,11 @@ impl IsolateHandle {
   /// terminated entry into JS had used.
   pub fn terminated_for_cpu(&self) -> Option<Duration> {
     self.cpu.terminated_for_cpu()
+  }
+
+  /// Whether the isolate was terminated for using more memory than allowed.
+  pub fn terminated_for_memory(&self) -> bool {
+    self.heap.exceeded()
   }
 
   /// Requests currently dispatched to this isolate and not yet answered.
@@ -117,6 +126,8 @@ impl Drop for InFlightGuard {
 /// isolate to be created from the snapshot: taking a spare costs only loading the function.
 pub struct IsolateFactory {
   spares: usize,
+  /// The heap limit isolates are created with: the largest any function may use.
+  max_heap: usize,
   watchdog: Arc<CpuWatchdog>,
   /// How long loading a function's module may take before it is terminated.
   load_timeout: Duration,
@@ -143,7 +154,7 @@ struct Assignment {
   spec: FunctionSpec,
   /// Gets the isolate's CPU guard as loading begins, so a load that overruns the timeout
   /// can be terminated.
-  loading: oneshot::Sender<Arc<CpuGuard>>,
+  loading: oneshot::Sender<(Arc<CpuGuard>, Arc<HeapGuard>)>,
   ready: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -161,10 +172,15 @@ enum Start {
 impl IsolateFactory {
   /// A factory keeping `spares` blank isolates ready (0: none; every isolate is created on
   /// demand), whose isolates may take `load_timeout` to load their function.
-  pub fn new(spares: usize, load_timeout: Duration) -> Result<Arc<IsolateFactory>, Error> {
+  pub fn new(
+    spares: usize,
+    load_timeout: Duration,
+    max_heap: usize,
+  ) -> Result<Arc<IsolateFactory>, Error> {
     let watchdog = CpuWatchdog::start().map_err(|err| Error::IsolateThread(err.to_string()))?;
     let factory = Arc::new(IsolateFactory {
       spares,
+      max_heap,
       watchdog,
       load_timeout,
       state: Mutex::default(),
@@ -205,9 +221,13 @@ impl IsolateFactory {
         factory.announced.notify_waiters();
       });
       let start = Start::Spare { announce, assigned };
-      if let Err(err) =
-        spawn_isolate_thread("isolate:spare", receiver, start, self.watchdog.clone())
-      {
+      if let Err(err) = spawn_isolate_thread(
+        "isolate:spare",
+        receiver,
+        start,
+        self.watchdog.clone(),
+        self.max_heap,
+      ) {
         tracing::warn!(error = %err, "cannot start a spare isolate");
         break;
       }
@@ -250,6 +270,7 @@ impl IsolateFactory {
           receiver,
           Start::Now(assignment),
           self.watchdog.clone(),
+          self.max_heap,
         )?;
         (sender, "snapshot")
       }
@@ -257,7 +278,7 @@ impl IsolateFactory {
     };
     self.refill();
     let exited = || Error::IsolateCreate("the isolate thread exited during startup".into());
-    let Ok(cpu) = is_loading.await else {
+    let Ok((cpu, heap)) = is_loading.await else {
       // The thread failed before loading began; its error, if any, is on `ready`.
       return Err(match is_ready.await {
         Ok(Err(err)) => err,
@@ -283,6 +304,7 @@ impl IsolateFactory {
     Ok(Arc::new(IsolateHandle {
       sender,
       cpu,
+      heap,
       in_flight: Arc::default(),
       last_active_ms: AtomicU64::new(0),
       epoch: Instant::now(),
@@ -295,10 +317,11 @@ fn spawn_isolate_thread(
   receiver: mpsc::Receiver<DispatchRequest>,
   start: Start,
   watchdog: Arc<CpuWatchdog>,
+  max_heap: usize,
 ) -> Result<(), Error> {
   std::thread::Builder::new()
     .name(name.into())
-    .spawn(move || run_isolate_thread(receiver, start, watchdog))
+    .spawn(move || run_isolate_thread(receiver, start, watchdog, max_heap))
     .map(drop)
     .map_err(|err| Error::IsolateThread(err.to_string()))
 }
@@ -307,6 +330,7 @@ fn run_isolate_thread(
   receiver: mpsc::Receiver<DispatchRequest>,
   start: Start,
   watchdog: Arc<CpuWatchdog>,
+  max_heap: usize,
 ) {
   let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
@@ -326,7 +350,7 @@ fn run_isolate_thread(
     }
   };
   tokio.block_on(async move {
-    let blank = BlankIsolate::new(Some(receiver));
+    let blank = BlankIsolate::new(Some(receiver), max_heap);
     let (
       mut isolate,
       Assignment {
@@ -357,7 +381,7 @@ fn run_isolate_thread(
     let cpu = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
     let meter: Arc<dyn outpost_ext_dispatch::CpuMeter> = cpu.clone();
     isolate.runtime.op_state().borrow_mut().put(meter);
-    let _ = loading.send(cpu.clone());
+    let _ = loading.send((cpu.clone(), isolate.heap.clone()));
     let serving = match isolate.start_function(&spec).await {
       Ok(serving) => serving,
       Err(err) => {
@@ -366,7 +390,16 @@ fn run_isolate_thread(
       }
     };
     let _ = ready.send(Ok(()));
-    if let Err(err) = drive_event_loop(&mut isolate.runtime, serving, &cpu, spec.cpu_limit).await {
+    // Functions allowed less heap than the isolate was created with are checked after
+    // every entry into JS.
+    let heap_check = (spec.memory_limit < max_heap).then_some(spec.memory_limit);
+    let limits = EntryLimits {
+      cpu: &cpu,
+      cpu_limit: spec.cpu_limit,
+      heap: &isolate.heap,
+      heap_check,
+    };
+    if let Err(err) = drive_event_loop(&mut isolate.runtime, serving, limits).await {
       tracing::error!(function = %spec.code.name, error = %err, "isolate event loop failed");
     }
   });
@@ -376,15 +409,19 @@ fn run_isolate_thread(
 /// given a function yet. Once given one it runs that function only.
 pub struct BlankIsolate {
   pub runtime: JsRuntime,
+  heap: Arc<HeapGuard>,
   loader: Rc<FunctionModuleLoader>,
   /// `serve(namespace, env)` from the bootstrap JS.
   serve: v8::Global<v8::Function>,
 }
 
 impl BlankIsolate {
-  /// Creates a blank isolate from the snapshot. `receiver` is its request channel (none for
-  /// load checks).
-  pub fn new(receiver: Option<mpsc::Receiver<DispatchRequest>>) -> Result<BlankIsolate, Error> {
+  /// Creates a blank isolate from the snapshot whose heap may grow to `max_heap` bytes.
+  /// `receiver` is its request channel (none for load checks).
+  pub fn new(
+    receiver: Option<mpsc::Receiver<DispatchRequest>>,
+    max_heap: usize,
+  ) -> Result<BlankIsolate, Error> {
     let loader = Rc::new(FunctionModuleLoader::default());
     let mut runtime = JsRuntime::try_new(RuntimeOptions {
       extensions: outpost_js::extensions(outpost_js::IsolateOptions {
@@ -398,9 +435,11 @@ impl BlankIsolate {
       residual_lazy_js_sources: snapshot::RESIDUAL_LAZY_JS,
       residual_lazy_esm_sources: snapshot::RESIDUAL_LAZY_ESM,
       module_loader: Some(loader.clone()),
+      create_params: Some(v8::CreateParams::default().heap_limits(0, max_heap)),
       ..Default::default()
     })
     .map_err(|err| Error::IsolateCreate(err.to_string()))?;
+    let heap = HeapGuard::install(&mut runtime);
     // Read both entry points first: bootstrap() deletes globalThis.__outpost.
     let bootstrap = entry_point(&mut runtime, "bootstrap")?;
     let serve = entry_point(&mut runtime, "serve")?;
@@ -409,6 +448,7 @@ impl BlankIsolate {
       .map_err(|err| Error::IsolateCreate(format!("bootstrap failed: {err}")))?;
     Ok(BlankIsolate {
       runtime,
+      heap,
       loader,
       serve,
     })
@@ -467,12 +507,26 @@ pub type ServeFuture = std::pin::Pin<
 /// Drives the isolate until its serve loop has finished. Once the function is loaded, every
 /// entry into JS on this thread happens inside `poll_event_loop`; this is the seam where
 /// CPU metering wraps each poll.
+/// What bounds each entry into JS of a running isolate.
+struct EntryLimits<'a> {
+  cpu: &'a CpuGuard,
+  cpu_limit: Duration,
+  heap: &'a HeapGuard,
+  /// A heap limit below the isolate's own, checked after every entry.
+  heap_check: Option<usize>,
+}
+
 async fn drive_event_loop(
   runtime: &mut JsRuntime,
   mut serving: ServeFuture,
-  cpu: &CpuGuard,
-  cpu_limit: Duration,
+  limits: EntryLimits<'_>,
 ) -> Result<(), String> {
+  let EntryLimits {
+    cpu,
+    cpu_limit,
+    heap,
+    heap_check,
+  } = limits;
   let options = PollEventLoopOptions::default();
   let op_state = runtime.op_state();
   poll_fn(|cx| {
@@ -495,6 +549,9 @@ async fn drive_event_loop(
     // a termination caught in a microtask checkpoint): it is discarded, never polled again.
     if cpu.terminated_for_cpu().is_some() {
       return std::task::Poll::Ready(Err("terminated: CPU limit".to_string()));
+    }
+    if heap_check.is_some_and(|limit| heap.check(runtime, limit)) || heap.exceeded() {
+      return std::task::Poll::Ready(Err("terminated: memory limit".to_string()));
     }
     if let std::task::Poll::Ready(result) = serving.as_mut().poll(cx) {
       return std::task::Poll::Ready(result.map(drop).map_err(|e| e.to_string()));
@@ -535,7 +592,7 @@ pub fn check_function(spec: &FunctionSpec) -> Result<(), Error> {
     .build()
     .map_err(|err| Error::IsolateCreate(err.to_string()))?;
   tokio.block_on(async {
-    let mut isolate = BlankIsolate::new(None)?;
+    let mut isolate = BlankIsolate::new(None, spec.memory_limit)?;
     isolate.start_function(spec).await.map(drop)
   })
 }

@@ -14,6 +14,7 @@ pub mod function_code;
 pub mod hop_by_hop;
 pub mod isolate;
 pub mod limits;
+pub mod memory;
 pub mod pool;
 pub mod router;
 pub mod server;

@@ -21,6 +21,9 @@ pub struct LimitsConfig {
   /// CPU time a request may use inside its isolate; past it the isolate is terminated and
   /// the request answered 503.
   pub cpu_ms: Option<u64>,
+  /// Heap an isolate of the function may use; past it the isolate is terminated and the
+  /// request answered 503.
+  pub memory_mb: Option<usize>,
   /// Wall-clock time a request may take, response body included; 504 past it.
   pub wall_ms: Option<u64>,
   /// Requests of the function in flight at once, across all its isolates.
@@ -31,18 +34,26 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
   pub cpu: Duration,
+  /// Heap bytes.
+  pub memory: usize,
   pub wall: Duration,
   pub max_concurrency: usize,
 }
 
 impl Limits {
   pub const DEFAULT_CPU_MS: u64 = 50;
+  pub const DEFAULT_MEMORY_MB: usize = 128;
   pub const DEFAULT_WALL_MS: u64 = 30_000;
   pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
 
   /// The function's own values, else the node's, else the defaults.
   pub fn resolve(function: &LimitsConfig, node: &LimitsConfig) -> Limits {
     Limits {
+      memory: function
+        .memory_mb
+        .or(node.memory_mb)
+        .unwrap_or(Self::DEFAULT_MEMORY_MB)
+        .saturating_mul(1024 * 1024),
       cpu: Duration::from_millis(
         function
           .cpu_ms
@@ -67,6 +78,9 @@ impl LimitsConfig {
   /// Every value that cannot work, with the reason.
   pub fn problems(&self) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
+    if self.memory_mb.is_some_and(|mb| mb < 16) {
+      problems.push(("memory_mb", "must be at least 16".to_string()));
+    }
     if self.cpu_ms == Some(0) {
       problems.push(("cpu_ms", "must be at least 1".to_string()));
     }
@@ -154,11 +168,13 @@ mod tests {
   #[test]
   fn function_values_override_node_values_which_override_defaults() {
     let node = LimitsConfig {
+      memory_mb: None,
       cpu_ms: Some(20),
       wall_ms: Some(5000),
       max_concurrency: None,
     };
     let function = LimitsConfig {
+      memory_mb: Some(64),
       cpu_ms: None,
       wall_ms: None,
       max_concurrency: Some(3),
@@ -166,6 +182,7 @@ mod tests {
     assert_eq!(
       Limits::resolve(&function, &node),
       Limits {
+        memory: 64 * 1024 * 1024,
         cpu: Duration::from_millis(20),
         wall: Duration::from_millis(5000),
         max_concurrency: 3

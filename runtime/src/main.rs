@@ -156,6 +156,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
           env: Arc::new(config.handler_env(function)),
           egress: Arc::new(config.egress_policy(function)),
           cpu_limit: function.limits.cpu,
+          memory_limit: function.limits.memory,
         })
         .map_err(|err| err.to_string())
       });

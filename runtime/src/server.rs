@@ -79,9 +79,18 @@ impl Node {
   /// Loads every function (pre-warming its isolates) and binds every listener.
   pub async fn start(config: &Config) -> Result<Node, Error> {
     let transpiler = Arc::new(TranspileCache::default());
+    // Isolates are created before their function is known, with the largest heap any
+    // function may use; smaller limits are checked per function.
+    let max_heap = config
+      .functions
+      .iter()
+      .map(|f| f.limits.memory)
+      .max()
+      .unwrap_or(Limits::DEFAULT_MEMORY_MB * 1024 * 1024);
     let factory = IsolateFactory::new(
       config.server.spare_isolates,
       Duration::from_millis(config.server.load_timeout_ms),
+      max_heap,
     )?;
     let mut starts = Vec::new();
     for function in &config.functions {
@@ -97,6 +106,7 @@ impl Node {
         env: Arc::new(config.handler_env(function)),
         egress: Arc::new(config.egress_policy(function)),
         cpu_limit: function.limits.cpu,
+        memory_limit: function.limits.memory,
       };
       starts.push(IsolatePool::start(
         factory.clone(),
@@ -529,6 +539,25 @@ async fn dispatch(
       response
         .headers_mut()
         .insert(TERMINATION_HEADER, HeaderValue::from_static("cpu-limit"));
+      response
+    }
+    Err(_) if in_flight.isolate().terminated_for_memory() => {
+      tracing::warn!(
+        request_id,
+        function = pool.name(),
+        "isolate terminated: memory limit"
+      );
+      let mut response = outpost_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "memory-limit",
+        format!(
+          "outpost: function {:?} ran past its memory limit; its isolate was discarded (request id {request_id})\n",
+          pool.name()
+        ),
+      );
+      response
+        .headers_mut()
+        .insert(TERMINATION_HEADER, HeaderValue::from_static("memory-limit"));
       response
     }
     Err(_) => {

@@ -1,0 +1,88 @@
+//! The memory limit: heap bombs are stopped without harming the process.
+
+use crate::support::{Outpost, functions_config, http1};
+
+const BOMB: &str = r#"
+const isolate = crypto.randomUUID();
+export default {
+  fetch(request) {
+    if (new URL(request.url).pathname === "/heap") {
+      const hoard = [];
+      for (;;) hoard.push(new Array(1e6).fill(1));
+    }
+    return new Response(isolate);
+  },
+};
+"#;
+
+#[tokio::test]
+async fn heap_bombs_are_terminated_and_the_process_stays_bounded() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "bomb",
+        "bomb.js",
+        "routes = [\"/\"]\nlimits = { memory_mb = 64, cpu_ms = 60000 }",
+      )],
+    ),
+    &[("bomb.js", BOMB)],
+  );
+  let before = outpost.get_text("/").await;
+  let mut rss_after_warmup = 0;
+  for round in 0..10 {
+    let response = http1().get(outpost.url("/heap")).send().await.unwrap();
+    assert_eq!(response.status(), 503, "round {round}");
+    assert_eq!(response.headers()["outpost-termination"], "memory-limit");
+    if round == 2 {
+      rss_after_warmup = outpost.proc_status_kib("VmRSS");
+    }
+  }
+  let rss_after = outpost.proc_status_kib("VmRSS");
+  // Each bomb grows a heap to 64 MiB; none of it may stay behind.
+  assert!(
+    rss_after < rss_after_warmup + 64 * 1024,
+    "RSS went from {rss_after_warmup} KiB after 3 bombs to {rss_after} KiB after 10"
+  );
+  let after = outpost.get_text("/").await;
+  assert_ne!(before, after, "a fresh isolate serves after the bombs");
+}
+
+#[tokio::test]
+async fn a_function_allowed_less_than_others_is_held_to_its_own_limit() {
+  let grower = r#"
+const hoard = [];
+export default {
+  async fetch() {
+    // About 1 MiB per step, yielding to the event loop in between.
+    for (let step = 0; step < 96; step++) {
+      hoard.push(new Array(131072).fill(step));
+      await new Promise((resolve) => setTimeout(resolve, 0));
+    }
+    return new Response("grew");
+  },
+};
+"#;
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[
+        (
+          "small",
+          "small.js",
+          "routes = [\"/small\"]\nlimits = { memory_mb = 32, cpu_ms = 60000 }",
+        ),
+        (
+          "big",
+          "big.js",
+          "routes = [\"/big\"]\nlimits = { memory_mb = 256, cpu_ms = 60000 }",
+        ),
+      ],
+    ),
+    &[("small.js", grower), ("big.js", grower)],
+  );
+  let small = http1().get(outpost.url("/small")).send().await.unwrap();
+  assert_eq!(small.status(), 503);
+  assert_eq!(small.headers()["outpost-termination"], "memory-limit");
+  assert_eq!(outpost.get_text("/big").await, "grew");
+}
