@@ -526,7 +526,7 @@ async fn dispatch(
         cpu_used = ?used,
         "isolate terminated: CPU limit"
       );
-      let mut response = outpost_response(
+      termination_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "cpu-limit",
         format!(
@@ -535,11 +535,7 @@ async fn dispatch(
           limits.cpu,
           used.as_micros()
         ),
-      );
-      response
-        .headers_mut()
-        .insert(TERMINATION_HEADER, HeaderValue::from_static("cpu-limit"));
-      response
+      )
     }
     Err(_) if in_flight.isolate().terminated_for_memory() => {
       tracing::warn!(
@@ -547,18 +543,14 @@ async fn dispatch(
         function = pool.name(),
         "isolate terminated: memory limit"
       );
-      let mut response = outpost_response(
+      termination_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "memory-limit",
         format!(
           "outpost: function {:?} ran past its memory limit; its isolate was discarded (request id {request_id})\n",
           pool.name()
         ),
-      );
-      response
-        .headers_mut()
-        .insert(TERMINATION_HEADER, HeaderValue::from_static("memory-limit"));
-      response
+      )
     }
     Err(_) => {
       tracing::error!(
@@ -584,16 +576,22 @@ struct RoutedFunction {
 
 /// 504 for a request that ran past its function's wall-clock limit.
 fn wall_time_exceeded(function: &str, limit: Duration) -> Response<Body> {
-  let mut response = outpost_response(
+  termination_response(
     StatusCode::GATEWAY_TIMEOUT,
     "timeout",
     format!(
       "outpost: function {function:?} did not answer within its wall-clock limit of {limit:?}\n"
     ),
-  );
+  )
+}
+
+/// A response for a request a limit ended: `outpost-error` and `outpost-termination` both
+/// name the limit.
+fn termination_response(status: StatusCode, limit: &'static str, body: String) -> Response<Body> {
+  let mut response = outpost_response(status, limit, body);
   response
     .headers_mut()
-    .insert(TERMINATION_HEADER, HeaderValue::from_static("timeout"));
+    .insert(TERMINATION_HEADER, HeaderValue::from_static(limit));
   response
 }
 
