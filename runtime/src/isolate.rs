@@ -152,8 +152,8 @@ struct Spare {
 /// A function for an isolate thread to take on, and where to say when it serves.
 struct Assignment {
   spec: FunctionSpec,
-  /// Gets the isolate's CPU guard as loading begins, so a load that overruns the timeout
-  /// can be terminated.
+  /// Gets the isolate's CPU and heap guards as loading begins: the server side needs them
+  /// to tell why an isolate ended, and to terminate a load that overruns the timeout.
   loading: oneshot::Sender<(Arc<CpuGuard>, Arc<HeapGuard>)>,
   ready: oneshot::Sender<Result<(), Error>>,
 }
@@ -171,7 +171,8 @@ enum Start {
 
 impl IsolateFactory {
   /// A factory keeping `spares` blank isolates ready (0: none; every isolate is created on
-  /// demand), whose isolates may take `load_timeout` to load their function.
+  /// demand), whose isolates may take `load_timeout` to load their function and grow their
+  /// heap to `max_heap` bytes. Starts the CPU watchdog.
   pub fn new(
     spares: usize,
     load_timeout: Duration,
