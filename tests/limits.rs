@@ -200,3 +200,30 @@ async fn past_the_concurrency_limit_and_queue_requests_get_503_with_retry_after(
   assert_eq!(statuses, [200, 503]);
   assert_eq!(first.await.unwrap().unwrap().status(), 200);
 }
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
+  let outpost = server();
+  let mut stream = TcpStream::connect(outpost.http[0]).unwrap();
+  stream
+    .write_all(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
+    .unwrap();
+  stream
+    .set_read_timeout(Some(Duration::from_secs(10)))
+    .unwrap();
+  let mut buffer = [0u8; 4096];
+  let read = stream.read(&mut buffer).unwrap();
+  assert!(buffer[..read].starts_with(b"HTTP/1.1 200"));
+  // Waiting for the next request head counts against the header read timeout (500 ms).
+  let started = Instant::now();
+  let read = stream.read(&mut buffer);
+  assert!(
+    matches!(read, Ok(0)) || read.is_err(),
+    "expected the server to close the idle connection, read {read:?}"
+  );
+  assert!(
+    started.elapsed() < Duration::from_secs(9),
+    "closed only after {:?}",
+    started.elapsed()
+  );
+}
