@@ -59,6 +59,7 @@ async fn first_request(
       body: None,
       cancel: CancellationToken::new(),
       reply,
+      usage: Default::default(),
     })
     .await
     .unwrap();

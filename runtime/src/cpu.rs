@@ -2,10 +2,13 @@
 //!
 //! Every entry into JS on an isolate thread (each poll of its event loop) is bracketed by
 //! [`CpuGuard::enter`] and [`CpuGuard::leave`], which read the thread's CPU clock
-//! (`CLOCK_THREAD_CPUTIME_ID`). The time is charged to the requests in flight (split evenly,
-//! see `outpost_ext_dispatch::charge_cpu`), also when one of them answers or a new one
-//! arrives mid-entry. The budget of an entry: with one request in flight, what that request
-//! has left of its limit; otherwise one whole limit (see `drive_event_loop`). Code that never returns from JS (`while (true)
+//! (`CLOCK_THREAD_CPUTIME_ID`), once per entry: an entry is measured from the end of the
+//! previous one, since the thread's CPU clock does not advance while it waits for work (the
+//! little CPU the runtime spends between entries is counted with the next one). The time is
+//! charged to the requests in flight and those answered during the entry, split evenly (see
+//! `outpost_ext_dispatch::charge_cpu`). The budget of an entry: with one request in flight,
+//! what that request has left of its limit; otherwise one whole limit (see
+//! `drive_event_loop`). Code that never returns from JS (`while (true)
 //! {}`) cannot be caught after the fact, so one [`CpuWatchdog`] thread watches every isolate
 //! that is inside JS: it reads that thread's CPU clock and terminates the isolate once the
 //! entry has used its budget. It sleeps until the earliest moment a budget could run out
@@ -60,8 +63,9 @@ pub struct CpuGuard {
   entered_ns: AtomicU64,
   /// CPU time the current entry may use before the isolate is terminated.
   budget_ns: AtomicU64,
-  /// Thread CPU time up to which the current entry has been charged to requests.
-  charged_ns: AtomicU64,
+  /// Thread CPU time at the end of the previous entry: where the next one is measured from.
+  /// Only the isolate thread uses it.
+  last_ns: AtomicU64,
   terminated: AtomicBool,
   /// CPU time the entry had used when the watchdog terminated it.
   used_at_termination_ns: AtomicU64,
@@ -72,11 +76,12 @@ pub struct CpuGuard {
 impl CpuGuard {
   /// Registers the calling thread's isolate with the watchdog. Call on the isolate thread.
   pub fn new(isolate: v8::IsolateHandle, watchdog: &Arc<CpuWatchdog>) -> Arc<CpuGuard> {
+    let clock = ThreadClock::current();
     let guard = Arc::new(CpuGuard {
-      clock: ThreadClock::current(),
+      clock,
       entered_ns: AtomicU64::new(OUTSIDE_JS),
       budget_ns: AtomicU64::new(u64::MAX),
-      charged_ns: AtomicU64::new(0),
+      last_ns: AtomicU64::new(clock.now_ns()),
       terminated: AtomicBool::new(false),
       used_at_termination_ns: AtomicU64::new(0),
       isolate,
@@ -90,24 +95,20 @@ impl CpuGuard {
   pub fn enter(&self, budget: Duration) {
     let budget_ns = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
     self.budget_ns.store(budget_ns, Ordering::Relaxed);
-    let now = self.clock.now_ns();
-    self.charged_ns.store(now, Ordering::Relaxed);
-    self.entered_ns.store(now, Ordering::Release);
+    self
+      .entered_ns
+      .store(self.last_ns.load(Ordering::Relaxed), Ordering::Release);
     if budget < IDLE_CHECK {
       self.watchdog.wake();
     }
   }
 
-  /// JS has returned; the CPU time of this entry not yet charged to requests.
+  /// JS has returned; the CPU time this entry used.
   pub fn leave(&self) -> Duration {
-    self.entered_ns.store(OUTSIDE_JS, Ordering::Release);
-    self.uncharged()
-  }
-
-  fn uncharged(&self) -> Duration {
     let now = self.clock.now_ns();
-    let charged = self.charged_ns.swap(now, Ordering::Relaxed);
-    Duration::from_nanos(now.saturating_sub(charged))
+    self.entered_ns.store(OUTSIDE_JS, Ordering::Release);
+    let last = self.last_ns.swap(now, Ordering::Relaxed);
+    Duration::from_nanos(now.saturating_sub(last))
   }
 
   /// When the watchdog terminated this isolate for running past its CPU budget: the CPU
@@ -140,12 +141,6 @@ impl CpuGuard {
       return None;
     }
     Some(Duration::from_nanos(budget.saturating_sub(used)))
-  }
-}
-
-impl outpost_ext_dispatch::CpuMeter for CpuGuard {
-  fn take_uncharged(&self) -> Duration {
-    self.uncharged()
   }
 }
 

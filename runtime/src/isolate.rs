@@ -380,8 +380,6 @@ fn run_isolate_thread(
       }
     };
     let cpu = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
-    let meter: Arc<dyn outpost_ext_dispatch::CpuMeter> = cpu.clone();
-    isolate.runtime.op_state().borrow_mut().put(meter);
     let _ = loading.send((cpu.clone(), isolate.heap.clone()));
     let serving = match isolate.start_function(&spec).await {
       Ok(serving) => serving,

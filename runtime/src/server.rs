@@ -429,6 +429,7 @@ async fn dispatch(
   };
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
+  let usage = Arc::new(RequestUsage::new(request_id.to_string()));
   let dispatched = pool.dispatch(DispatchRequest {
     method: parts.method,
     url,
@@ -436,6 +437,7 @@ async fn dispatch(
     body,
     cancel: cancel.clone(),
     reply,
+    usage,
   });
   let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
     Err(_) => return wall_time_exceeded(pool.name(), limits.wall),
@@ -469,14 +471,6 @@ async fn dispatch(
   }
   match replied {
     Ok(Ok(mut response)) => {
-      if let Some(usage) = response.extensions().get::<RequestUsage>() {
-        tracing::debug!(
-          request_id,
-          function = pool.name(),
-          cpu_us = usage.cpu.as_micros() as u64,
-          "handler answered"
-        );
-      }
       hop_by_hop::strip_response(response.headers_mut());
       // Framing is ours: hyper derives Content-Length from the body (exact for inline
       // bodies, also for HEAD) or streams it chunked. A handler's own value could contradict

@@ -11,6 +11,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,6 +49,8 @@ pub struct DispatchRequest {
   /// Cancelled by the server when the client goes away; stops body streaming.
   pub cancel: CancellationToken,
   pub reply: oneshot::Sender<DispatchReply>,
+  /// Filled in by the isolate as the request uses CPU.
+  pub usage: Arc<RequestUsage>,
 }
 
 /// What the isolate answers for one request.
@@ -87,23 +91,58 @@ impl DispatchQueue {
 struct InFlight {
   next_id: u32,
   pending: HashMap<u32, PendingReply>,
+  /// Usage of the requests answered during the current entry into JS: they still get
+  /// their share of it when it ends.
+  answered: Vec<Arc<RequestUsage>>,
 }
 
 struct PendingReply {
   reply: oneshot::Sender<DispatchReply>,
   cancel: CancellationToken,
-  /// CPU time charged to this request so far, its share included (see [`charge_cpu`]).
-  cpu: Duration,
-  /// The part of `cpu` used while it was the only request in flight: the time that is
+  usage: Arc<RequestUsage>,
+  /// The CPU time charged while it was the only request in flight: the time that is
   /// certainly its own, and what its CPU limit is enforced on.
   cpu_alone: Duration,
 }
 
-/// What a request used inside the isolate, attached to its response's extensions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a request used inside its isolate, shared between the server and the isolate. It is
+/// complete when the last holder lets go, after the entry into JS that answered the request
+/// has been charged; it is logged then (target `outpost::usage`).
+#[derive(Debug, Default)]
 pub struct RequestUsage {
-  /// CPU time charged to the request until its response head was produced.
-  pub cpu: Duration,
+  request_id: String,
+  cpu_ns: AtomicU64,
+}
+
+impl Drop for RequestUsage {
+  fn drop(&mut self) {
+    tracing::debug!(
+      target: "outpost::usage",
+      request_id = self.request_id,
+      cpu_us = self.cpu().as_micros() as u64,
+      "request usage"
+    );
+  }
+}
+
+impl RequestUsage {
+  pub fn new(request_id: String) -> RequestUsage {
+    RequestUsage {
+      request_id,
+      cpu_ns: AtomicU64::new(0),
+    }
+  }
+
+  /// CPU time charged to the request, its share of entries into JS it was in flight for
+  /// included, up to and including the entry in which it was answered.
+  pub fn cpu(&self) -> Duration {
+    Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
+  }
+
+  fn charge(&self, cpu: Duration) {
+    let ns = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
+    self.cpu_ns.fetch_add(ns, Ordering::Relaxed);
+  }
 }
 
 /// How many requests are in flight on this isolate, and the most CPU time any of them used
@@ -119,40 +158,25 @@ pub fn cpu_in_flight(state: &OpState) -> (usize, Duration) {
   (in_flight.pending.len(), most)
 }
 
-/// The isolate's CPU meter, as the dispatch ops see it (put into `OpState` as
-/// `Arc<dyn CpuMeter>` by the runtime).
-pub trait CpuMeter {
-  /// CPU time used on this thread since the meter was last read, in the current entry
-  /// into JS.
-  fn take_uncharged(&self) -> Duration;
-}
-
-/// Charges the CPU time used so far in this entry into JS to the requests in flight, before
-/// one of them leaves or a new one joins.
-fn settle_cpu(state: &mut OpState) {
-  let uncharged = state
-    .try_borrow::<std::sync::Arc<dyn CpuMeter>>()
-    .map(|meter| meter.take_uncharged());
-  if let Some(uncharged) = uncharged {
-    charge_cpu(state, uncharged);
-  }
-}
-
-/// Charges `cpu` (one entry into JS) to the requests in flight, split evenly among them:
-/// JS runs them interleaved on one thread, so no finer attribution exists. Time spent with
-/// no request in flight (`waitUntil` work, timers) is charged to none.
+/// Charges `cpu` (one entry into JS) to the requests in flight and those answered during
+/// the entry, split evenly among them: JS runs them interleaved on one thread, so no finer
+/// attribution exists. Time spent with no request around (`waitUntil` work, timers) is
+/// charged to none.
 pub fn charge_cpu(state: &mut OpState, cpu: Duration) {
   let in_flight = state.borrow_mut::<InFlight>();
-  let alone = in_flight.pending.len() == 1;
-  let share = match u32::try_from(in_flight.pending.len()) {
+  let alone = in_flight.pending.len() == 1 && in_flight.answered.is_empty();
+  let share = match u32::try_from(in_flight.pending.len() + in_flight.answered.len()) {
     Ok(0) | Err(_) => return,
     Ok(n) => cpu / n,
   };
   for pending in in_flight.pending.values_mut() {
-    pending.cpu += share;
+    pending.usage.charge(share);
     if alone {
       pending.cpu_alone += share;
     }
+  }
+  for usage in in_flight.answered.drain(..) {
+    usage.charge(share);
   }
 }
 
@@ -207,7 +231,6 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
     rx.recv().await?
   };
   let mut state = state.borrow_mut();
-  settle_cpu(&mut state);
   let body_rid = request.body.map(|body| {
     state
       .resource_table
@@ -221,7 +244,7 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
     PendingReply {
       reply: request.reply,
       cancel: request.cancel,
-      cpu: Duration::ZERO,
+      usage: request.usage,
       cpu_alone: Duration::ZERO,
     },
   );
@@ -277,12 +300,9 @@ fn op_dispatch_respond(
   let resource = body_rid
     .map(|rid| state.resource_table.take_any(rid))
     .transpose()?;
-  settle_cpu(state);
-  let pending = state
-    .borrow_mut::<InFlight>()
-    .pending
-    .remove(&id)
-    .expect("checked above");
+  let in_flight = state.borrow_mut::<InFlight>();
+  let pending = in_flight.pending.remove(&id).expect("checked above");
+  in_flight.answered.push(pending.usage.clone());
   let body = match (resource, body) {
     (Some(resource), _) => stream_resource_body(resource, pending.cancel.clone()),
     (None, Some(bytes)) => full_body(Bytes::from(bytes.0)),
@@ -291,9 +311,6 @@ fn op_dispatch_respond(
   let mut response = http::Response::new(body);
   *response.status_mut() = status;
   *response.headers_mut() = header_map;
-  response
-    .extensions_mut()
-    .insert(RequestUsage { cpu: pending.cpu });
   // The client may have gone away already; then there is nobody to tell.
   let _ = pending.reply.send(Ok(response));
   Ok(())
@@ -307,12 +324,12 @@ fn op_dispatch_fail(
   not_a_response: bool,
   #[string] detail: String,
 ) -> Result<(), DispatchError> {
-  settle_cpu(state);
-  let pending = state
-    .borrow_mut::<InFlight>()
+  let in_flight = state.borrow_mut::<InFlight>();
+  let pending = in_flight
     .pending
     .remove(&id)
     .ok_or(DispatchError::UnknownDispatch(id))?;
+  in_flight.answered.push(pending.usage.clone());
   let kind = if not_a_response {
     FailureKind::NotAResponse
   } else {
