@@ -87,3 +87,42 @@ export default {
   assert_eq!(small.headers()["outpost-termination"], "memory-limit");
   assert_eq!(outpost.get_text("/big").await, "grew");
 }
+
+#[tokio::test]
+async fn array_buffers_count_against_the_memory_limit() {
+  let buffers = r#"
+export default {
+  fetch(request) {
+    const mib = Number(new URL(request.url).searchParams.get("mib"));
+    try {
+      return new Response(`allocated ${new ArrayBuffer(mib * 1024 * 1024).byteLength >> 20} MiB`);
+    } catch (error) {
+      return new Response(`${error.name}: ${error.message}`);
+    }
+  },
+};
+"#;
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "buffers",
+        "buffers.js",
+        "routes = [\"/\"]\nlimits = { memory_mb = 64 }",
+      )],
+    ),
+    &[("buffers.js", buffers)],
+  );
+  assert_eq!(outpost.get_text("/?mib=32").await, "allocated 32 MiB");
+  // More than the function may use: refused inside JS (a RangeError from the counting
+  // allocator) or by terminating the isolate (503), but never granted.
+  let response = http1().get(outpost.url("/?mib=100")).send().await.unwrap();
+  let status = response.status();
+  let refused = response.text().await.unwrap();
+  assert!(
+    refused.starts_with("RangeError") || (status == 503 && refused.contains("memory limit")),
+    "{status} {refused}"
+  );
+  // Freed buffers are given back: the function can allocate again.
+  assert_eq!(outpost.get_text("/?mib=48").await, "allocated 48 MiB");
+}

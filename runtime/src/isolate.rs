@@ -23,7 +23,7 @@ use crate::cpu::{CpuGuard, CpuWatchdog};
 use crate::egress::EgressPolicy;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, FunctionModuleLoader};
-use crate::memory::HeapGuard;
+use crate::memory::{ArrayBufferBudget, HeapGuard};
 use crate::snapshot;
 
 /// Requests that may wait in one isolate's channel before senders are held back.
@@ -422,6 +422,7 @@ impl BlankIsolate {
     max_heap: usize,
   ) -> Result<BlankIsolate, Error> {
     let loader = Rc::new(FunctionModuleLoader::default());
+    let buffers = ArrayBufferBudget::new(max_heap);
     let mut runtime = JsRuntime::try_new(RuntimeOptions {
       extensions: outpost_js::extensions(outpost_js::IsolateOptions {
         dispatch_queue: receiver.map(DispatchQueue::new),
@@ -434,11 +435,15 @@ impl BlankIsolate {
       residual_lazy_js_sources: snapshot::RESIDUAL_LAZY_JS,
       residual_lazy_esm_sources: snapshot::RESIDUAL_LAZY_ESM,
       module_loader: Some(loader.clone()),
-      create_params: Some(v8::CreateParams::default().heap_limits(0, max_heap)),
+      create_params: Some(
+        v8::CreateParams::default()
+          .heap_limits(0, max_heap)
+          .array_buffer_allocator(buffers.allocator()),
+      ),
       ..Default::default()
     })
     .map_err(|err| Error::IsolateCreate(err.to_string()))?;
-    let heap = HeapGuard::install(&mut runtime);
+    let heap = HeapGuard::install(&mut runtime, buffers);
     // Read both entry points first: bootstrap() deletes globalThis.__outpost.
     let bootstrap = entry_point(&mut runtime, "bootstrap")?;
     let serve = entry_point(&mut runtime, "serve")?;
