@@ -121,3 +121,62 @@ export default {
   assert_eq!(waited.status(), 200);
   assert_eq!(waited.text().await.unwrap(), "waited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_burning_cpu_does_not_stop_its_neighbour() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[
+        ("hog", "hog.js", "routes = [\"hog.test/\"]"),
+        ("healthy", "healthy.js", "routes = [\"/\"]"),
+      ],
+    ),
+    &[
+      (
+        "hog.js",
+        "export default { fetch() { const end = performance.now() + 40; while (performance.now() < end) {} return new Response('burned'); } };",
+      ),
+      (
+        "healthy.js",
+        "export default { fetch: () => new Response('hello') };",
+      ),
+    ],
+  );
+  let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+  let hogs: Vec<_> = (0..4)
+    .map(|_| {
+      let (url, stop) = (outpost.url("/"), stop.clone());
+      tokio::spawn(async move {
+        let client = http1();
+        let mut burned = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+          let response = client
+            .get(&url)
+            .header("host", "hog.test")
+            .send()
+            .await
+            .unwrap();
+          assert_eq!(response.text().await.unwrap(), "burned");
+          burned += 1;
+        }
+        burned
+      })
+    })
+    .collect();
+  // Generous on purpose: the tight figure is a benchmark, not a test.
+  let client = reqwest::Client::builder()
+    .timeout(std::time::Duration::from_secs(5))
+    .build()
+    .unwrap();
+  for _ in 0..100 {
+    let response = client.get(outpost.url("/")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "hello");
+  }
+  stop.store(true, std::sync::atomic::Ordering::Relaxed);
+  let mut burned = 0;
+  for hog in hogs {
+    burned += hog.await.unwrap();
+  }
+  assert!(burned > 0, "the hog was served too");
+}

@@ -7,8 +7,9 @@
 //! little CPU the runtime spends between entries is counted with the next one). The time is
 //! charged to the requests in flight and those answered during the entry, split evenly (see
 //! `outpost_ext_dispatch::charge_cpu`). The budget of an entry: with one request in flight,
-//! what that request has left of its limit; otherwise one whole limit (see
-//! `drive_event_loop`). Code that never returns from JS (`while (true)
+//! what that request has left of its limit; with several, one limit each; with none, one
+//! limit; plus one limit for every request taken off the queue during the entry, since its
+//! handler may run in the same entry (see `drive_event_loop`). Code that never returns from JS (`while (true)
 //! {}`) cannot be caught after the fact, so one [`CpuWatchdog`] thread watches every isolate
 //! that is inside JS: it reads that thread's CPU clock and terminates the isolate once the
 //! entry has used its budget. It sleeps until the earliest moment a budget could run out
@@ -63,6 +64,8 @@ pub struct CpuGuard {
   entered_ns: AtomicU64,
   /// CPU time the current entry may use before the isolate is terminated.
   budget_ns: AtomicU64,
+  /// The CPU limit of one request: what a request joining mid-entry adds to the budget.
+  per_request_ns: AtomicU64,
   /// Thread CPU time at the end of the previous entry: where the next one is measured from.
   /// Only the isolate thread uses it.
   last_ns: AtomicU64,
@@ -81,6 +84,7 @@ impl CpuGuard {
       clock,
       entered_ns: AtomicU64::new(OUTSIDE_JS),
       budget_ns: AtomicU64::new(u64::MAX),
+      per_request_ns: AtomicU64::new(0),
       last_ns: AtomicU64::new(clock.now_ns()),
       terminated: AtomicBool::new(false),
       used_at_termination_ns: AtomicU64::new(0),
@@ -89,6 +93,12 @@ impl CpuGuard {
     });
     watchdog.register(&guard);
     guard
+  }
+
+  /// Sets the CPU limit of one request of the function this isolate runs.
+  pub fn set_request_limit(&self, limit: Duration) {
+    let ns = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+    self.per_request_ns.store(ns, Ordering::Relaxed);
   }
 
   /// JS is about to run with `budget` CPU time to use.
@@ -141,6 +151,19 @@ impl CpuGuard {
       return None;
     }
     Some(Duration::from_nanos(budget.saturating_sub(used)))
+  }
+}
+
+impl outpost_ext_dispatch::EntryBudget for CpuGuard {
+  fn request_joined(&self) {
+    if self.entered_ns.load(Ordering::Acquire) != OUTSIDE_JS {
+      let extra = self.per_request_ns.load(Ordering::Relaxed);
+      let _ = self
+        .budget_ns
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+          Some(b.saturating_add(extra))
+        });
+    }
   }
 }
 

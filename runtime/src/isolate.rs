@@ -380,6 +380,9 @@ fn run_isolate_thread(
       }
     };
     let cpu = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
+    cpu.set_request_limit(spec.cpu_limit);
+    let budget: Arc<dyn outpost_ext_dispatch::EntryBudget> = cpu.clone();
+    isolate.runtime.op_state().borrow_mut().put(budget);
     let _ = loading.send((cpu.clone(), isolate.heap.clone()));
     let serving = match isolate.start_function(&spec).await {
       Ok(serving) => serving,
@@ -536,14 +539,15 @@ async fn drive_event_loop(
   poll_fn(|cx| {
     // With one request in flight, the entry may use what that request has left of its
     // limit. With several, the entry's time cannot be pinned on one of them (it is split
-    // evenly for the usage records), so each entry may use one limit: a handler that never
-    // yields is still stopped, and a request waiting on I/O is not charged for its
-    // neighbours' work. Background work (no request in flight) also gets one limit.
+    // evenly for the usage records) and all of them may run in it, so it may use one limit
+    // each: a handler that never yields is still stopped, and a request waiting on I/O is
+    // not charged for its neighbours' work. Background work (none in flight) gets one
+    // limit. Requests taken off the queue during the entry add one limit each.
     let (in_flight, most) = outpost_ext_dispatch::cpu_in_flight(&op_state.borrow());
-    let budget = if in_flight == 1 {
-      cpu_limit.saturating_sub(most)
-    } else {
-      cpu_limit
+    let budget = match u32::try_from(in_flight) {
+      Ok(1) => cpu_limit.saturating_sub(most),
+      Ok(0) | Err(_) => cpu_limit,
+      Ok(n) => cpu_limit * n,
     };
     cpu.enter(budget);
     let polled = runtime.poll_event_loop(cx, options);

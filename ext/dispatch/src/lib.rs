@@ -158,6 +158,14 @@ pub fn cpu_in_flight(state: &OpState) -> (usize, Duration) {
   (in_flight.pending.len(), most)
 }
 
+/// The CPU budget of the current entry into JS, as the dispatch ops see it (put into
+/// `OpState` as `Arc<dyn EntryBudget>` by the runtime).
+pub trait EntryBudget {
+  /// A request was taken off the queue during the entry: its handler may run in this
+  /// entry too, so the entry may use one more request's worth of CPU.
+  fn request_joined(&self);
+}
+
 /// Charges `cpu` (one entry into JS) to the requests in flight and those answered during
 /// the entry, split evenly among them: JS runs them interleaved on one thread, so no finer
 /// attribution exists. Time spent with no request around (`waitUntil` work, timers) is
@@ -231,6 +239,9 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
     rx.recv().await?
   };
   let mut state = state.borrow_mut();
+  if let Some(budget) = state.try_borrow::<Arc<dyn EntryBudget>>() {
+    budget.request_joined();
+  }
   let body_rid = request.body.map(|body| {
     state
       .resource_table
