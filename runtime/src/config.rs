@@ -267,16 +267,7 @@ impl Config {
       }
     }
 
-    let node_limits = raw
-      .limits
-      .as_ref()
-      .map(|l| l.get_ref().clone())
-      .unwrap_or_default();
-    if let Some(spanned) = &raw.limits {
-      for (key, message) in spanned.get_ref().problems() {
-        errors.push(locate.error(spanned.span(), &format!("limits.{key}"), message));
-      }
-    }
+    let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
     if raw.server.max_in_flight == 0 {
       errors.push(locate.error(0..0, "server.max_in_flight", "must be at least 1".into()));
     }
@@ -347,29 +338,18 @@ impl Config {
           ));
         }
       }
-      if let Some(spanned) = &function.limits {
-        for (key, message) in spanned.get_ref().problems() {
-          errors.push(locate.error(
-            spanned.span(),
-            &format!("functions[{i}].limits.{key}"),
-            message,
-          ));
-        }
-      }
-      let egress = function
-        .egress
-        .as_ref()
-        .map(|e| e.get_ref().clone())
-        .unwrap_or_default();
-      if let Some(spanned) = &function.egress {
-        for (entry, message) in egress.problems() {
-          errors.push(locate.error(
-            spanned.span(),
-            &format!("functions[{i}].egress.{entry}"),
-            message,
-          ));
-        }
-      }
+      let limits = locate.table(
+        &function.limits,
+        &format!("functions[{i}].limits"),
+        LimitsConfig::problems,
+        &mut errors,
+      );
+      let egress = locate.table(
+        &function.egress,
+        &format!("functions[{i}].egress"),
+        EgressConfig::problems,
+        &mut errors,
+      );
       let pool = function
         .pool
         .as_ref()
@@ -388,14 +368,7 @@ impl Config {
           env,
           pool,
           egress,
-          limits: Limits::resolve(
-            &function
-              .limits
-              .as_ref()
-              .map(|l| l.get_ref().clone())
-              .unwrap_or_default(),
-            &node_limits,
-          ),
+          limits: Limits::resolve(&limits, &node_limits),
         });
       }
     }
@@ -519,6 +492,24 @@ struct Locator<'a> {
 }
 
 impl Locator<'_> {
+  /// The value of an optional table (its default when absent), with each of its problems
+  /// reported at the table as `{key}.{field}`.
+  fn table<T: Clone + Default, F: std::fmt::Display>(
+    &self,
+    table: &Option<Spanned<T>>,
+    key: &str,
+    problems: impl Fn(&T) -> Vec<(F, String)>,
+    errors: &mut Vec<ConfigError>,
+  ) -> T {
+    let Some(table) = table else {
+      return T::default();
+    };
+    for (field, message) in problems(table.get_ref()) {
+      errors.push(self.error(table.span(), &format!("{key}.{field}"), message));
+    }
+    table.get_ref().clone()
+  }
+
   fn error(&self, span: Range<usize>, key: &str, message: String) -> ConfigError {
     let before = &self.text[..span.start.min(self.text.len())];
     let line = before.matches('\n').count() + 1;
