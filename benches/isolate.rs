@@ -12,7 +12,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use deno_core::PollEventLoopOptions;
 use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{BlankIsolate, FunctionSpec, IsolateFactory};
-use outpost_ext_dispatch::DispatchRequest;
+use outpost::limits::{Limits, LimitsConfig};
+use outpost_ext_dispatch::{DispatchRequest, RequestUsage};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +33,11 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
     code: Arc::new(code),
     env: Arc::default(),
     egress: Arc::default(),
-    cpu_limit: Duration::from_secs(10),
-    memory_limit: HEAP,
+    limits: Limits {
+      cpu: Duration::from_secs(10),
+      memory: HEAP,
+      ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
+    },
   }
 }
 
@@ -59,7 +63,7 @@ async fn first_request(
       body: None,
       cancel: CancellationToken::new(),
       reply,
-      usage: Default::default(),
+      usage: Arc::new(RequestUsage::new("bench".into())),
     })
     .await
     .unwrap();

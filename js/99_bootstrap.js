@@ -4,16 +4,19 @@
 // and deno_crypto, install the WinterTC global scope, and publish the two entry points Rust
 // calls on every new isolate through globalThis.__outpost:
 //   bootstrap()            hides the Deno internals before any tenant code runs;
-//   serve(namespace, env)  finds the handler and starts the request loop.
+//   serve(namespace, env, maxSubrequests)  finds the handler and starts the request loop.
 
 import { core, internals, primordials } from "ext:core/mod.js";
 import { op_bootstrap_console } from "ext:core/ops";
 import {
+  claimSubrequest,
   fail,
   isResponse,
+  newRequestScope,
   nextRequest,
   respond,
   responseParts,
+  runForRequest,
   toRequest,
 } from "ext:outpost_dispatch/01_dispatch.js";
 
@@ -25,6 +28,7 @@ const {
   ObjectPrototypeIsPrototypeOf,
   ObjectSetPrototypeOf,
   PromisePrototypeThen,
+  PromiseReject,
   SafeSet,
   SetPrototypeAdd,
   SetPrototypeDelete,
@@ -207,8 +211,13 @@ function isEgressDenial(error) {
   return denial(error) || (error !== null && typeof error === "object" && denial(error.cause));
 }
 
-/** fetch() whose egress denials are TypeErrors that say what was refused and why. */
+/**
+ * fetch(), counted against the request it is made for (limits.max_subrequests), whose
+ * egress denials are TypeErrors that say what was refused and why.
+ */
 function fetch(input, init = undefined) {
+  const refused = claimSubrequest();
+  if (refused !== null) return PromiseReject(refused);
   return PromisePrototypeThen(fetchMod.fetch(input, init), undefined, (error) => {
     if (!isEgressDenial(error)) throw error;
     const target = typeof input === "string"
@@ -312,12 +321,15 @@ async function callHandler(handler, request, env, ctx) {
   return await fetchEvent[kResponse];
 }
 
-async function handleRequest(next, handler, env, pending) {
+async function handleRequest(next, handler, env, pending, maxSubrequests) {
   const id = next.id;
+  // The handler, and the stream of its response, run as this request's work.
+  const scope = newRequestScope(id, maxSubrequests);
   let result;
   try {
     const request = toRequest(next);
-    result = await callHandler(handler, request, env, new ExecutionContext(pending));
+    const ctx = new ExecutionContext(pending);
+    result = await runForRequest(scope, () => callHandler(handler, request, env, ctx));
   } catch (error) {
     fail(id, false, describeError(error));
     return;
@@ -327,7 +339,7 @@ async function handleRequest(next, handler, env, pending) {
     return;
   }
   try {
-    respond(id, result);
+    runForRequest(scope, () => respond(id, result));
   } catch (error) {
     fail(id, false, describeError(error));
   }
@@ -353,7 +365,7 @@ function bootstrap() {
  * handler. Returns a promise that settles once the request channel is closed and all
  * waitUntil() work has finished.
  */
-function serve(namespace, env) {
+function serve(namespace, env, maxSubrequests) {
   const handler = findHandler(namespace);
   ObjectFreeze(env);
   const pending = new SafeSet();
@@ -361,7 +373,7 @@ function serve(namespace, env) {
     while (true) {
       const next = await nextRequest();
       if (next === null) break;
-      handleRequest(next, handler, env, pending);
+      handleRequest(next, handler, env, pending, maxSubrequests);
     }
     for (const promise of pending) {
       try {

@@ -180,3 +180,60 @@ async fn a_tenant_burning_cpu_does_not_stop_its_neighbour() {
   }
   assert!(burned > 0, "the hog was served too");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_soft_limit_an_isolate_finishes_its_requests_and_is_replaced() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "soft",
+        "soft.js",
+        "routes = [\"/\"]\nlimits = { cpu_ms = 1000, soft_cpu_ms = 20 }\npool = { max_isolates = 4, isolate_concurrency = 8 }",
+      )],
+    ),
+    &[(
+      "soft.js",
+      r#"
+const isolate = crypto.randomUUID();
+export default {
+  async fetch(request) {
+    const url = new URL(request.url);
+    if (url.pathname === "/slow") {
+      console.log("slow request started");
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+    const end = performance.now() + Number(url.searchParams.get("burn_ms") ?? 0);
+    while (performance.now() < end) {}
+    return new Response(isolate);
+  },
+};
+"#,
+    )],
+  );
+  let first = outpost.get_text("/?burn_ms=2").await;
+  assert_eq!(
+    outpost.get_text("/?burn_ms=2").await,
+    first,
+    "below the soft limit the isolate stays"
+  );
+  let url = outpost.url("/slow");
+  let slow = tokio::spawn(async move { http1().get(url).send().await.unwrap() });
+  tokio::task::block_in_place(|| outpost.wait_for_log("slow request started"));
+  // Past the soft limit, below the hard one: answered in full, by the same isolate.
+  let response = http1()
+    .get(outpost.url("/?burn_ms=40"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 200);
+  assert_eq!(response.text().await.unwrap(), first);
+  // New requests go to a fresh isolate...
+  let next = outpost.get_text("/").await;
+  assert_ne!(next, first, "a retired isolate takes no new requests");
+  // ...while the retired one finishes the request it had.
+  let slow = slow.await.unwrap();
+  assert_eq!(slow.status(), 200);
+  assert_eq!(slow.text().await.unwrap(), first);
+  outpost.wait_for_log("isolate retired: soft CPU limit");
+}

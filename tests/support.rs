@@ -76,7 +76,7 @@ impl Outpost {
   fn spawn(dir: tempfile::TempDir, args: &[String], listeners: usize) -> Outpost {
     let mut child = Command::new(outpost_bin())
       .args(args)
-      .env("OUTPOST_LOG", "info")
+      .env("OUTPOST_LOG", "info,outpost::usage=debug")
       .stdin(Stdio::null())
       .stdout(Stdio::piped())
       .stderr(Stdio::piped())

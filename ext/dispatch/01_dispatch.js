@@ -9,6 +9,7 @@ import {
   op_dispatch_fail,
   op_dispatch_next,
   op_dispatch_respond,
+  op_dispatch_subrequest,
 } from "ext:core/ops";
 
 const {
@@ -33,6 +34,51 @@ const {
   ReadableStreamPrototype,
   resourceForReadableStream,
 } = core.loadExtScript("ext:deno_web/06_streams.js");
+
+/**
+ * The request that running code works for. V8 carries it (as the async context) through
+ * promise continuations, and deno_web carries it through timers, so everything a handler
+ * starts, waitUntil() work included, stays attributed to its request.
+ */
+const currentRequest = new core.AsyncVariable();
+
+/** What is counted against one request while its handler runs. */
+function newRequestScope(id, maxSubrequests) {
+  return { id, subrequests: 0, maxSubrequests };
+}
+
+/** Calls `fn` as work of the request `scope` belongs to; returns what it returns. */
+function runForRequest(scope, fn) {
+  const previous = currentRequest.enter(scope);
+  try {
+    return fn();
+  } finally {
+    core.setAsyncContext(previous);
+  }
+}
+
+/**
+ * Counts one subrequest (a fetch()) against the current request. Returns null when it may
+ * go ahead, or the TypeError that refuses it.
+ */
+function claimSubrequest() {
+  const scope = currentRequest.get();
+  if (scope === undefined) {
+    return new TypeError(
+      "fetch() is only allowed while handling a request: at module top level (or in a " +
+        "callback no request started) there is no request to count it against",
+    );
+  }
+  if (scope.subrequests >= scope.maxSubrequests) {
+    return new TypeError(
+      `fetch() refused: this request has made ${scope.subrequests} subrequests, the ` +
+        "function's limit (limits.max_subrequests)",
+    );
+  }
+  scope.subrequests++;
+  op_dispatch_subrequest(scope.id);
+  return null;
+}
 
 /** Waits for the next request; resolves to null when the isolate is shutting down. */
 function nextRequest() {
@@ -110,4 +156,14 @@ function fail(id, notAResponse, detail) {
   op_dispatch_fail(id, notAResponse, detail);
 }
 
-export { fail, isResponse, nextRequest, respond, responseParts, toRequest };
+export {
+  claimSubrequest,
+  fail,
+  isResponse,
+  newRequestScope,
+  nextRequest,
+  respond,
+  responseParts,
+  runForRequest,
+  toRequest,
+};

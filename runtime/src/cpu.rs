@@ -6,7 +6,7 @@
 //! previous one, since the thread's CPU clock does not advance while it waits for work (the
 //! little CPU the runtime spends between entries is counted with the next one). The time is
 //! charged to the requests in flight and those answered during the entry, split evenly (see
-//! `outpost_ext_dispatch::charge_cpu`). The budget of an entry: with one request in flight,
+//! `outpost_ext_dispatch::charge_entry`). The budget of an entry: with one request in flight,
 //! what that request has left of its limit; with several, one limit each; with none, one
 //! limit; plus one limit for every request taken off the queue during the entry, since its
 //! handler may run in the same entry (see `drive_event_loop`). Code that never returns from JS (`while (true)
@@ -14,6 +14,10 @@
 //! that is inside JS: it reads that thread's CPU clock and terminates the isolate once the
 //! entry has used its budget. It sleeps until the earliest moment a budget could run out
 //! (CPU time cannot pass faster than wall time), so it wakes rarely and on time.
+//!
+//! A function may also have a soft limit (`limits.soft_cpu_ms`), budgeted per entry by the
+//! same rule. An entry past it does not stop: its isolate is marked retired, the pool sends
+//! it no new requests, and it ends once the requests it has are answered.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -64,8 +68,14 @@ pub struct CpuGuard {
   entered_ns: AtomicU64,
   /// CPU time the current entry may use before the isolate is terminated.
   budget_ns: AtomicU64,
+  /// CPU time the entry may use before the isolate is retired (`u64::MAX`: no soft limit).
+  soft_budget_ns: AtomicU64,
+  /// Past its soft limit: takes no new requests, finishes those it has.
+  retired: AtomicBool,
   /// The CPU limit of one request: what a request joining mid-entry adds to the budget.
   per_request_ns: AtomicU64,
+  /// The soft CPU limit of one request (`u64::MAX`: none).
+  per_request_soft_ns: AtomicU64,
   /// Thread CPU time at the end of the previous entry: where the next one is measured from.
   /// Only the isolate thread uses it.
   last_ns: AtomicU64,
@@ -84,7 +94,10 @@ impl CpuGuard {
       clock,
       entered_ns: AtomicU64::new(OUTSIDE_JS),
       budget_ns: AtomicU64::new(u64::MAX),
+      soft_budget_ns: AtomicU64::new(u64::MAX),
+      retired: AtomicBool::new(false),
       per_request_ns: AtomicU64::new(0),
+      per_request_soft_ns: AtomicU64::new(u64::MAX),
       last_ns: AtomicU64::new(clock.now_ns()),
       terminated: AtomicBool::new(false),
       used_at_termination_ns: AtomicU64::new(0),
@@ -95,20 +108,26 @@ impl CpuGuard {
     guard
   }
 
-  /// Sets the CPU limit of one request of the function this isolate runs.
-  pub fn set_request_limit(&self, limit: Duration) {
-    let ns = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
-    self.per_request_ns.store(ns, Ordering::Relaxed);
+  /// Sets the CPU limits of one request of the function this isolate runs.
+  pub fn set_request_limits(&self, limit: Duration, soft_limit: Option<Duration>) {
+    self.per_request_ns.store(nanos(limit), Ordering::Relaxed);
+    self
+      .per_request_soft_ns
+      .store(soft_limit.map_or(u64::MAX, nanos), Ordering::Relaxed);
   }
 
-  /// JS is about to run with `budget` CPU time to use.
-  pub fn enter(&self, budget: Duration) {
-    let budget_ns = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+  /// JS is about to run with `budget` CPU time to use, and `soft_budget` before the
+  /// isolate is retired.
+  pub fn enter(&self, budget: Duration, soft_budget: Option<Duration>) {
+    let budget_ns = nanos(budget);
     self.budget_ns.store(budget_ns, Ordering::Relaxed);
+    self
+      .soft_budget_ns
+      .store(soft_budget.map_or(u64::MAX, nanos), Ordering::Relaxed);
     self
       .entered_ns
       .store(self.last_ns.load(Ordering::Relaxed), Ordering::Release);
-    if budget < IDLE_CHECK {
+    if budget.min(soft_budget.unwrap_or(budget)) < IDLE_CHECK {
       self.watchdog.wake();
     }
   }
@@ -118,7 +137,20 @@ impl CpuGuard {
     let now = self.clock.now_ns();
     self.entered_ns.store(OUTSIDE_JS, Ordering::Release);
     let last = self.last_ns.swap(now, Ordering::Relaxed);
-    Duration::from_nanos(now.saturating_sub(last))
+    let used = now.saturating_sub(last);
+    if used >= self.soft_budget_ns.load(Ordering::Relaxed) {
+      self.retire();
+    }
+    Duration::from_nanos(used)
+  }
+
+  /// Whether the isolate went past its soft CPU limit and should take no new requests.
+  pub fn retired(&self) -> bool {
+    self.retired.load(Ordering::Relaxed)
+  }
+
+  fn retire(&self) {
+    self.retired.store(true, Ordering::Relaxed);
   }
 
   /// When the watchdog terminated this isolate for running past its CPU budget: the CPU
@@ -144,25 +176,41 @@ impl CpuGuard {
     }
     let used = self.clock.now_ns().saturating_sub(entered);
     let budget = self.budget_ns.load(Ordering::Relaxed);
+    let soft_budget = self.soft_budget_ns.load(Ordering::Relaxed);
+    if used >= soft_budget {
+      self.retire();
+    }
     if used >= budget && self.entered_ns.load(Ordering::Acquire) == entered {
       self.used_at_termination_ns.store(used, Ordering::Relaxed);
       self.terminated.store(true, Ordering::Release);
       self.isolate.terminate_execution();
       return None;
     }
-    Some(Duration::from_nanos(budget.saturating_sub(used)))
+    let next_limit = if used < soft_budget {
+      soft_budget
+    } else {
+      budget
+    };
+    Some(Duration::from_nanos(next_limit.saturating_sub(used)))
   }
+}
+
+fn nanos(duration: Duration) -> u64 {
+  u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl outpost_ext_dispatch::EntryBudget for CpuGuard {
   fn request_joined(&self) {
     if self.entered_ns.load(Ordering::Acquire) != OUTSIDE_JS {
-      let extra = self.per_request_ns.load(Ordering::Relaxed);
-      let _ = self
-        .budget_ns
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+      for (budget, extra) in [
+        (&self.budget_ns, &self.per_request_ns),
+        (&self.soft_budget_ns, &self.per_request_soft_ns),
+      ] {
+        let extra = extra.load(Ordering::Relaxed);
+        let _ = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
           Some(b.saturating_add(extra))
         });
+      }
     }
   }
 }

@@ -19,10 +19,12 @@ use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
 use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::{Config, FunctionConfig};
 use crate::cpu::{CpuGuard, CpuWatchdog};
 use crate::egress::EgressPolicy;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, FunctionModuleLoader};
+use crate::limits::Limits;
 use crate::memory::{ArrayBufferBudget, HeapGuard};
 use crate::snapshot;
 
@@ -35,10 +37,20 @@ pub struct FunctionSpec {
   pub code: Arc<FunctionCode>,
   pub env: Arc<BTreeMap<String, String>>,
   pub egress: Arc<EgressPolicy>,
-  /// CPU time one request may use (see `crate::cpu`).
-  pub cpu_limit: Duration,
-  /// Heap bytes an isolate of the function may use (see `crate::memory`).
-  pub memory_limit: usize,
+  /// CPU (see `crate::cpu`) and heap (see `crate::memory`) limits among them.
+  pub limits: Limits,
+}
+
+impl FunctionSpec {
+  /// The spec of a configured function whose code has been found.
+  pub fn new(config: &Config, function: &FunctionConfig, code: FunctionCode) -> FunctionSpec {
+    FunctionSpec {
+      code: Arc::new(code),
+      env: Arc::new(config.handler_env(function)),
+      egress: Arc::new(config.egress_policy(function)),
+      limits: function.limits,
+    }
+  }
 }
 
 /// The server side's handle on a running isolate.
@@ -62,6 +74,11 @@ impl IsolateHandle {
   /// Whether the isolate was terminated for using more memory than allowed.
   pub fn terminated_for_memory(&self) -> bool {
     self.heap.exceeded()
+  }
+
+  /// Whether the isolate went past its soft CPU limit: it takes no new requests.
+  pub fn retired(&self) -> bool {
+    self.cpu.retired()
   }
 
   /// Requests currently dispatched to this isolate and not yet answered.
@@ -380,7 +397,7 @@ fn run_isolate_thread(
       }
     };
     let cpu = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
-    cpu.set_request_limit(spec.cpu_limit);
+    cpu.set_request_limits(spec.limits.cpu, spec.limits.soft_cpu);
     let budget: Arc<dyn outpost_ext_dispatch::EntryBudget> = cpu.clone();
     isolate.runtime.op_state().borrow_mut().put(budget);
     let _ = loading.send((cpu.clone(), isolate.heap.clone()));
@@ -394,10 +411,11 @@ fn run_isolate_thread(
     let _ = ready.send(Ok(()));
     // Functions allowed less heap than the isolate was created with are checked after
     // every entry into JS.
-    let heap_check = (spec.memory_limit < max_heap).then_some(spec.memory_limit);
+    let heap_check = (spec.limits.memory < max_heap).then_some(spec.limits.memory);
     let limits = EntryLimits {
       cpu: &cpu,
-      cpu_limit: spec.cpu_limit,
+      cpu_limit: spec.limits.cpu,
+      soft_cpu_limit: spec.limits.soft_cpu,
       heap: &isolate.heap,
       heap_check,
     };
@@ -413,7 +431,7 @@ pub struct BlankIsolate {
   pub runtime: JsRuntime,
   heap: Arc<HeapGuard>,
   loader: Rc<FunctionModuleLoader>,
-  /// `serve(namespace, env)` from the bootstrap JS.
+  /// `serve(namespace, env, maxSubrequests)` from the bootstrap JS.
   serve: v8::Global<v8::Function>,
 }
 
@@ -488,17 +506,19 @@ impl BlankIsolate {
     let namespace = runtime
       .get_module_namespace(module)
       .map_err(|err| Error::FunctionLoad(err.to_string()))?;
-    let (namespace, env) = {
+    let arguments = {
       deno_core::scope!(scope, runtime);
       let namespace: v8::Local<v8::Value> = v8::Local::new(scope, namespace).into();
       let env = deno_core::serde_v8::to_v8(scope, spec.env.as_ref())
         .map_err(|err| Error::IsolateCreate(format!("env: {err}")))?;
-      (
+      let max_subrequests = v8::Integer::new_from_unsigned(scope, spec.limits.max_subrequests);
+      [
         v8::Global::new(scope, namespace),
         v8::Global::new(scope, env),
-      )
+        v8::Global::new(scope, v8::Local::<v8::Value>::from(max_subrequests)),
+      ]
     };
-    let mut serving = Box::pin(runtime.call_with_args(&self.serve, &[namespace, env]));
+    let mut serving = Box::pin(runtime.call_with_args(&self.serve, &arguments));
     // serve() throws synchronously when the module has no handler.
     if let std::task::Poll::Ready(Err(err)) = futures::poll!(&mut serving) {
       return Err(Error::FunctionLoad(err.to_string()));
@@ -518,6 +538,7 @@ pub type ServeFuture = std::pin::Pin<
 struct EntryLimits<'a> {
   cpu: &'a CpuGuard,
   cpu_limit: Duration,
+  soft_cpu_limit: Option<Duration>,
   heap: &'a HeapGuard,
   /// A heap limit below the isolate's own, checked after every entry.
   heap_check: Option<usize>,
@@ -531,6 +552,7 @@ async fn drive_event_loop(
   let EntryLimits {
     cpu,
     cpu_limit,
+    soft_cpu_limit,
     heap,
     heap_check,
   } = limits;
@@ -542,17 +564,20 @@ async fn drive_event_loop(
     // evenly for the usage records) and all of them may run in it, so it may use one limit
     // each: a handler that never yields is still stopped, and a request waiting on I/O is
     // not charged for its neighbours' work. Background work (none in flight) gets one
-    // limit. Requests taken off the queue during the entry add one limit each.
+    // limit. Requests taken off the queue during the entry add one limit each. The soft
+    // limit is budgeted the same way.
     let (in_flight, most) = outpost_ext_dispatch::cpu_in_flight(&op_state.borrow());
-    let budget = match u32::try_from(in_flight) {
-      Ok(1) => cpu_limit.saturating_sub(most),
-      Ok(0) | Err(_) => cpu_limit,
-      Ok(n) => cpu_limit * n,
+    let budget = |limit: Duration| match u32::try_from(in_flight) {
+      Ok(1) => limit.saturating_sub(most),
+      Ok(0) | Err(_) => limit,
+      Ok(n) => limit * n,
     };
-    cpu.enter(budget);
+    cpu.enter(budget(cpu_limit), soft_cpu_limit.map(budget));
     let polled = runtime.poll_event_loop(cx, options);
     let used = cpu.leave();
-    outpost_ext_dispatch::charge_cpu(&mut op_state.borrow_mut(), used);
+    outpost_ext_dispatch::charge_entry(&mut op_state.borrow_mut(), used, || {
+      heap.memory_in_use(runtime)
+    });
     // A terminated isolate is finished even if V8 let some JS go on (deno_core resumes after
     // a termination caught in a microtask checkpoint): it is discarded, never polled again.
     if cpu.terminated_for_cpu().is_some() {
@@ -600,7 +625,7 @@ pub fn check_function(spec: &FunctionSpec) -> Result<(), Error> {
     .build()
     .map_err(|err| Error::IsolateCreate(err.to_string()))?;
   tokio.block_on(async {
-    let mut isolate = BlankIsolate::new(None, spec.memory_limit)?;
+    let mut isolate = BlankIsolate::new(None, spec.limits.memory)?;
     isolate.start_function(spec).await.map(drop)
   })
 }

@@ -21,6 +21,9 @@ pub struct LimitsConfig {
   /// CPU time a request may use inside its isolate; past it the isolate is terminated and
   /// the request answered 503.
   pub cpu_ms: Option<u64>,
+  /// CPU time a request may use before its isolate is retired: the isolate finishes the
+  /// requests it has and takes no new ones; a fresh one replaces it. Off unless set.
+  pub soft_cpu_ms: Option<u64>,
   /// Heap an isolate of the function may use; past it the isolate is terminated and the
   /// request answered 503.
   pub memory_mb: Option<usize>,
@@ -28,16 +31,21 @@ pub struct LimitsConfig {
   pub wall_ms: Option<u64>,
   /// Requests of the function in flight at once, across all its isolates.
   pub max_concurrency: Option<usize>,
+  /// `fetch()` calls one request's handler may make (0: none).
+  pub max_subrequests: Option<u32>,
 }
 
 /// The limits in force for one function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
   pub cpu: Duration,
+  /// Below `cpu`, when set: a request past it retires its isolate.
+  pub soft_cpu: Option<Duration>,
   /// Heap bytes.
   pub memory: usize,
   pub wall: Duration,
   pub max_concurrency: usize,
+  pub max_subrequests: u32,
 }
 
 impl Limits {
@@ -45,21 +53,29 @@ impl Limits {
   pub const DEFAULT_MEMORY_MB: usize = 128;
   pub const DEFAULT_WALL_MS: u64 = 30_000;
   pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+  pub const DEFAULT_MAX_SUBREQUESTS: u32 = 50;
 
   /// The function's own values, else the node's, else the defaults.
   pub fn resolve(function: &LimitsConfig, node: &LimitsConfig) -> Limits {
+    let cpu = Duration::from_millis(
+      function
+        .cpu_ms
+        .or(node.cpu_ms)
+        .unwrap_or(Self::DEFAULT_CPU_MS),
+    );
+    let soft_cpu = function
+      .soft_cpu_ms
+      .or(node.soft_cpu_ms)
+      .map(Duration::from_millis)
+      .filter(|soft| *soft < cpu);
     Limits {
       memory: function
         .memory_mb
         .or(node.memory_mb)
         .unwrap_or(Self::DEFAULT_MEMORY_MB)
         .saturating_mul(1024 * 1024),
-      cpu: Duration::from_millis(
-        function
-          .cpu_ms
-          .or(node.cpu_ms)
-          .unwrap_or(Self::DEFAULT_CPU_MS),
-      ),
+      cpu,
+      soft_cpu,
       wall: Duration::from_millis(
         function
           .wall_ms
@@ -70,6 +86,10 @@ impl Limits {
         .max_concurrency
         .or(node.max_concurrency)
         .unwrap_or(Self::DEFAULT_MAX_CONCURRENCY),
+      max_subrequests: function
+        .max_subrequests
+        .or(node.max_subrequests)
+        .unwrap_or(Self::DEFAULT_MAX_SUBREQUESTS),
     }
   }
 }
@@ -83,6 +103,17 @@ impl LimitsConfig {
     }
     if self.cpu_ms == Some(0) {
       problems.push(("cpu_ms", "must be at least 1".to_string()));
+    }
+    if self.soft_cpu_ms == Some(0) {
+      problems.push(("soft_cpu_ms", "must be at least 1".to_string()));
+    }
+    if let (Some(soft), Some(hard)) = (self.soft_cpu_ms, self.cpu_ms)
+      && soft >= hard
+    {
+      problems.push((
+        "soft_cpu_ms",
+        format!("must be below cpu_ms ({hard}): the soft limit retires an isolate before the hard limit terminates it"),
+      ));
     }
     if self.wall_ms == Some(0) {
       problems.push(("wall_ms", "must be at least 1".to_string()));
@@ -168,28 +199,55 @@ mod tests {
   #[test]
   fn function_values_override_node_values_which_override_defaults() {
     let node = LimitsConfig {
-      memory_mb: None,
       cpu_ms: Some(20),
+      soft_cpu_ms: Some(10),
       wall_ms: Some(5000),
-      max_concurrency: None,
+      max_subrequests: Some(7),
+      ..LimitsConfig::default()
     };
     let function = LimitsConfig {
       memory_mb: Some(64),
-      cpu_ms: None,
-      wall_ms: None,
       max_concurrency: Some(3),
+      ..LimitsConfig::default()
     };
     assert_eq!(
       Limits::resolve(&function, &node),
       Limits {
         memory: 64 * 1024 * 1024,
         cpu: Duration::from_millis(20),
+        soft_cpu: Some(Duration::from_millis(10)),
         wall: Duration::from_millis(5000),
-        max_concurrency: 3
+        max_concurrency: 3,
+        max_subrequests: 7,
       }
     );
     let defaults = Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default());
     assert_eq!(defaults.max_concurrency, Limits::DEFAULT_MAX_CONCURRENCY);
+    assert_eq!(defaults.max_subrequests, Limits::DEFAULT_MAX_SUBREQUESTS);
+    assert_eq!(defaults.soft_cpu, None);
+  }
+
+  #[test]
+  fn a_soft_cpu_limit_must_be_below_the_hard_one() {
+    let limits = LimitsConfig {
+      cpu_ms: Some(20),
+      soft_cpu_ms: Some(20),
+      ..LimitsConfig::default()
+    };
+    let problems = limits.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "soft_cpu_ms");
+    assert!(problems[0].1.contains("below cpu_ms (20)"), "{problems:?}");
+    // A node-wide soft limit above a function's own hard limit never fires: it is dropped.
+    let function = LimitsConfig {
+      cpu_ms: Some(5),
+      ..LimitsConfig::default()
+    };
+    let node = LimitsConfig {
+      soft_cpu_ms: Some(10),
+      ..LimitsConfig::default()
+    };
+    assert_eq!(Limits::resolve(&function, &node).soft_cpu, None);
   }
 
   #[tokio::test]

@@ -151,14 +151,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
     let result = FunctionCode::new(&function.name, &function.entry, transpiler.clone())
       .map_err(|err| err.to_string())
       .and_then(|code| {
-        check_function(&FunctionSpec {
-          code: Arc::new(code),
-          env: Arc::new(config.handler_env(function)),
-          egress: Arc::new(config.egress_policy(function)),
-          cpu_limit: function.limits.cpu,
-          memory_limit: function.limits.memory,
-        })
-        .map_err(|err| err.to_string())
+        check_function(&FunctionSpec::new(config, function, code)).map_err(|err| err.to_string())
       });
     match result {
       Ok(()) => eprintln!("function {:?}: ok", function.name),

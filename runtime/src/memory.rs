@@ -48,6 +48,12 @@ impl HeapGuard {
     self.exceeded.load(Ordering::Acquire)
   }
 
+  /// Memory the isolate holds now: V8 heap in use plus ArrayBuffer backing stores.
+  pub fn memory_in_use(&self, runtime: &mut JsRuntime) -> usize {
+    let heap = runtime.v8_isolate().get_heap_statistics().used_heap_size();
+    heap.saturating_add(self.buffers.used())
+  }
+
   /// Checks the heap against `limit` bytes (a function limit below the isolate's own);
   /// marks and terminates the isolate when it is over.
   pub fn check(&self, runtime: &mut JsRuntime, limit: usize) -> bool {

@@ -4,7 +4,8 @@
 //! The pool keeps `prewarm` isolates ready, sends each request to the isolate with the fewest
 //! requests in flight, starts another isolate (up to `max_isolates`) when every isolate
 //! already has `isolate_concurrency` requests in flight, and evicts isolates above `prewarm`
-//! that have been idle for `idle_timeout_s`.
+//! that have been idle for `idle_timeout_s`. An isolate past its soft CPU limit is taken
+//! out of the pool (it finishes what it has) and replaced on demand.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,9 +93,18 @@ impl IsolatePool {
     }
   }
 
-  /// The least busy isolate, and whether the pool should grow.
+  /// The least busy isolate, and whether the pool should grow. Retired isolates (past
+  /// their soft CPU limit) leave the pool here: the requests they have keep them alive
+  /// until answered, then their threads end.
   fn pick(&self) -> (Option<Arc<IsolateHandle>>, bool) {
-    let isolates = self.isolates.lock().expect("pool lock");
+    let mut isolates = self.isolates.lock().expect("pool lock");
+    isolates.retain(|isolate| {
+      let retired = isolate.retired();
+      if retired {
+        tracing::info!(function = %self.spec.code.name, "isolate retired: soft CPU limit");
+      }
+      !retired
+    });
     let least = isolates.iter().min_by_key(|i| i.in_flight()).cloned();
     let busy = least
       .as_ref()

@@ -101,13 +101,7 @@ impl Node {
           source,
         },
       )?;
-      let spec = FunctionSpec {
-        code: Arc::new(code),
-        env: Arc::new(config.handler_env(function)),
-        egress: Arc::new(config.egress_policy(function)),
-        cpu_limit: function.limits.cpu,
-        memory_limit: function.limits.memory,
-      };
+      let spec = FunctionSpec::new(config, function, code);
       starts.push(IsolatePool::start(
         factory.clone(),
         spec,
@@ -344,6 +338,7 @@ async fn dispatch(
   scheme: &str,
   request_id: &str,
 ) -> Response<Body> {
+  let arrived = tokio::time::Instant::now();
   let authority = request
     .uri()
     .authority()
@@ -429,7 +424,10 @@ async fn dispatch(
   };
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
-  let usage = Arc::new(RequestUsage::new(request_id.to_string()));
+  let usage = UsageRecorder {
+    usage: Arc::new(RequestUsage::new(request_id.to_string())),
+    arrived,
+  };
   let dispatched = pool.dispatch(DispatchRequest {
     method: parts.method,
     url,
@@ -437,7 +435,7 @@ async fn dispatch(
     body,
     cancel: cancel.clone(),
     reply,
-    usage,
+    usage: usage.usage.clone(),
   });
   let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
     Err(_) => return wall_time_exceeded(pool.name(), limits.wall),
@@ -483,6 +481,7 @@ async fn dispatch(
         GuardedBody {
           inner: body,
           deadline: Box::pin(tokio::time::sleep_until(deadline)),
+          usage,
           _in_flight: in_flight,
           _admitted: admitted,
           _cancel_on_drop: cancel_on_drop,
@@ -653,12 +652,27 @@ fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> R
   response
 }
 
+/// Completes a request's usage record on the server side: the wall-clock time when it is
+/// dropped (with the response body, or with the response Outpost made instead), and the
+/// response body bytes sent.
+struct UsageRecorder {
+  usage: Arc<RequestUsage>,
+  arrived: tokio::time::Instant,
+}
+
+impl Drop for UsageRecorder {
+  fn drop(&mut self) {
+    self.usage.set_wall(self.arrived.elapsed());
+  }
+}
+
 /// A response body that keeps its request counted as in flight (and holding its admission
 /// slots) until it has been sent, ends it at the wall-clock deadline, and cancels body
 /// streaming inside the isolate when it is dropped early.
 struct GuardedBody {
   inner: Body,
   deadline: Pin<Box<tokio::time::Sleep>>,
+  usage: UsageRecorder,
   _in_flight: InFlightGuard,
   _admitted: Admitted,
   _cancel_on_drop: DropGuard,
@@ -677,7 +691,13 @@ impl http_body::Body for GuardedBody {
         "the function's wall-clock limit ended the response".into(),
       )));
     }
-    Pin::new(&mut self.inner).poll_frame(cx)
+    let frame = Pin::new(&mut self.inner).poll_frame(cx);
+    if let Poll::Ready(Some(Ok(frame))) = &frame
+      && let Some(data) = frame.data_ref()
+    {
+      self.usage.usage.add_egress(data.len() as u64);
+    }
+    frame
   }
 
   fn is_end_stream(&self) -> bool {

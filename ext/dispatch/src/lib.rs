@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -105,13 +105,17 @@ struct PendingReply {
   cpu_alone: Duration,
 }
 
-/// What a request used inside its isolate, shared between the server and the isolate. It is
-/// complete when the last holder lets go, after the entry into JS that answered the request
-/// has been charged; it is logged then (target `outpost::usage`).
-#[derive(Debug, Default)]
+/// What a request used, shared between the server and the isolate. It is complete when the
+/// last holder lets go, after the entry into JS that answered the request has been charged
+/// and the response body has been sent; it is logged then (target `outpost::usage`).
+#[derive(Debug)]
 pub struct RequestUsage {
   request_id: String,
   cpu_ns: AtomicU64,
+  wall_ns: AtomicU64,
+  heap_peak: AtomicUsize,
+  subrequests: AtomicU32,
+  egress_bytes: AtomicU64,
 }
 
 impl Drop for RequestUsage {
@@ -120,6 +124,10 @@ impl Drop for RequestUsage {
       target: "outpost::usage",
       request_id = self.request_id,
       cpu_us = self.cpu().as_micros() as u64,
+      wall_us = self.wall_ns.load(Ordering::Relaxed) / 1000,
+      heap_peak_bytes = self.heap_peak(),
+      subrequests = self.subrequests(),
+      egress_bytes = self.egress_bytes.load(Ordering::Relaxed),
       "request usage"
     );
   }
@@ -130,6 +138,10 @@ impl RequestUsage {
     RequestUsage {
       request_id,
       cpu_ns: AtomicU64::new(0),
+      wall_ns: AtomicU64::new(0),
+      heap_peak: AtomicUsize::new(0),
+      subrequests: AtomicU32::new(0),
+      egress_bytes: AtomicU64::new(0),
     }
   }
 
@@ -139,10 +151,35 @@ impl RequestUsage {
     Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
   }
 
-  fn charge(&self, cpu: Duration) {
-    let ns = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
-    self.cpu_ns.fetch_add(ns, Ordering::Relaxed);
+  /// The most memory (V8 heap in use plus ArrayBuffer bytes) its isolate held at the end of
+  /// an entry into JS while the request was in flight.
+  pub fn heap_peak(&self) -> usize {
+    self.heap_peak.load(Ordering::Relaxed)
   }
+
+  /// `fetch()` calls the handler made before its response was handed over.
+  pub fn subrequests(&self) -> u32 {
+    self.subrequests.load(Ordering::Relaxed)
+  }
+
+  /// Records the time from the request's arrival to the end of its response.
+  pub fn set_wall(&self, wall: Duration) {
+    self.wall_ns.store(nanos(wall), Ordering::Relaxed);
+  }
+
+  /// Counts response body bytes sent to the client.
+  pub fn add_egress(&self, bytes: u64) {
+    self.egress_bytes.fetch_add(bytes, Ordering::Relaxed);
+  }
+
+  fn charge(&self, cpu: Duration, heap: usize) {
+    self.cpu_ns.fetch_add(nanos(cpu), Ordering::Relaxed);
+    self.heap_peak.fetch_max(heap, Ordering::Relaxed);
+  }
+}
+
+fn nanos(duration: Duration) -> u64 {
+  u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// How many requests are in flight on this isolate, and the most CPU time any of them used
@@ -166,25 +203,27 @@ pub trait EntryBudget {
   fn request_joined(&self);
 }
 
-/// Charges `cpu` (one entry into JS) to the requests in flight and those answered during
-/// the entry, split evenly among them: JS runs them interleaved on one thread, so no finer
-/// attribution exists. Time spent with no request around (`waitUntil` work, timers) is
-/// charged to none.
-pub fn charge_cpu(state: &mut OpState, cpu: Duration) {
+/// Charges one entry into JS to the requests in flight and those answered during the
+/// entry: `cpu` split evenly among them (JS runs them interleaved on one thread, so no finer
+/// attribution exists), and the isolate's memory after the entry (`memory` is only called
+/// when some request is charged). Time spent with no request around (`waitUntil` work,
+/// timers) is charged to none.
+pub fn charge_entry(state: &mut OpState, cpu: Duration, memory: impl FnOnce() -> usize) {
   let in_flight = state.borrow_mut::<InFlight>();
   let alone = in_flight.pending.len() == 1 && in_flight.answered.is_empty();
   let share = match u32::try_from(in_flight.pending.len() + in_flight.answered.len()) {
     Ok(0) | Err(_) => return,
     Ok(n) => cpu / n,
   };
+  let memory = memory();
   for pending in in_flight.pending.values_mut() {
-    pending.usage.charge(share);
+    pending.usage.charge(share, memory);
     if alone {
       pending.cpu_alone += share;
     }
   }
   for usage in in_flight.answered.drain(..) {
-    usage.charge(share);
+    usage.charge(share, memory);
   }
 }
 
@@ -208,7 +247,12 @@ pub enum DispatchError {
 deno_core::extension!(
   outpost_dispatch,
   deps = [deno_webidl, deno_web, deno_fetch],
-  ops = [op_dispatch_next, op_dispatch_respond, op_dispatch_fail],
+  ops = [
+    op_dispatch_next,
+    op_dispatch_respond,
+    op_dispatch_fail,
+    op_dispatch_subrequest
+  ],
   esm = ["01_dispatch.js"],
   options = { queue: Option<DispatchQueue> },
   state = |state, options| {
@@ -348,6 +392,16 @@ fn op_dispatch_fail(
   };
   let _ = pending.reply.send(Err(HandlerFailure { kind, detail }));
   Ok(())
+}
+
+/// Counts a `fetch()` the handler of dispatch `id` made, while its response is pending. The
+/// limit on subrequests is enforced in JS, where the request a `fetch()` belongs to is known
+/// (`99_bootstrap.js`).
+#[op2(fast)]
+fn op_dispatch_subrequest(state: &mut OpState, #[smi] id: u32) {
+  if let Some(pending) = state.borrow::<InFlight>().pending.get(&id) {
+    pending.usage.subrequests.fetch_add(1, Ordering::Relaxed);
+  }
 }
 
 /// A body that is already complete.
