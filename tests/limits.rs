@@ -1,4 +1,5 @@
-//! Protocol limits: request head size, request body size, and the header read timeout.
+//! Protocol limits: request head size, request body size, the header read timeout and the
+//! connection idle timeout.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -225,5 +226,82 @@ fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
     started.elapsed() < Duration::from_secs(9),
     "closed only after {:?}",
     started.elapsed()
+  );
+}
+
+/// Frame types an HTTP/2 server sent on `stream` until it closed the connection. Pings are
+/// acknowledged, as any client does (hyper's graceful GOAWAY waits for the ack).
+fn h2_frames_until_close(stream: &mut TcpStream) -> Vec<u8> {
+  const PING: u8 = 6;
+  const ACK: u8 = 1;
+  stream
+    .set_read_timeout(Some(Duration::from_secs(10)))
+    .unwrap();
+  let mut received = Vec::new();
+  let mut types = Vec::new();
+  let mut buffer = [0u8; 4096];
+  loop {
+    match stream.read(&mut buffer) {
+      Ok(0) => break,
+      Ok(n) => received.extend_from_slice(&buffer[..n]),
+      Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break,
+      Err(err) => panic!("the connection was not closed: {err}; frames: {types:?}"),
+    }
+    while received.len() >= 9 {
+      let length = u32::from_be_bytes([0, received[0], received[1], received[2]]) as usize;
+      if received.len() < 9 + length {
+        break;
+      }
+      let frame: Vec<u8> = received.drain(..9 + length).collect();
+      types.push(frame[3]);
+      if frame[3] == PING && frame[4] & ACK == 0 {
+        let mut ack = frame.clone();
+        ack[4] = ACK;
+        let _ = stream.write_all(&ack);
+      }
+    }
+  }
+  types
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_slow_requests_are_not() {
+  const GOAWAY: u8 = 7;
+  let outpost = Outpost::start(
+    &functions_config(
+      "[server]\nidle_timeout_ms = 300",
+      &[("slow", "slow.js", "routes = [\"/\"]")],
+    ),
+    &[(
+      "slow.js",
+      "export default { async fetch() { await new Promise((r) => setTimeout(r, 1000)); return new Response('slow'); } };",
+    )],
+  );
+  // A request in flight keeps its connection open past the idle timeout.
+  let h2 = reqwest::Client::builder()
+    .http2_prior_knowledge()
+    .build()
+    .unwrap();
+  let response = h2.get(outpost.url("/")).send().await.unwrap();
+  assert_eq!(response.version(), reqwest::Version::HTTP_2);
+  assert_eq!(response.text().await.unwrap(), "slow");
+
+  // An HTTP/2 connection that never sends a request gets GOAWAY, then is closed.
+  let address = outpost.http[0];
+  let (frames, open_for) = tokio::task::spawn_blocking(move || {
+    let mut stream = TcpStream::connect(address).unwrap();
+    let opened = Instant::now();
+    stream
+      .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+      .unwrap();
+    let frames = h2_frames_until_close(&mut stream);
+    (frames, opened.elapsed())
+  })
+  .await
+  .unwrap();
+  assert!(frames.contains(&GOAWAY), "frames: {frames:?}");
+  assert!(
+    open_for >= Duration::from_millis(300),
+    "closed after {open_for:?}"
   );
 }

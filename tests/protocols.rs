@@ -24,6 +24,9 @@ fn tls_server(ca: &TestCa) -> (Outpost, Vec<u8>, Vec<u8>) {
   let b = ca.leaf(certs.path(), "b", &["b.test", "*.b.test"]);
   let config = format!(
     r#"
+[server]
+header_read_timeout_ms = 1000
+
 [[listen]]
 address = "127.0.0.1:0"
 
@@ -251,5 +254,25 @@ async fn a_wrong_content_length_from_the_handler_cannot_break_the_response() {
     head.headers()["content-length"],
     "11",
     "HEAD reports the length GET would send"
+  );
+}
+
+#[test]
+fn a_client_that_never_finishes_the_tls_handshake_is_cut_off() {
+  let ca = TestCa::new();
+  let (outpost, _, _) = tls_server(&ca);
+  let mut stream = std::net::TcpStream::connect(outpost.https[0]).unwrap();
+  stream
+    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+    .unwrap();
+  // Silence instead of a ClientHello: the handshake is bounded by header_read_timeout_ms.
+  let mut buffer = [0u8; 64];
+  let read = stream.read(&mut buffer);
+  assert!(
+    matches!(read, Ok(0))
+      || read
+        .as_ref()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+    "expected the server to close the connection, read {read:?}"
   );
 }

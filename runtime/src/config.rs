@@ -95,6 +95,9 @@ pub struct ServerConfig {
   pub max_body_bytes: u64,
   /// Time a client has to send a complete request head (guards against slowloris).
   pub header_read_timeout_ms: u64,
+  /// A connection (HTTP/1.1 or HTTP/2) with no request in flight for this long is closed;
+  /// HTTP/2 gets a GOAWAY first.
+  pub idle_timeout_ms: u64,
   /// Streams one HTTP/2 connection may have open at once.
   pub h2_max_concurrent_streams: u32,
   /// Streams an HTTP/2 client may reset before they are served, before the connection is
@@ -118,6 +121,7 @@ impl Default for ServerConfig {
       max_header_bytes: 64 * 1024,
       max_body_bytes: 100 * 1024 * 1024,
       header_read_timeout_ms: 10_000,
+      idle_timeout_ms: 60_000,
       h2_max_concurrent_streams: 250,
       h2_max_pending_resets: 20,
       max_in_flight: 10_000,
@@ -382,6 +386,17 @@ impl Config {
           raw.server.max_header_bytes
         ),
       ));
+    }
+    for (key, value) in [
+      (
+        "server.header_read_timeout_ms",
+        raw.server.header_read_timeout_ms,
+      ),
+      ("server.idle_timeout_ms", raw.server.idle_timeout_ms),
+    ] {
+      if value == 0 {
+        errors.push(locate.error(0..0, key, "must be at least 1".to_string()));
+      }
     }
     if let Some(node) = &raw.node {
       for problem in node.get_ref().problems() {

@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,12 +22,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use outpost_ext_dispatch::{Body, BoxError, DispatchRequest, FailureKind, RequestUsage, full_body};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::compression;
 use crate::config::{Config, ServerConfig};
@@ -185,30 +186,31 @@ impl Node {
   /// within the grace period, and returns.
   pub async fn run(self, shutdown: impl Future<Output = ()>) {
     let stop = CancellationToken::new();
-    let graceful = Arc::new(GracefulShutdown::new());
-    let builder = Arc::new(connection_builder(&self.server));
+    let connections = TaskTracker::new();
+    let settings = Arc::new(ConnectionSettings::new(&self.server));
     let mut accept_loops = Vec::new();
     for listener in self.listeners {
       accept_loops.push(tokio::spawn(accept_loop(
         listener,
         self.state.clone(),
-        builder.clone(),
-        graceful.clone(),
+        settings.clone(),
+        connections.clone(),
         stop.clone(),
       )));
     }
     let evictor = tokio::spawn(evict_idle_isolates(self.state.clone()));
     shutdown.await;
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    // Every connection is told to finish what it has and close.
     stop.cancel();
     for accept_loop in accept_loops {
       let _ = accept_loop.await;
     }
     evictor.abort();
-    let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
+    connections.close();
     match tokio::time::timeout(
       Duration::from_secs(self.server.shutdown_grace_s),
-      graceful.shutdown(),
+      connections.wait(),
     )
     .await
     {
@@ -220,6 +222,25 @@ impl Node {
     }
     for function in &self.state.functions {
       function.pool.close();
+    }
+  }
+}
+
+/// How every connection is served: the hyper builder with the protocol limits of
+/// `[server]`, and the timeouts hyper does not keep itself.
+struct ConnectionSettings {
+  builder: auto::Builder<TokioExecutor>,
+  /// Bounds the TLS handshake as hyper bounds the request head.
+  handshake_timeout: Duration,
+  idle_timeout: Duration,
+}
+
+impl ConnectionSettings {
+  fn new(server: &ServerConfig) -> ConnectionSettings {
+    ConnectionSettings {
+      builder: connection_builder(server),
+      handshake_timeout: Duration::from_millis(server.header_read_timeout_ms),
+      idle_timeout: Duration::from_millis(server.idle_timeout_ms),
     }
   }
 }
@@ -244,8 +265,8 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
 async fn accept_loop(
   listener: BoundListener,
   state: Arc<NodeState>,
-  builder: Arc<auto::Builder<TokioExecutor>>,
-  graceful: Arc<GracefulShutdown>,
+  settings: Arc<ConnectionSettings>,
+  connections: TaskTracker,
   stop: CancellationToken,
 ) {
   let scheme = if listener.tls.is_some() {
@@ -267,35 +288,121 @@ async fn accept_loop(
       () = stop.cancelled() => return,
     };
     let _ = stream.set_nodelay(true);
-    let service_state = state.clone();
-    let service = hyper::service::service_fn(move |request| {
-      let state = service_state.clone();
-      async move { Ok::<_, Infallible>(handle_request(&state, request, scheme).await) }
-    });
-    let builder = builder.clone();
     let tls = listener.tls.clone();
-    let watcher = graceful.watcher();
-    tokio::spawn(async move {
-      let result = match tls {
-        None => {
-          let connection = builder.serve_connection(TokioIo::new(stream), service);
-          watcher.watch(connection).await
-        }
-        Some(acceptor) => match acceptor.accept(stream).await {
-          Ok(stream) => {
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            watcher.watch(connection).await
-          }
-          Err(err) => {
-            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-            return;
-          }
-        },
-      };
-      if let Err(err) = result {
+    let connection = serve_connection(
+      stream,
+      tls,
+      state.clone(),
+      scheme,
+      settings.clone(),
+      stop.clone(),
+    );
+    connections.spawn(async move {
+      if let Err(err) = connection.await {
         tracing::debug!(%peer, error = %err, "connection ended with an error");
       }
     });
+  }
+}
+
+/// One connection, from the TLS handshake to its close: when the peer closes it, when it has
+/// been idle (no request in flight) for the idle timeout, or at shutdown once its requests
+/// are answered.
+async fn serve_connection(
+  stream: TcpStream,
+  tls: Option<TlsAcceptor>,
+  state: Arc<NodeState>,
+  scheme: &'static str,
+  settings: Arc<ConnectionSettings>,
+  stop: CancellationToken,
+) -> Result<(), BoxError> {
+  let stream = match tls {
+    None => Either::Left(stream),
+    Some(acceptor) => {
+      let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+      match handshake.await {
+        Ok(Ok(stream)) => Either::Right(stream),
+        Ok(Err(err)) => return Err(format!("TLS handshake failed: {err}").into()),
+        Err(_) => return Err("TLS handshake timed out".into()),
+      }
+    }
+  };
+  let activity = Arc::new(ConnectionActivity::new());
+  let service_activity = activity.clone();
+  let service = hyper::service::service_fn(move |request| {
+    let state = state.clone();
+    let active = service_activity.begin();
+    async move { Ok::<_, Infallible>(handle_request(&state, request, scheme, active).await) }
+  });
+  let connection = settings
+    .builder
+    .serve_connection(TokioIo::new(stream), service);
+  tokio::pin!(connection);
+  let mut closing = false;
+  loop {
+    tokio::select! {
+      result = connection.as_mut() => return result,
+      () = stop.cancelled(), if !closing => {
+        connection.as_mut().graceful_shutdown();
+        closing = true;
+      }
+      () = activity.idle_for(settings.idle_timeout), if !closing => {
+        connection.as_mut().graceful_shutdown();
+        closing = true;
+      }
+    }
+  }
+}
+
+/// How many requests a connection has in flight, and since when it has had none.
+struct ConnectionActivity {
+  in_flight: AtomicUsize,
+  idle_since: std::sync::Mutex<tokio::time::Instant>,
+  became_idle: Notify,
+}
+
+impl ConnectionActivity {
+  fn new() -> ConnectionActivity {
+    ConnectionActivity {
+      in_flight: AtomicUsize::new(0),
+      idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+      became_idle: Notify::new(),
+    }
+  }
+
+  /// Counts a request as in flight until the returned guard is dropped.
+  fn begin(self: &Arc<Self>) -> ActiveRequest {
+    self.in_flight.fetch_add(1, Ordering::Relaxed);
+    ActiveRequest(self.clone())
+  }
+
+  /// Resolves once the connection has had no request in flight for `timeout`.
+  async fn idle_for(&self, timeout: Duration) {
+    loop {
+      let became_idle = self.became_idle.notified();
+      if self.in_flight.load(Ordering::Relaxed) > 0 {
+        became_idle.await;
+        continue;
+      }
+      let deadline = *self.idle_since.lock().expect("activity lock") + timeout;
+      if tokio::time::Instant::now() >= deadline {
+        return;
+      }
+      // Requests that come and go meanwhile move `idle_since`: look again at the deadline.
+      tokio::time::sleep_until(deadline).await;
+    }
+  }
+}
+
+/// A request in flight on a connection (see [`ConnectionActivity`]).
+struct ActiveRequest(Arc<ConnectionActivity>);
+
+impl Drop for ActiveRequest {
+  fn drop(&mut self) {
+    if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+      *self.0.idle_since.lock().expect("activity lock") = tokio::time::Instant::now();
+      self.0.became_idle.notify_waiters();
+    }
   }
 }
 
@@ -323,9 +430,10 @@ async fn handle_request(
   state: &NodeState,
   request: Request<Incoming>,
   scheme: &str,
+  active: ActiveRequest,
 ) -> Response<Body> {
   let request_id = state.request_ids.next();
-  let mut response = dispatch(state, request, scheme, &request_id).await;
+  let mut response = dispatch(state, request, scheme, &request_id, active).await;
   if let Ok(value) = HeaderValue::from_str(&request_id) {
     response.headers_mut().insert(REQUEST_ID_HEADER, value);
   }
@@ -337,6 +445,7 @@ async fn dispatch(
   request: Request<Incoming>,
   scheme: &str,
   request_id: &str,
+  active: ActiveRequest,
 ) -> Response<Body> {
   let arrived = tokio::time::Instant::now();
   let authority = request
@@ -482,6 +591,7 @@ async fn dispatch(
           inner: body,
           deadline: Box::pin(tokio::time::sleep_until(deadline)),
           usage,
+          _active: active,
           _in_flight: in_flight,
           _admitted: admitted,
           _cancel_on_drop: cancel_on_drop,
@@ -673,6 +783,7 @@ struct GuardedBody {
   inner: Body,
   deadline: Pin<Box<tokio::time::Sleep>>,
   usage: UsageRecorder,
+  _active: ActiveRequest,
   _in_flight: InFlightGuard,
   _admitted: Admitted,
   _cancel_on_drop: DropGuard,
