@@ -1,4 +1,4 @@
-//! The memory limit: heap bombs are stopped without harming the process.
+//! The memory limit: heap and ArrayBuffer bombs are stopped without harming the process.
 
 use crate::support::{Outpost, functions_config, http1};
 
@@ -6,9 +6,14 @@ const BOMB: &str = r#"
 const isolate = crypto.randomUUID();
 export default {
   fetch(request) {
-    if (new URL(request.url).pathname === "/heap") {
+    const path = new URL(request.url).pathname;
+    if (path === "/heap") {
       const hoard = [];
       for (;;) hoard.push(new Array(1e6).fill(1));
+    }
+    if (path === "/buffers") {
+      const hoard = [];
+      for (;;) hoard.push(new ArrayBuffer(4 << 20));
     }
     return new Response(isolate);
   },
@@ -16,7 +21,7 @@ export default {
 "#;
 
 #[tokio::test]
-async fn heap_bombs_are_terminated_and_the_process_stays_bounded() {
+async fn two_hundred_bombs_are_stopped_and_the_process_stays_bounded() {
   let outpost = Outpost::start(
     &functions_config(
       "",
@@ -30,20 +35,40 @@ async fn heap_bombs_are_terminated_and_the_process_stays_bounded() {
   );
   let before = outpost.get_text("/").await;
   let mut rss_after_warmup = 0;
-  for round in 0..10 {
-    let response = http1().get(outpost.url("/heap")).send().await.unwrap();
-    assert_eq!(response.status(), 503, "round {round}");
-    assert_eq!(response.headers()["outpost-termination"], "memory-limit");
-    if round == 2 {
+  for round in 0..200 {
+    let heap = round % 2 == 0;
+    let path = if heap { "/heap" } else { "/buffers" };
+    let response = http1().get(outpost.url(path)).send().await.unwrap();
+    let status = response.status();
+    let termination = response
+      .headers()
+      .get("outpost-termination")
+      .map(|v| v.to_str().unwrap().to_string());
+    let body = response.text().await.unwrap();
+    if heap {
+      // A heap past its limit: the isolate is terminated and discarded.
+      assert_eq!(status, 503, "round {round}: {body}");
+      assert_eq!(termination.as_deref(), Some("memory-limit"), "round {round}");
+    } else {
+      // ArrayBuffers past the limit: the allocation is refused with a RangeError, which
+      // the bomb does not catch (500), unless the heap ran out first (503).
+      assert!(
+        status == 500 || termination.as_deref() == Some("memory-limit"),
+        "round {round}: {status} {body}"
+      );
+    }
+    if round == 9 {
       rss_after_warmup = outpost.proc_status_kib("VmRSS");
     }
   }
   let rss_after = outpost.proc_status_kib("VmRSS");
-  // Each bomb grows a heap to 64 MiB. Seven more bombs that each left theirs behind would
-  // add 448 MiB; allocator caching and an isolate still being dropped stay well below 192.
+  eprintln!("RSS after 10 bombs: {rss_after_warmup} KiB; after 200: {rss_after} KiB");
+  // Each bomb grows a heap or its buffers to 64 MiB. 190 more bombs that each left theirs
+  // behind would add gigabytes; allocator caching and an isolate still being dropped stay
+  // well below 192 MiB.
   assert!(
     rss_after < rss_after_warmup + 192 * 1024,
-    "RSS went from {rss_after_warmup} KiB after 3 bombs to {rss_after} KiB after 10"
+    "RSS went from {rss_after_warmup} KiB after 10 bombs to {rss_after} KiB after 200"
   );
   let after = outpost.get_text("/").await;
   assert_ne!(before, after, "a fresh isolate serves after the bombs");
