@@ -10,6 +10,8 @@ mod timing;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use deno_core::PollEventLoopOptions;
+use outpost::config::{CacheConfig, ServerConfig};
+use outpost::edge_cache::SharedCache;
 use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{BlankIsolate, FunctionSpec, IsolateFactory};
 use outpost::limits::{Limits, LimitsConfig};
@@ -44,7 +46,10 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
 /// A pre-warmed blank isolate and its request channel.
 fn blank() -> (BlankIsolate, mpsc::Sender<DispatchRequest>) {
   let (sender, receiver) = mpsc::channel(8);
-  (BlankIsolate::new(Some(receiver), HEAP).unwrap(), sender)
+  (
+    BlankIsolate::new(Some(receiver), HEAP, None).unwrap(),
+    sender,
+  )
 }
 
 /// Gives `isolate` the function and serves one GET through it.
@@ -90,7 +95,7 @@ fn benches(c: &mut Criterion) {
   // Isolates on one thread must be dropped in reverse order of creation: each one is
   // dropped right after it is timed, outside the timing.
   timing::bench(c, "isolate_from_snapshot", 500, || {
-    timing::timed(|| BlankIsolate::new(None, HEAP).unwrap()).1
+    timing::timed(|| BlankIsolate::new(None, HEAP, None).unwrap()).1
   });
 
   for (name, file, source) in [
@@ -106,7 +111,12 @@ fn benches(c: &mut Criterion) {
     });
   }
 
-  let factory = IsolateFactory::new(1, Duration::from_secs(10), HEAP).unwrap();
+  let server = ServerConfig {
+    spare_isolates: 1,
+    ..ServerConfig::default()
+  };
+  let cache = Arc::new(SharedCache::from_config(&CacheConfig::default()));
+  let factory = IsolateFactory::new(&server, HEAP, cache).unwrap();
   let mut index = 0;
   timing::bench(c, "new_isolate_from_spare", 300, || {
     index += 1;

@@ -19,6 +19,7 @@ import {
   runForRequest,
   toRequest,
 } from "ext:outpost_dispatch/01_dispatch.js";
+import { Cache, caches, CacheStorage } from "ext:outpost_cache/01_cache.js";
 
 const {
   Error,
@@ -150,6 +151,9 @@ const globalScope = {
   setTimeout: fn(timers.setTimeout),
   structuredClone: fn(messagePort.structuredClone),
   // Beyond the minimum, as Workers and Deno provide them.
+  Cache: cls(Cache),
+  CacheStorage: cls(CacheStorage),
+  caches: core.propGetterOnly(() => caches),
   CustomEvent: cls(event.CustomEvent),
   ErrorEvent: cls(event.ErrorEvent),
   MessageChannel: cls(messagePort.MessageChannel),

@@ -16,6 +16,8 @@ pub struct IsolateOptions {
   pub dispatch_queue: Option<DispatchQueue>,
   /// Options for outbound `fetch` (user agent, DNS resolver, TLS roots).
   pub fetch: deno_fetch::Options,
+  /// The node's shared cache, behind the Cache API; `None` while building the snapshot.
+  pub cache: Option<Arc<dyn outpost_ext_cache::EdgeCache>>,
 }
 
 /// The extensions of every Outpost isolate, in load order.
@@ -33,6 +35,7 @@ pub fn extensions(options: IsolateOptions) -> Vec<Extension> {
     deno_fetch::deno_fetch::init(options.fetch),
     deno_crypto::deno_crypto::init(None),
     outpost_ext_dispatch::outpost_dispatch::init(options.dispatch_queue),
+    outpost_ext_cache::outpost_cache::init(options.cache),
     outpost_bootstrap::init(),
   ]
 }
@@ -48,7 +51,8 @@ deno_core::extension!(
     deno_web,
     deno_fetch,
     deno_crypto,
-    outpost_dispatch
+    outpost_dispatch,
+    outpost_cache
   ],
   ops = [op_bootstrap_console],
   esm_entry_point = "ext:outpost_bootstrap/99_bootstrap.js",

@@ -48,7 +48,11 @@ async fn two_hundred_bombs_are_stopped_and_the_process_stays_bounded() {
     if heap {
       // A heap past its limit: the isolate is terminated and discarded.
       assert_eq!(status, 503, "round {round}: {body}");
-      assert_eq!(termination.as_deref(), Some("memory-limit"), "round {round}");
+      assert_eq!(
+        termination.as_deref(),
+        Some("memory-limit"),
+        "round {round}"
+      );
     } else {
       // ArrayBuffers past the limit: the allocation is refused with a RangeError, which
       // the bomb does not catch (500), unless the heap ran out first (503).

@@ -24,6 +24,90 @@ pub struct Config {
   pub listeners: Vec<ListenerConfig>,
   pub functions: Vec<FunctionConfig>,
   pub server: ServerConfig,
+  pub cache: CacheConfig,
+  /// The admin listener, when `[admin]` is present.
+  pub admin: Option<AdminConfig>,
+}
+
+/// The shared edge cache (`[cache]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+  /// Bytes the whole cache may hold (bodies plus headers): `"256MiB"` or a number.
+  pub max_bytes: bytesize::ByteSize,
+  /// Bytes one entry may take; larger responses are not stored.
+  pub max_entry_bytes: bytesize::ByteSize,
+}
+
+impl Default for CacheConfig {
+  fn default() -> Self {
+    Self {
+      max_bytes: bytesize::ByteSize::mib(256),
+      max_entry_bytes: bytesize::ByteSize::mib(16),
+    }
+  }
+}
+
+impl CacheConfig {
+  /// Every value that cannot work, with the reason.
+  pub fn problems(&self) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if self.max_entry_bytes > self.max_bytes {
+      problems.push((
+        "max_entry_bytes",
+        format!(
+          "{} is larger than max_bytes ({})",
+          self.max_entry_bytes, self.max_bytes
+        ),
+      ));
+    }
+    if self.max_entry_bytes.as_u64() > u64::from(u32::MAX) {
+      problems.push(("max_entry_bytes", "must be below 4 GiB".to_string()));
+    }
+    problems
+  }
+}
+
+/// Caching in front of one function (`cache = { ... }` on a function).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+  /// Store cacheable GET responses and serve them without entering JS.
+  #[serde(default)]
+  pub enabled: bool,
+}
+
+/// The admin listener (`[admin]`): cache purges and stats.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+  /// Where it listens; loopback unless set otherwise.
+  #[serde(default = "AdminConfig::default_address")]
+  pub address: SocketAddr,
+  /// The bearer token every admin request must carry; required off loopback.
+  #[serde(default)]
+  pub token: Option<String>,
+}
+
+impl AdminConfig {
+  fn default_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+  }
+
+  /// Every value that cannot work, with the reason.
+  pub fn problems(&self) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if !self.address.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
+      problems.push((
+        "token",
+        format!(
+          "the admin listener on {} is reachable off this machine: set a token, or bind it to 127.0.0.1",
+          self.address
+        ),
+      ));
+    }
+    problems
+  }
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +132,7 @@ pub struct FunctionConfig {
   pub pool: PoolConfig,
   pub egress: EgressConfig,
   pub limits: Limits,
+  pub cache: RouteCacheConfig,
 }
 
 /// Isolate pool settings of one function (`pool = { ... }`).
@@ -109,6 +194,9 @@ pub struct ServerConfig {
   pub queue_depth: usize,
   /// How long a request may wait in that queue before it gets 503.
   pub queue_timeout_ms: u64,
+  /// Lower an isolate thread to the lowest scheduling priority while an entry into JS runs
+  /// long (see `crate::cpu`), so that its neighbours are delayed less.
+  pub demote_long_entries: bool,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +215,7 @@ impl Default for ServerConfig {
       max_in_flight: 10_000,
       queue_depth: 1024,
       queue_timeout_ms: 1000,
+      demote_long_entries: true,
     }
   }
 }
@@ -164,6 +253,10 @@ struct RawConfig {
   functions: Vec<RawFunction>,
   #[serde(default)]
   server: ServerConfig,
+  #[serde(default)]
+  cache: Option<Spanned<CacheConfig>>,
+  #[serde(default)]
+  admin: Option<Spanned<AdminConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +288,8 @@ struct RawFunction {
   egress: Option<Spanned<EgressConfig>>,
   #[serde(default)]
   limits: Option<Spanned<LimitsConfig>>,
+  #[serde(default)]
+  cache: Option<Spanned<RouteCacheConfig>>,
 }
 
 impl Config {
@@ -272,6 +367,13 @@ impl Config {
     }
 
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
+    let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
+    let admin = raw.admin.as_ref().map(|admin| {
+      for (field, message) in admin.get_ref().problems() {
+        errors.push(locate.error(admin.span(), &format!("admin.{field}"), message));
+      }
+      admin.get_ref().clone()
+    });
     if raw.server.max_in_flight == 0 {
       errors.push(locate.error(0..0, "server.max_in_flight", "must be at least 1".into()));
     }
@@ -354,6 +456,11 @@ impl Config {
         EgressConfig::problems,
         &mut errors,
       );
+      let cache = function
+        .cache
+        .as_ref()
+        .map(|c| c.get_ref().clone())
+        .unwrap_or_default();
       let pool = function
         .pool
         .as_ref()
@@ -373,6 +480,7 @@ impl Config {
           pool,
           egress,
           limits: Limits::resolve(&limits, &node_limits),
+          cache,
         });
       }
     }
@@ -415,6 +523,8 @@ impl Config {
         listeners,
         functions,
         server: raw.server,
+        cache,
+        admin,
       })
     } else {
       Err(ConfigErrors { errors })
@@ -450,10 +560,13 @@ impl Config {
         pool: PoolConfig::default(),
         egress: EgressConfig::default(),
         limits: Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()),
+        cache: RouteCacheConfig::default(),
       }],
       server: ServerConfig::default(),
       node: None,
       egress: NodeEgressConfig::default(),
+      cache: CacheConfig::default(),
+      admin: None,
     })
   }
 }

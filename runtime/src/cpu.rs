@@ -29,6 +29,61 @@ use deno_core::v8;
 const OUTSIDE_JS: u64 = u64::MAX;
 /// How long the watchdog sleeps when no budget can run out sooner.
 const IDLE_CHECK: Duration = Duration::from_millis(10);
+/// An entry into JS that has run this long is demoted (see [`ThreadPriority`]).
+const DEMOTE_AFTER: Duration = Duration::from_millis(2);
+/// The nice value of a demoted isolate thread: the lowest priority.
+const DEMOTED_NICE: libc::c_int = 19;
+
+/// The scheduling priority of an isolate thread. An entry into JS that runs long (a
+/// handler burning CPU) is demoted to the lowest priority until it returns, so that short
+/// entries of other isolates, and the server's own threads, get a core first when they
+/// wake: a tenant burning CPU delays its neighbours less. Demotion is only used where the
+/// process may restore the priority afterwards (`CAP_SYS_NICE` or `RLIMIT_NICE`); the
+/// watchdog probes that once at start.
+struct ThreadPriority {
+  tid: libc::pid_t,
+  demoted: AtomicBool,
+}
+
+impl ThreadPriority {
+  /// The calling thread's.
+  fn current() -> ThreadPriority {
+    ThreadPriority {
+      // SAFETY: gettid has no preconditions.
+      tid: unsafe { libc::gettid() },
+      demoted: AtomicBool::new(false),
+    }
+  }
+
+  fn set_nice(tid: libc::pid_t, nice: libc::c_int) -> bool {
+    // SAFETY: setpriority only reads its arguments; a thread id that is gone makes it fail.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0 }
+  }
+
+  /// From the watchdog: the thread is running a long entry.
+  fn demote(&self) {
+    if !self.demoted.swap(true, Ordering::Relaxed) {
+      Self::set_nice(self.tid, DEMOTED_NICE);
+    }
+  }
+
+  /// From the isolate thread, outside JS: back to normal priority if demoted.
+  fn restore(&self) {
+    if self.demoted.load(Ordering::Relaxed) && self.demoted.swap(false, Ordering::Relaxed) {
+      Self::set_nice(self.tid, 0);
+    }
+  }
+
+  /// Whether this process may demote a thread and restore it afterwards.
+  fn demotion_possible() -> bool {
+    std::thread::spawn(|| {
+      let probe = ThreadPriority::current();
+      Self::set_nice(probe.tid, 1) && Self::set_nice(probe.tid, 0)
+    })
+    .join()
+    .unwrap_or(false)
+  }
+}
 
 /// A thread's CPU clock.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +138,7 @@ pub struct CpuGuard {
   /// CPU time the entry had used when the watchdog terminated it.
   used_at_termination_ns: AtomicU64,
   isolate: v8::IsolateHandle,
+  priority: ThreadPriority,
   watchdog: Arc<CpuWatchdog>,
 }
 
@@ -102,6 +158,7 @@ impl CpuGuard {
       terminated: AtomicBool::new(false),
       used_at_termination_ns: AtomicU64::new(0),
       isolate,
+      priority: ThreadPriority::current(),
       watchdog: watchdog.clone(),
     });
     watchdog.register(&guard);
@@ -119,6 +176,8 @@ impl CpuGuard {
   /// JS is about to run with `budget` CPU time to use, and `soft_budget` before the
   /// isolate is retired.
   pub fn enter(&self, budget: Duration, soft_budget: Option<Duration>) {
+    // A demotion that raced with the end of the previous entry.
+    self.priority.restore();
     let budget_ns = nanos(budget);
     self.budget_ns.store(budget_ns, Ordering::Relaxed);
     self
@@ -136,6 +195,7 @@ impl CpuGuard {
   pub fn leave(&self) -> Duration {
     let now = self.clock.now_ns();
     self.entered_ns.store(OUTSIDE_JS, Ordering::Release);
+    self.priority.restore();
     let last = self.last_ns.swap(now, Ordering::Relaxed);
     let used = now.saturating_sub(last);
     if used >= self.soft_budget_ns.load(Ordering::Relaxed) {
@@ -167,9 +227,10 @@ impl CpuGuard {
     self.isolate.terminate_execution();
   }
 
-  /// Terminates the isolate if the current entry is over budget; otherwise the CPU time it
-  /// has left. `None` when not inside JS.
-  fn check(&self) -> Option<Duration> {
+  /// Terminates the isolate if the current entry is over budget; otherwise the CPU time
+  /// until it should be looked at again. Retires the isolate past its soft budget, and
+  /// demotes a long entry when `demotion` is on. `None` when not inside JS.
+  fn check(&self, demotion: bool) -> Option<Duration> {
     let entered = self.entered_ns.load(Ordering::Acquire);
     if entered == OUTSIDE_JS {
       return None;
@@ -186,11 +247,17 @@ impl CpuGuard {
       self.isolate.terminate_execution();
       return None;
     }
-    let next_limit = if used < soft_budget {
+    let demote_after = nanos(DEMOTE_AFTER);
+    let next_limit = if demotion && used < demote_after {
+      demote_after
+    } else if used < soft_budget {
       soft_budget
     } else {
       budget
     };
+    if demotion && used >= demote_after {
+      self.priority.demote();
+    }
     Some(Duration::from_nanos(next_limit.saturating_sub(used)))
   }
 }
@@ -219,14 +286,24 @@ impl outpost_ext_dispatch::EntryBudget for CpuGuard {
 pub struct CpuWatchdog {
   guards: Mutex<Vec<Weak<CpuGuard>>>,
   woken: Condvar,
+  /// Whether long entries are demoted (see [`ThreadPriority`]).
+  demotion: bool,
 }
 
 impl CpuWatchdog {
-  /// Starts the watchdog thread; it ends when the last `Arc` is dropped.
-  pub fn start() -> std::io::Result<Arc<CpuWatchdog>> {
+  /// Starts the watchdog thread; it ends when the last `Arc` is dropped. With `demote`,
+  /// long entries are demoted where the process may do so.
+  pub fn start(demote: bool) -> std::io::Result<Arc<CpuWatchdog>> {
+    let demotion = demote && ThreadPriority::demotion_possible();
+    if demote && !demotion {
+      tracing::info!(
+        "isolate threads running long entries are not demoted: restoring their priority needs CAP_SYS_NICE or RLIMIT_NICE"
+      );
+    }
     let watchdog = Arc::new(CpuWatchdog {
       guards: Mutex::default(),
       woken: Condvar::new(),
+      demotion,
     });
     let weak = Arc::downgrade(&watchdog);
     std::thread::Builder::new()
@@ -258,7 +335,7 @@ impl CpuWatchdog {
         let Some(guard) = guard.upgrade() else {
           return false;
         };
-        if let Some(left) = guard.check() {
+        if let Some(left) = guard.check(watchdog.demotion) {
           next = next.min(left);
         }
         true

@@ -16,10 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
+use outpost_ext_cache::{CacheNamespace, EdgeCache};
 use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{Config, FunctionConfig};
+use crate::config::{Config, FunctionConfig, ServerConfig};
 use crate::cpu::{CpuGuard, CpuWatchdog};
 use crate::egress::EgressPolicy;
 use crate::error::Error;
@@ -143,14 +144,22 @@ impl Drop for InFlightGuard {
 /// isolate to be created from the snapshot: taking a spare costs only loading the function.
 pub struct IsolateFactory {
   spares: usize,
-  /// The heap limit isolates are created with: the largest any function may use.
-  max_heap: usize,
-  watchdog: Arc<CpuWatchdog>,
+  host: IsolateHost,
   /// How long loading a function's module may take before it is terminated.
   load_timeout: Duration,
   state: Mutex<SpareState>,
   /// Signalled whenever a spare thread has finished creating its isolate.
   announced: tokio::sync::Notify,
+}
+
+/// What every isolate thread of the node is given.
+#[derive(Clone)]
+struct IsolateHost {
+  /// The heap limit isolates are created with: the largest any function may use.
+  max_heap: usize,
+  watchdog: Arc<CpuWatchdog>,
+  /// The shared cache behind the Cache API.
+  cache: Arc<dyn EdgeCache>,
 }
 
 #[derive(Default)]
@@ -187,20 +196,25 @@ enum Start {
 }
 
 impl IsolateFactory {
-  /// A factory keeping `spares` blank isolates ready (0: none; every isolate is created on
-  /// demand), whose isolates may take `load_timeout` to load their function and grow their
-  /// heap to `max_heap` bytes. Starts the CPU watchdog.
+  /// A factory keeping `server.spare_isolates` blank isolates ready (0: none; every isolate
+  /// is created on demand), whose isolates may take `server.load_timeout_ms` to load their
+  /// function and grow their heap to `max_heap` bytes, and reach `cache` through the Cache
+  /// API. Starts the CPU watchdog.
   pub fn new(
-    spares: usize,
-    load_timeout: Duration,
+    server: &ServerConfig,
     max_heap: usize,
+    cache: Arc<dyn EdgeCache>,
   ) -> Result<Arc<IsolateFactory>, Error> {
-    let watchdog = CpuWatchdog::start().map_err(|err| Error::IsolateThread(err.to_string()))?;
+    let watchdog = CpuWatchdog::start(server.demote_long_entries)
+      .map_err(|err| Error::IsolateThread(err.to_string()))?;
     let factory = Arc::new(IsolateFactory {
-      spares,
-      max_heap,
-      watchdog,
-      load_timeout,
+      spares: server.spare_isolates,
+      host: IsolateHost {
+        max_heap,
+        watchdog,
+        cache,
+      },
+      load_timeout: Duration::from_millis(server.load_timeout_ms),
       state: Mutex::default(),
       announced: tokio::sync::Notify::new(),
     });
@@ -239,13 +253,7 @@ impl IsolateFactory {
         factory.announced.notify_waiters();
       });
       let start = Start::Spare { announce, assigned };
-      if let Err(err) = spawn_isolate_thread(
-        "isolate:spare",
-        receiver,
-        start,
-        self.watchdog.clone(),
-        self.max_heap,
-      ) {
+      if let Err(err) = spawn_isolate_thread("isolate:spare", receiver, start, self.host.clone()) {
         tracing::warn!(error = %err, "cannot start a spare isolate");
         break;
       }
@@ -287,8 +295,7 @@ impl IsolateFactory {
           &format!("isolate:{function}"),
           receiver,
           Start::Now(assignment),
-          self.watchdog.clone(),
-          self.max_heap,
+          self.host.clone(),
         )?;
         (sender, "snapshot")
       }
@@ -334,22 +341,21 @@ fn spawn_isolate_thread(
   name: &str,
   receiver: mpsc::Receiver<DispatchRequest>,
   start: Start,
-  watchdog: Arc<CpuWatchdog>,
-  max_heap: usize,
+  host: IsolateHost,
 ) -> Result<(), Error> {
   std::thread::Builder::new()
     .name(name.into())
-    .spawn(move || run_isolate_thread(receiver, start, watchdog, max_heap))
+    .spawn(move || run_isolate_thread(receiver, start, host))
     .map(drop)
     .map_err(|err| Error::IsolateThread(err.to_string()))
 }
 
-fn run_isolate_thread(
-  receiver: mpsc::Receiver<DispatchRequest>,
-  start: Start,
-  watchdog: Arc<CpuWatchdog>,
-  max_heap: usize,
-) {
+fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start, host: IsolateHost) {
+  let IsolateHost {
+    max_heap,
+    watchdog,
+    cache,
+  } = host;
   let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
     .build();
@@ -368,7 +374,7 @@ fn run_isolate_thread(
     }
   };
   tokio.block_on(async move {
-    let blank = BlankIsolate::new(Some(receiver), max_heap);
+    let blank = BlankIsolate::new(Some(receiver), max_heap, Some(cache));
     let (
       mut isolate,
       Assignment {
@@ -437,10 +443,11 @@ pub struct BlankIsolate {
 
 impl BlankIsolate {
   /// Creates a blank isolate from the snapshot whose heap may grow to `max_heap` bytes.
-  /// `receiver` is its request channel (none for load checks).
+  /// `receiver` is its request channel and `cache` the shared cache (none for load checks).
   pub fn new(
     receiver: Option<mpsc::Receiver<DispatchRequest>>,
     max_heap: usize,
+    cache: Option<Arc<dyn EdgeCache>>,
   ) -> Result<BlankIsolate, Error> {
     let loader = Rc::new(FunctionModuleLoader::default());
     let buffers = ArrayBufferBudget::new(max_heap);
@@ -451,6 +458,7 @@ impl BlankIsolate {
           user_agent: concat!("Outpost/", env!("CARGO_PKG_VERSION")).into(),
           ..Default::default()
         },
+        cache,
       }),
       startup_snapshot: Some(snapshot::SNAPSHOT),
       residual_lazy_js_sources: snapshot::RESIDUAL_LAZY_JS,
@@ -491,6 +499,7 @@ impl BlankIsolate {
       let state = runtime.op_state();
       let mut state = state.borrow_mut();
       state.put(outpost_js::FunctionName(spec.code.name.clone()));
+      state.put(CacheNamespace(spec.code.name.as_str().into()));
       state.put(spec.egress.permissions()?);
     }
     let module = runtime
@@ -625,7 +634,7 @@ pub fn check_function(spec: &FunctionSpec) -> Result<(), Error> {
     .build()
     .map_err(|err| Error::IsolateCreate(err.to_string()))?;
   tokio.block_on(async {
-    let mut isolate = BlankIsolate::new(None, spec.limits.memory)?;
+    let mut isolate = BlankIsolate::new(None, spec.limits.memory, None)?;
     isolate.start_function(spec).await.map(drop)
   })
 }

@@ -8,6 +8,7 @@
 pub mod compression;
 pub mod config;
 pub mod cpu;
+pub mod edge_cache;
 pub mod egress;
 pub mod error;
 pub mod function_code;

@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::compression;
 use crate::config::{Config, ServerConfig};
+use crate::edge_cache::SharedCache;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
@@ -88,11 +89,8 @@ impl Node {
       .map(|f| f.limits.memory)
       .max()
       .unwrap_or(Limits::DEFAULT_MEMORY_MB * 1024 * 1024);
-    let factory = IsolateFactory::new(
-      config.server.spare_isolates,
-      Duration::from_millis(config.server.load_timeout_ms),
-      max_heap,
-    )?;
+    let cache = Arc::new(SharedCache::from_config(&config.cache));
+    let factory = IsolateFactory::new(&config.server, max_heap, cache.clone())?;
     let mut starts = Vec::new();
     for function in &config.functions {
       let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
