@@ -3,6 +3,7 @@
 //! once.
 
 mod ambient_authority;
+mod cache;
 mod cli;
 mod cpu;
 mod egress;

@@ -101,6 +101,7 @@ class Cache {
     if (key !== illegalConstructor) {
       webidl.illegalConstructor();
     }
+    this[webidl.brand] = webidl.brand;
     this[kName] = name;
   }
 
@@ -184,6 +185,7 @@ class CacheStorage {
     if (key !== illegalConstructor) {
       webidl.illegalConstructor();
     }
+    this[webidl.brand] = webidl.brand;
     this[kDefault] = new Cache(illegalConstructor, null);
   }
 
