@@ -195,3 +195,172 @@ async fn the_caching_rules_decide_what_is_stored() {
   let body = get(&outpost, "b.test", "/bad-url").await;
   assert!(outcome(&body).starts_with("TypeError"), "{body}");
 }
+
+/// A function behind route caching; counts how often it is entered.
+const ORIGIN: &str = r#"
+let calls = 0;
+export default {
+  fetch(request) {
+    calls++;
+    const url = new URL(request.url);
+    if (request.headers.get("x-fail") === "1") return new Response("down", { status: 500 });
+    return new Response(`calls=${calls}`, {
+      headers: {
+        "cache-control": url.searchParams.get("cc") ?? "max-age=60",
+        "etag": '"v1"',
+        "cache-tag": url.searchParams.get("tag") ?? "none",
+      },
+    });
+  },
+};
+"#;
+
+fn route_cached(admin: &str) -> Outpost {
+  Outpost::start(
+    &functions_config(
+      &format!("[admin]\naddress = \"127.0.0.1:0\"\n{admin}"),
+      &[(
+        "origin",
+        "origin.js",
+        "routes = [\"/\"]\ncache = { enabled = true }",
+      )],
+    ),
+    &[("origin.js", ORIGIN)],
+  )
+}
+
+/// (outpost-cache header, body) of a GET.
+async fn cached_get(outpost: &Outpost, path: &str, headers: &[(&str, &str)]) -> (String, String) {
+  let mut request = http1().get(outpost.url(path));
+  for (name, value) in headers {
+    request = request.header(*name, *value);
+  }
+  let response = request.send().await.unwrap();
+  let how = response
+    .headers()
+    .get("outpost-cache")
+    .map_or("-".to_string(), |v| v.to_str().unwrap().to_string());
+  let status = response.status().as_u16();
+  let body = response.text().await.unwrap();
+  (how, format!("{status} {body}"))
+}
+
+async fn admin_post(
+  outpost: &Outpost,
+  path: &str,
+  body: &str,
+  token: Option<&str>,
+) -> (u16, String) {
+  let mut request = http1()
+    .post(format!("http://{}{path}", outpost.admin.unwrap()))
+    .body(body.to_string());
+  if let Some(token) = token {
+    request = request.bearer_auth(token);
+  }
+  let response = request.send().await.unwrap();
+  (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn route_caching_serves_hits_without_entering_js_and_purges_by_url_prefix_and_tag() {
+  let outpost = route_cached("");
+  let miss = cached_get(&outpost, "/a?tag=red", &[]).await;
+  assert_eq!(miss, ("MISS".into(), "200 calls=1".into()));
+  let hit = cached_get(&outpost, "/a?tag=red", &[]).await;
+  assert_eq!(hit, ("HIT".into(), "200 calls=1".into()));
+  // A conditional request the cached response satisfies: 304 from the cache.
+  let not_modified = cached_get(&outpost, "/a?tag=red", &[("if-none-match", "\"v1\"")]).await;
+  assert_eq!(not_modified, ("HIT".into(), "304 ".into()));
+  // What must not be stored is not.
+  assert_eq!(cached_get(&outpost, "/b?cc=no-store", &[]).await.0, "MISS");
+  assert_eq!(cached_get(&outpost, "/b?cc=no-store", &[]).await.0, "MISS");
+
+  let base = outpost.url("");
+  let purge = format!(r#"{{"url": "{base}/a?tag=red"}}"#);
+  assert_eq!(
+    admin_post(&outpost, "/cache/purge", &purge, None).await,
+    (200, "{\"purged\":1}\n".into())
+  );
+  assert_eq!(cached_get(&outpost, "/a?tag=red", &[]).await.0, "MISS");
+  cached_get(&outpost, "/c?tag=red", &[]).await;
+  cached_get(&outpost, "/d?tag=blue", &[]).await;
+  assert_eq!(
+    admin_post(&outpost, "/cache/purge", r#"{"tag": "red"}"#, None).await,
+    (200, "{\"purged\":2}\n".into())
+  );
+  let prefix = format!(r#"{{"prefix": "{base}/d", "function": "origin"}}"#);
+  assert_eq!(
+    admin_post(&outpost, "/cache/purge", &prefix, None).await,
+    (200, "{\"purged\":1}\n".into())
+  );
+  let (status, error) = admin_post(
+    &outpost,
+    "/cache/purge",
+    r#"{"url": "a", "tag": "b"}"#,
+    None,
+  )
+  .await;
+  assert_eq!(status, 400, "{error}");
+  assert!(error.contains("exactly one of"), "{error}");
+
+  let stats = http1()
+    .get(format!("http://{}/cache/stats", outpost.admin.unwrap()))
+    .send()
+    .await
+    .unwrap()
+    .json::<serde_json::Value>()
+    .await
+    .unwrap();
+  let origin = &stats["functions"]["origin"];
+  assert_eq!(origin["hits"], 2, "{stats}");
+  assert_eq!(origin["entries"], 0, "{stats}");
+  assert!(origin["refusals"].as_u64().unwrap() >= 2, "{stats}");
+}
+
+#[tokio::test]
+async fn stale_responses_are_served_while_revalidating_and_when_the_function_fails() {
+  let outpost = route_cached("token = \"secret\"");
+  // max-age=0 with stale-while-revalidate: stored, and every later hit is stale.
+  let swr = "/s?cc=max-age%3D0%2C%20stale-while-revalidate%3D600";
+  assert_eq!(
+    cached_get(&outpost, swr, &[]).await,
+    ("MISS".into(), "200 calls=1".into())
+  );
+  assert_eq!(
+    cached_get(&outpost, swr, &[]).await,
+    ("STALE".into(), "200 calls=1".into())
+  );
+  // The background request refreshes the entry.
+  let mut refreshed = false;
+  for _ in 0..100 {
+    let (how, body) = cached_get(&outpost, swr, &[]).await;
+    assert_eq!(how, "STALE");
+    if body != "200 calls=1" {
+      refreshed = true;
+      break;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+  }
+  assert!(refreshed, "the stale entry was never refreshed");
+
+  let sie = "/e?cc=max-age%3D0%2C%20stale-if-error%3D600";
+  let (how, stored) = cached_get(&outpost, sie, &[]).await;
+  assert_eq!(how, "MISS");
+  // The function fails: the stale response stands in.
+  assert_eq!(
+    cached_get(&outpost, sie, &[("x-fail", "1")]).await,
+    ("STALE".into(), stored)
+  );
+
+  // With a token, the admin listener wants it.
+  let (status, _) = admin_post(&outpost, "/cache/purge", r#"{"tag": "none"}"#, None).await;
+  assert_eq!(status, 401);
+  let (status, body) = admin_post(
+    &outpost,
+    "/cache/purge",
+    r#"{"tag": "none"}"#,
+    Some("secret"),
+  )
+  .await;
+  assert_eq!((status, body.as_str()), (200, "{\"purged\":2}\n"));
+}

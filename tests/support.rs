@@ -15,6 +15,8 @@ pub struct Outpost {
   pub http: Vec<SocketAddr>,
   /// TLS listener addresses, in config order.
   pub https: Vec<SocketAddr>,
+  /// The admin listener's address, when `[admin]` is configured.
+  pub admin: Option<SocketAddr>,
   logs: Arc<Mutex<String>>,
 }
 
@@ -103,7 +105,7 @@ impl Outpost {
         }
       }
     });
-    let (mut http, mut https) = (Vec::new(), Vec::new());
+    let (mut http, mut https, mut admin) = (Vec::new(), Vec::new(), None);
     let deadline = Instant::now() + Duration::from_secs(60);
     while http.len() + https.len() < listeners {
       let remaining = deadline.saturating_duration_since(Instant::now());
@@ -113,6 +115,10 @@ impl Outpost {
           logs.lock().unwrap()
         )
       });
+      if let Some(address) = line.strip_prefix("outpost admin listening on http://") {
+        admin = Some(address.parse().unwrap());
+        continue;
+      }
       let Some(url) = line.strip_prefix("outpost listening on ") else {
         continue;
       };
@@ -127,6 +133,7 @@ impl Outpost {
       _dir: dir,
       http,
       https,
+      admin,
       logs,
     }
   }

@@ -728,6 +728,23 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
   }
 
   #[test]
+  fn cache_sizes_and_an_exposed_admin_listener_are_checked() {
+    let err = parse(
+      "[cache]\nmax_bytes = \"1MiB\"\nmax_entry_bytes = \"2MiB\"\n\n[admin]\naddress = \"0.0.0.0:9901\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n",
+    )
+    .unwrap_err();
+    let keys: Vec<_> = err.errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["cache.max_entry_bytes", "admin.token"], "{err}");
+    assert_eq!((err.errors[0].line, err.errors[1].line), (1, 5), "{err}");
+    let config = parse(
+      "[cache]\nmax_bytes = \"64MiB\"\n\n[admin]\naddress = \"0.0.0.0:9901\"\ntoken = \"t\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.cache.max_bytes.as_u64(), 64 << 20);
+    assert_eq!(config.admin.unwrap().token.as_deref(), Some("t"));
+  }
+
+  #[test]
   fn a_header_limit_below_what_hyper_accepts_is_an_error() {
     let err = parse("[server]\nmax_header_bytes = 4096\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n")
       .unwrap_err();

@@ -7,8 +7,9 @@
 //! and whether a stored one is fresh for a request are the RFC 9111 rules of
 //! `http-cache-semantics`, evaluated as a shared cache, against a [`Clock`] (a test can
 //! move time). A response with `Set-Cookie` is never stored: a shared cache must not hand
-//! one client's cookie to another. Conditional requests (`If-None-Match`,
-//! `If-Modified-Since`) that a fresh entry satisfies get 304.
+//! one client's cookie to another; nor is one that would be stale at once, unless
+//! `stale-while-revalidate` or `stale-if-error` lets it be served. Conditional requests
+//! (`If-None-Match`, `If-Modified-Since`) that a fresh entry satisfies get 304.
 //!
 //! Counters per namespace ([`CacheStats`]) are kept in one place for the metrics exporter.
 
@@ -305,6 +306,37 @@ impl SharedCache {
     Lookup::Miss { if_error }
   }
 
+  /// The caching rules' verdict on storing `response` for `request` at `now`: its policy
+  /// and stale extensions when it may be stored and served, else `None`.
+  fn admit(
+    request: &http::request::Parts,
+    response: &http::response::Parts,
+    now: SystemTime,
+  ) -> Option<(CachePolicy, StaleExtensions)> {
+    let policy = CachePolicy::new_options(request, response, now, cache_options());
+    let stale = StaleExtensions::from_headers(&response.headers);
+    let useful = !policy.time_to_live(now).is_zero()
+      || !stale.while_revalidate.is_zero()
+      || !stale.if_error.is_zero();
+    let cookie = response.headers.contains_key(http::header::SET_COOKIE);
+    (policy.is_storable() && useful && !cookie).then_some((policy, stale))
+  }
+
+  /// Whether `response` to `request` may be stored in `namespace` (before its body is
+  /// read); a refusal is counted.
+  pub fn storable(
+    &self,
+    namespace: &CacheNamespace,
+    request: &http::request::Parts,
+    response: &http::response::Parts,
+  ) -> bool {
+    let storable = Self::admit(request, response, self.clock.now()).is_some();
+    if !storable {
+      CacheStats::count(&self.stats.of(namespace).refusals);
+    }
+    storable
+  }
+
   /// Stores `response` for `request` in `store` of `namespace`, replacing the variant the
   /// request selects.
   pub fn store_in(
@@ -319,7 +351,9 @@ impl SharedCache {
     let now = self.clock.now();
     let policy = CachePolicy::new_options(request, &response, now, cache_options());
     let stale = StaleExtensions::from_headers(&response.headers);
-    let useful = !policy.time_to_live(now).is_zero() || !stale.while_revalidate.is_zero();
+    let useful = !policy.time_to_live(now).is_zero()
+      || !stale.while_revalidate.is_zero()
+      || !stale.if_error.is_zero();
     if !policy.is_storable() || !useful || response.headers.contains_key(http::header::SET_COOKIE) {
       CacheStats::count(&stats.refusals);
       return StoreOutcome::NotStorable;

@@ -5,6 +5,7 @@
 //! function, [`pool`] hands it to one of the function's [`isolate`] threads, and the
 //! response streams back.
 
+pub mod admin;
 pub mod compression;
 pub mod config;
 pub mod cpu;
@@ -17,6 +18,7 @@ pub mod isolate;
 pub mod limits;
 pub mod memory;
 pub mod pool;
+pub mod route_cache;
 pub mod router;
 pub mod server;
 pub mod snapshot;

@@ -110,6 +110,15 @@ fn serve(config: Config) -> anyhow::Result<()> {
     .context("starting the tokio runtime")?;
   runtime.block_on(async {
     let node = Node::start(&config).await?;
+    if let Some(address) = node.admin_address() {
+      #[allow(
+        clippy::print_stdout,
+        reason = "the listening addresses are the command's output"
+      )]
+      {
+        println!("outpost admin listening on http://{address}");
+      }
+    }
     for listener in node.listeners() {
       let scheme = if listener.tls { "https" } else { "http" };
       #[allow(

@@ -30,6 +30,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, Admin};
 use crate::compression;
 use crate::config::{Config, ServerConfig};
 use crate::edge_cache::SharedCache;
@@ -39,6 +40,7 @@ use crate::hop_by_hop;
 use crate::isolate::{FunctionSpec, InFlightGuard, IsolateFactory};
 use crate::limits::{Admission, Admitted, Limits};
 use crate::pool::IsolatePool;
+use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
 
@@ -53,16 +55,28 @@ pub const TERMINATION_HEADER: &str = "outpost-termination";
 pub struct Node {
   state: Arc<NodeState>,
   listeners: Vec<BoundListener>,
+  /// The admin listener and what it serves, when `[admin]` is configured.
+  admin: Option<(TcpListener, Arc<Admin>)>,
   server: ServerConfig,
 }
 
-struct NodeState {
+pub(crate) struct NodeState {
   router: Router,
   functions: Vec<RoutedFunction>,
   admission: Admission,
-  compression: bool,
+  pub(crate) compression: bool,
   max_body_bytes: u64,
-  request_ids: RequestIds,
+  pub(crate) request_ids: RequestIds,
+  /// The shared cache: the Cache API's and route caching's.
+  pub(crate) cache: Arc<SharedCache>,
+  /// URLs (by namespace) whose cached response is being refreshed in the background.
+  pub(crate) revalidating: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl NodeState {
+  pub(crate) fn function_name(&self, function: usize) -> &str {
+    self.functions[function].pool.name()
+  }
 }
 
 struct BoundListener {
@@ -115,6 +129,7 @@ impl Node {
         pool,
         limits: function.limits,
         slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
+        route_cache: function.cache.enabled,
       })
       .collect();
     // Listen only once the spares exist, so the first new isolate never waits for one.
@@ -149,7 +164,24 @@ impl Node {
         tls,
       });
     }
+    let admin = match &config.admin {
+      None => None,
+      Some(admin) => {
+        let listener = TcpListener::bind(admin.address)
+          .await
+          .map_err(|source| Error::Bind {
+            address: admin.address,
+            source,
+          })?;
+        let served = Admin {
+          cache: cache.clone(),
+          token: admin.token.clone(),
+        };
+        Some((listener, Arc::new(served)))
+      }
+    };
     Ok(Node {
+      admin,
       state: Arc::new(NodeState {
         router,
         functions,
@@ -161,10 +193,17 @@ impl Node {
         compression: config.server.compression,
         max_body_bytes: config.server.max_body_bytes,
         request_ids: RequestIds::new(),
+        cache,
+        revalidating: std::sync::Mutex::default(),
       }),
       listeners,
       server: config.server.clone(),
     })
+  }
+
+  /// The admin listener's address, when there is one.
+  pub fn admin_address(&self) -> Option<SocketAddr> {
+    self.admin.as_ref()?.0.local_addr().ok()
   }
 
   pub fn listeners(&self) -> Vec<ListenerInfo> {
@@ -197,6 +236,9 @@ impl Node {
       )));
     }
     let evictor = tokio::spawn(evict_idle_isolates(self.state.clone()));
+    if let Some((listener, admin)) = self.admin {
+      tokio::spawn(admin::serve(listener, admin, stop.clone()));
+    }
     shutdown.await;
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     // Every connection is told to finish what it has and close.
@@ -353,14 +395,14 @@ async fn serve_connection(
 }
 
 /// How many requests a connection has in flight, and since when it has had none.
-struct ConnectionActivity {
+pub(crate) struct ConnectionActivity {
   in_flight: AtomicUsize,
   idle_since: std::sync::Mutex<tokio::time::Instant>,
   became_idle: Notify,
 }
 
 impl ConnectionActivity {
-  fn new() -> ConnectionActivity {
+  pub(crate) fn new() -> ConnectionActivity {
     ConnectionActivity {
       in_flight: AtomicUsize::new(0),
       idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
@@ -369,7 +411,7 @@ impl ConnectionActivity {
   }
 
   /// Counts a request as in flight until the returned guard is dropped.
-  fn begin(self: &Arc<Self>) -> ActiveRequest {
+  pub(crate) fn begin(self: &Arc<Self>) -> ActiveRequest {
     self.in_flight.fetch_add(1, Ordering::Relaxed);
     ActiveRequest(self.clone())
   }
@@ -393,7 +435,7 @@ impl ConnectionActivity {
 }
 
 /// A request in flight on a connection (see [`ConnectionActivity`]).
-struct ActiveRequest(Arc<ConnectionActivity>);
+pub(crate) struct ActiveRequest(Arc<ConnectionActivity>);
 
 impl Drop for ActiveRequest {
   fn drop(&mut self) {
@@ -425,7 +467,7 @@ async fn evict_idle_isolates(state: Arc<NodeState>) {
 
 /// One request, from routing to the response the client gets.
 async fn handle_request(
-  state: &NodeState,
+  state: &Arc<NodeState>,
   request: Request<Incoming>,
   scheme: &str,
   active: ActiveRequest,
@@ -439,7 +481,7 @@ async fn handle_request(
 }
 
 async fn dispatch(
-  state: &NodeState,
+  state: &Arc<NodeState>,
   request: Request<Incoming>,
   scheme: &str,
   request_id: &str,
@@ -472,37 +514,10 @@ async fn dispatch(
       format!("outpost: no function is routed for {authority}{path}\n"),
     );
   };
-  let RoutedFunction {
-    pool,
-    limits,
-    slots,
-  } = &state.functions[function];
-  // The wall-clock limit covers everything from here on, the response body included.
-  let deadline = tokio::time::Instant::now() + limits.wall;
-  let admitted = match state.admission.admit(slots).await {
-    Ok(admitted) => admitted,
-    Err(rejection) => {
-      tracing::warn!(request_id, function = pool.name(), ?rejection, "overloaded");
-      let mut response = outpost_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        format!(
-          "outpost: function {:?} is at its concurrency limit; retry shortly\n",
-          pool.name()
-        ),
-      );
-      response
-        .headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-      return response;
-    }
-  };
   let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
   let url = format!("{scheme}://{authority}{path_and_query}");
 
   let (parts, body) = request.into_parts();
-  let is_head = parts.method == Method::HEAD;
-  let encoding = compression::negotiate(&parts.headers);
   let mut headers = parts.headers;
   hop_by_hop::strip_request(&mut headers);
   // HTTP/2 carries the host as :authority; handlers read it as `host` either way.
@@ -529,6 +544,105 @@ async fn dispatch(
     };
     Some(limited.boxed_unsync())
   };
+  let call = FunctionCall {
+    function,
+    encoding: compression::negotiate(&headers),
+    method: parts.method,
+    url,
+    headers,
+    body,
+    body_exceeded,
+    request_id: request_id.to_string(),
+    arrived,
+    active,
+  };
+  if state.functions[function].route_cache && call.method == Method::GET {
+    route_cache::serve(state, call).await
+  } else {
+    call_function(state, call, None).await
+  }
+}
+
+/// A request on its way into a function.
+pub(crate) struct FunctionCall {
+  /// Index into the node's functions.
+  pub(crate) function: usize,
+  /// How the response may be compressed for this client.
+  pub(crate) encoding: Option<compression::Encoding>,
+  pub(crate) method: Method,
+  /// The full URL the client asked for.
+  pub(crate) url: String,
+  /// The request headers, hop-by-hop ones removed.
+  pub(crate) headers: http::HeaderMap,
+  pub(crate) body: Option<Body>,
+  /// Set when the request body grew past `server.max_body_bytes` while streaming.
+  pub(crate) body_exceeded: Arc<AtomicBool>,
+  pub(crate) request_id: String,
+  pub(crate) arrived: tokio::time::Instant,
+  pub(crate) active: ActiveRequest,
+}
+
+impl FunctionCall {
+  /// The request's head as the cache sees it: method, URL and headers.
+  pub(crate) fn cache_request(&self) -> http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = self.method.clone();
+    if let Ok(uri) = self.url.parse() {
+      head.uri = uri;
+    }
+    head.headers = self.headers.clone();
+    head
+  }
+}
+
+/// Hands a request to its function and turns what comes back into the response: the
+/// function's own (handed to `store` before it is compressed, when route caching may keep
+/// it), or one Outpost makes when a limit or a failure ended the request.
+pub(crate) async fn call_function(
+  state: &NodeState,
+  call: FunctionCall,
+  store: Option<route_cache::Store>,
+) -> Response<Body> {
+  let FunctionCall {
+    function,
+    encoding,
+    method,
+    url,
+    headers,
+    body,
+    body_exceeded,
+    request_id,
+    arrived,
+    active,
+  } = call;
+  let request_id = request_id.as_str();
+  let is_head = method == Method::HEAD;
+  let RoutedFunction {
+    pool,
+    limits,
+    slots,
+    ..
+  } = &state.functions[function];
+  // The wall-clock limit covers everything from here on, the response body included.
+  let deadline = tokio::time::Instant::now() + limits.wall;
+  let admitted = match state.admission.admit(slots).await {
+    Ok(admitted) => admitted,
+    Err(rejection) => {
+      tracing::warn!(request_id, function = pool.name(), ?rejection, "overloaded");
+      let mut response = outpost_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!(
+          "outpost: function {:?} is at its concurrency limit; retry shortly\n",
+          pool.name()
+        ),
+      );
+      response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+      return response;
+    }
+  };
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
   let usage = UsageRecorder {
@@ -536,7 +650,7 @@ async fn dispatch(
     arrived,
   };
   let dispatched = pool.dispatch(DispatchRequest {
-    method: parts.method,
+    method,
     url,
     headers,
     body,
@@ -581,6 +695,9 @@ async fn dispatch(
       // bodies, also for HEAD) or streams it chunked. A handler's own value could contradict
       // the body and break the connection.
       response.headers_mut().remove(http::header::CONTENT_LENGTH);
+      if let Some(store) = store {
+        response = store.keep(response);
+      }
       if state.compression {
         compression::compress_response(&mut response, encoding, is_head);
       }
@@ -673,6 +790,8 @@ struct RoutedFunction {
   pool: Arc<IsolatePool>,
   limits: Limits,
   slots: Arc<Semaphore>,
+  /// Whether its GET responses are cached in front of it.
+  route_cache: bool,
 }
 
 /// 504 for a request that ran past its function's wall-clock limit.
@@ -820,7 +939,7 @@ impl http_body::Body for GuardedBody {
 
 /// Request ids: a random per-process prefix plus a counter, so ids from different runs
 /// are unlikely to collide.
-struct RequestIds {
+pub(crate) struct RequestIds {
   prefix: u32,
   counter: AtomicU64,
 }
@@ -840,7 +959,7 @@ impl RequestIds {
     }
   }
 
-  fn next(&self) -> String {
+  pub(crate) fn next(&self) -> String {
     format!(
       "{:08x}{:012x}",
       self.prefix,
