@@ -1,7 +1,8 @@
 //! Isolate start-up: creating a blank isolate from the snapshot until it can take a
 //! function; the first request of a never-seen function on a pre-warmed blank isolate
 //! (load + evaluate its module, then answer one request); and a pool's view of a new
-//! isolate, taken from the spares until it is ready to serve.
+//! isolate, taken from the spares until it is ready to serve. Also the cost of CPU metering
+//! per entry into JS (one enter/leave pair), to compare with a warm request's cost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ mod timing;
 use criterion::{Criterion, criterion_group, criterion_main};
 use deno_core::PollEventLoopOptions;
 use outpost::config::{CacheConfig, ServerConfig};
+use outpost::cpu::{CpuGuard, CpuWatchdog};
 use outpost::edge_cache::SharedCache;
 use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{BlankIsolate, FunctionSpec, IsolateFactory};
@@ -124,6 +126,17 @@ fn benches(c: &mut Criterion) {
     // The refill happens between runs, outside the timing.
     tokio.block_on(factory.spares_settled());
     timing::timed(|| tokio.block_on(factory.start(spec)).unwrap()).1
+  });
+
+  // One enter/leave pair: the metering every entry into JS pays (one CPU clock read).
+  let mut isolate = BlankIsolate::new(None, HEAP, None).unwrap();
+  let watchdog = CpuWatchdog::start(false).unwrap();
+  let guard = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
+  c.bench_function("cpu_metering_per_entry", |b| {
+    b.iter(|| {
+      guard.enter(Duration::from_millis(50), None);
+      guard.leave()
+    })
   });
 }
 

@@ -248,15 +248,16 @@ impl CpuGuard {
       return None;
     }
     let demote_after = nanos(DEMOTE_AFTER);
-    let next_limit = if demotion && used < demote_after {
-      demote_after
-    } else if used < soft_budget {
-      soft_budget
-    } else {
-      budget
-    };
     if demotion && used >= demote_after {
       self.priority.demote();
+    }
+    // The nearest threshold still ahead: the budget, the soft budget, the demotion.
+    let mut next_limit = budget;
+    if used < soft_budget {
+      next_limit = next_limit.min(soft_budget);
+    }
+    if demotion && used < demote_after {
+      next_limit = next_limit.min(demote_after);
     }
     Some(Duration::from_nanos(next_limit.saturating_sub(used)))
   }
@@ -347,5 +348,38 @@ impl CpuWatchdog {
         .wait_timeout(guards, timeout)
         .expect("watchdog lock");
     }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn the_watchdog_looks_again_at_the_nearest_threshold_ahead() {
+    crate::init_v8();
+    let isolate = v8::Isolate::new(v8::CreateParams::default());
+    let watchdog = CpuWatchdog::start(false).unwrap();
+    let guard = CpuGuard::new(isolate.thread_safe_handle(), &watchdog);
+    let limit = Duration::from_millis(500);
+    let within = |left: Option<Duration>, threshold: Duration| {
+      let left = left.expect("inside JS");
+      assert!(
+        left <= threshold && left > threshold.saturating_sub(Duration::from_millis(100)),
+        "{left:?} to go, threshold {threshold:?}"
+      );
+    };
+    // No soft limit: the hard one.
+    guard.enter(limit, None);
+    within(guard.check(false), limit);
+    guard.leave();
+    // A soft limit ahead of it.
+    guard.enter(limit, Some(Duration::from_millis(300)));
+    within(guard.check(false), Duration::from_millis(300));
+    // Demotion ahead of both.
+    within(guard.check(true), DEMOTE_AFTER);
+    guard.leave();
+    assert_eq!(guard.check(false), None, "outside JS");
+    assert!(guard.terminated_for_cpu().is_none() && !guard.retired());
   }
 }
