@@ -194,8 +194,8 @@ pub struct ServerConfig {
   pub queue_depth: usize,
   /// How long a request may wait in that queue before it gets 503.
   pub queue_timeout_ms: u64,
-  /// Lower an isolate thread to the lowest scheduling priority while an entry into JS runs
-  /// long (see `crate::cpu`), so that its neighbours are delayed less.
+  /// Switch an isolate thread to `SCHED_IDLE` while an entry into JS runs long (see
+  /// `crate::cpu`), so that its neighbours are delayed less.
   pub demote_long_entries: bool,
 }
 

@@ -30,16 +30,14 @@ const OUTSIDE_JS: u64 = u64::MAX;
 /// How long the watchdog sleeps when no budget can run out sooner.
 const IDLE_CHECK: Duration = Duration::from_millis(10);
 /// An entry into JS that has run this long is demoted (see [`ThreadPriority`]).
-const DEMOTE_AFTER: Duration = Duration::from_millis(2);
-/// The nice value of a demoted isolate thread: the lowest priority.
-const DEMOTED_NICE: libc::c_int = 19;
+const DEMOTE_AFTER: Duration = Duration::from_millis(1);
 
-/// The scheduling priority of an isolate thread. An entry into JS that runs long (a
-/// handler burning CPU) is demoted to the lowest priority until it returns, so that short
-/// entries of other isolates, and the server's own threads, get a core first when they
-/// wake: a tenant burning CPU delays its neighbours less. Demotion is only used where the
-/// process may restore the priority afterwards (`CAP_SYS_NICE` or `RLIMIT_NICE`); the
-/// watchdog probes that once at start.
+/// The scheduling policy of an isolate thread. An entry into JS that runs long (a handler
+/// burning CPU) is demoted to `SCHED_IDLE` until it returns: it then runs only on a core
+/// nothing else wants, so short entries of other isolates, and the server's own threads, get
+/// a core first when they wake, and a tenant burning CPU delays its neighbours less.
+/// Demotion is only used where the process may restore the policy afterwards
+/// (`CAP_SYS_NICE` or `RLIMIT_NICE`); the watchdog probes that once at start.
 struct ThreadPriority {
   tid: libc::pid_t,
   demoted: AtomicBool,
@@ -55,22 +53,23 @@ impl ThreadPriority {
     }
   }
 
-  fn set_nice(tid: libc::pid_t, nice: libc::c_int) -> bool {
-    // SAFETY: setpriority only reads its arguments; a thread id that is gone makes it fail.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0 }
+  fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is valid for the call; a thread id that is gone makes it fail.
+    unsafe { libc::sched_setscheduler(tid, policy, &param) == 0 }
   }
 
   /// From the watchdog: the thread is running a long entry.
   fn demote(&self) {
     if !self.demoted.swap(true, Ordering::Relaxed) {
-      Self::set_nice(self.tid, DEMOTED_NICE);
+      Self::set_policy(self.tid, libc::SCHED_IDLE);
     }
   }
 
   /// From the isolate thread, outside JS: back to normal priority if demoted.
   fn restore(&self) {
     if self.demoted.load(Ordering::Relaxed) && self.demoted.swap(false, Ordering::Relaxed) {
-      Self::set_nice(self.tid, 0);
+      Self::set_policy(self.tid, libc::SCHED_OTHER);
     }
   }
 
@@ -78,7 +77,8 @@ impl ThreadPriority {
   fn demotion_possible() -> bool {
     std::thread::spawn(|| {
       let probe = ThreadPriority::current();
-      Self::set_nice(probe.tid, 1) && Self::set_nice(probe.tid, 0)
+      Self::set_policy(probe.tid, libc::SCHED_IDLE)
+        && Self::set_policy(probe.tid, libc::SCHED_OTHER)
     })
     .join()
     .unwrap_or(false)
@@ -186,7 +186,10 @@ impl CpuGuard {
     self
       .entered_ns
       .store(self.last_ns.load(Ordering::Relaxed), Ordering::Release);
-    if budget.min(soft_budget.unwrap_or(budget)) < IDLE_CHECK {
+    // The watchdog naps when nothing is inside JS; an entry that may need it sooner (a
+    // short budget, or demotion) wakes it, at most once per nap.
+    let soon = budget.min(soft_budget.unwrap_or(budget)) < IDLE_CHECK || self.watchdog.demotion;
+    if soon && self.watchdog.napping.swap(false, Ordering::Relaxed) {
       self.watchdog.wake();
     }
   }
@@ -289,6 +292,8 @@ pub struct CpuWatchdog {
   woken: Condvar,
   /// Whether long entries are demoted (see [`ThreadPriority`]).
   demotion: bool,
+  /// Set while the watchdog sleeps with no isolate inside JS.
+  napping: AtomicBool,
 }
 
 impl CpuWatchdog {
@@ -305,6 +310,7 @@ impl CpuWatchdog {
       guards: Mutex::default(),
       woken: Condvar::new(),
       demotion,
+      napping: AtomicBool::new(false),
     });
     let weak = Arc::downgrade(&watchdog);
     std::thread::Builder::new()
@@ -331,16 +337,28 @@ impl CpuWatchdog {
         return;
       };
       let mut guards = watchdog.guards.lock().expect("watchdog lock");
+      // Set before looking, so that an entry starting meanwhile wakes the watchdog.
+      watchdog.napping.store(true, Ordering::Relaxed);
       let mut next = IDLE_CHECK;
+      let mut inside_js = false;
       guards.retain(|guard| {
         let Some(guard) = guard.upgrade() else {
           return false;
         };
         if let Some(left) = guard.check(watchdog.demotion) {
           next = next.min(left);
+          inside_js = true;
         }
         true
       });
+      if inside_js {
+        watchdog.napping.store(false, Ordering::Relaxed);
+        // An entry that starts while this one runs does not wake the watchdog: look again
+        // within a demotion delay.
+        if watchdog.demotion {
+          next = next.min(DEMOTE_AFTER);
+        }
+      }
       let wake_at = Instant::now() + next.max(Duration::from_micros(50));
       let timeout = wake_at.saturating_duration_since(Instant::now());
       let _ = watchdog

@@ -43,7 +43,7 @@ pub(crate) async fn serve(state: &Arc<NodeState>, call: FunctionCall) -> Respons
       cached(state, found, "STALE", encoding)
     }
     Lookup::Miss { if_error } => {
-      let store = Store {
+      let store = ResponseStore {
         cache: state.cache.clone(),
         namespace,
         request,
@@ -109,7 +109,7 @@ fn revalidate(
     arrived: tokio::time::Instant::now(),
     active: Arc::new(ConnectionActivity::new()).begin(),
   };
-  let store = Store {
+  let store = ResponseStore {
     cache: state.cache.clone(),
     namespace,
     request,
@@ -130,13 +130,13 @@ fn revalidate(
 }
 
 /// Where a function's response to a cacheable request may be kept.
-pub(crate) struct Store {
+pub(crate) struct ResponseStore {
   cache: Arc<SharedCache>,
   namespace: CacheNamespace,
   request: http::request::Parts,
 }
 
-impl Store {
+impl ResponseStore {
   /// Marks the function's response `outpost-cache: MISS` and, when the caching rules allow
   /// storing it, copies its body into the cache as it streams out (up to
   /// `cache.max_entry_bytes`; a larger body is sent but not stored).
@@ -179,7 +179,7 @@ struct TeeBody {
   collected: Option<BytesMut>,
   limit: usize,
   head: Option<http::response::Parts>,
-  store: Store,
+  store: ResponseStore,
 }
 
 impl http_body::Body for TeeBody {
@@ -227,7 +227,7 @@ impl TeeBody {
   /// Stores the collected body, once.
   fn finish(&mut self) {
     if let (Some(collected), Some(head)) = (self.collected.take(), self.head.take()) {
-      let Store {
+      let ResponseStore {
         cache,
         namespace,
         request,

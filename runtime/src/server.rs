@@ -601,7 +601,7 @@ impl FunctionCall {
 pub(crate) async fn call_function(
   state: &NodeState,
   call: FunctionCall,
-  store: Option<route_cache::Store>,
+  store: Option<route_cache::ResponseStore>,
 ) -> Response<Body> {
   let FunctionCall {
     function,
