@@ -7,6 +7,7 @@ mod cache;
 mod cli;
 mod cpu;
 mod egress;
+mod geo;
 mod handlers;
 mod limits;
 mod memory;

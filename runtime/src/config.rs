@@ -10,10 +10,16 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use geo_config::NodeIdentity;
+use geo_config::overrides::Override;
+use geo_config::regions::{RegionConfig, RegionTree};
 
 use crate::egress::{EgressConfig, NodeEgressConfig};
 use crate::limits::{Limits, LimitsConfig};
+
 use crate::router::RoutePattern;
+
+/// Why a function or override may not set an `OUTPOST_` variable.
+const RESERVED_ENV: &str = "names starting with OUTPOST_ are reserved for values Outpost sets (OUTPOST_POP, OUTPOST_REGION); rename the variable";
 
 /// A validated configuration, with paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
@@ -133,6 +139,8 @@ pub struct FunctionConfig {
   pub egress: EgressConfig,
   pub limits: Limits,
   pub cache: RouteCacheConfig,
+  /// The status its routes answer when `[[overrides]]` switch it off on this node.
+  pub disabled: Option<u16>,
 }
 
 /// Isolate pool settings of one function (`pool = { ... }`).
@@ -257,6 +265,10 @@ struct RawConfig {
   cache: Option<Spanned<CacheConfig>>,
   #[serde(default)]
   admin: Option<Spanned<AdminConfig>>,
+  #[serde(default)]
+  regions: Vec<Spanned<RegionConfig>>,
+  #[serde(default)]
+  overrides: Vec<Spanned<Override<LimitsConfig>>>,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +389,46 @@ impl Config {
     if raw.server.max_in_flight == 0 {
       errors.push(locate.error(0..0, "server.max_in_flight", "must be at least 1".into()));
     }
+    let regions = locate.regions(&raw.regions, raw.node.as_ref(), &mut errors);
+    let overrides: Vec<Override<LimitsConfig>> =
+      raw.overrides.iter().map(|o| o.get_ref().clone()).collect();
+    let function_names: Vec<&str> = raw
+      .functions
+      .iter()
+      .map(|f| f.name.get_ref().as_str())
+      .collect();
+    for problem in geo_config::overrides::problems(&overrides, &regions, &function_names) {
+      let span = raw.overrides[problem.index].span();
+      let key = format!("overrides[{}].{}", problem.index, problem.field);
+      errors.push(locate.error(span, &key, problem.message));
+    }
+    for (index, entry) in raw.overrides.iter().enumerate() {
+      let limits = entry
+        .get_ref()
+        .limits
+        .iter()
+        .flat_map(LimitsConfig::problems);
+      for (field, message) in limits {
+        let key = format!("overrides[{index}].limits.{field}");
+        errors.push(locate.error(entry.span(), &key, message));
+      }
+      for name in entry
+        .get_ref()
+        .env
+        .keys()
+        .filter(|k| k.starts_with("OUTPOST_"))
+      {
+        let key = format!("overrides[{index}].env.{name}");
+        errors.push(locate.error(entry.span(), &key, RESERVED_ENV.into()));
+      }
+    }
+    if !overrides.is_empty() && raw.node.is_none() {
+      errors.push(locate.error(
+        raw.overrides[0].span(),
+        "overrides",
+        "[[overrides]] apply by PoP and region: add a [node] table with this node's pop".into(),
+      ));
+    }
     let mut functions = Vec::new();
     let mut names = HashSet::new();
     let mut seen_routes: Vec<(RoutePattern, String)> = Vec::new();
@@ -440,7 +492,7 @@ impl Config {
           errors.push(locate.error(
             spanned.span(),
             &format!("functions[{i}].env.{key}"),
-            "names starting with OUTPOST_ are reserved for values Outpost sets (OUTPOST_POP, OUTPOST_REGION); rename the variable".into(),
+            RESERVED_ENV.into(),
           ));
         }
       }
@@ -471,6 +523,18 @@ impl Config {
       {
         errors.push(locate.error(spanned.span(), &format!("functions[{i}].pool"), message));
       }
+      // What this node's PoP and region change (see geo_config::overrides).
+      let (pop, region) = raw.node.as_ref().map_or(("", None), |node| {
+        let node = node.get_ref();
+        (node.pop.as_str(), node.region.as_deref())
+      });
+      let applied = geo_config::overrides::apply(&overrides, &regions, pop, region, name);
+      let mut env = env;
+      env.extend(applied.env);
+      let limits = applied
+        .limits
+        .into_iter()
+        .fold(limits, |limits, over| limits.overlay(over));
       if let Some(entry) = entry {
         functions.push(FunctionConfig {
           name: name.clone(),
@@ -481,6 +545,7 @@ impl Config {
           egress,
           limits: Limits::resolve(&limits, &node_limits),
           cache,
+          disabled: (!applied.enabled).then_some(applied.disabled_status),
         });
       }
     }
@@ -561,6 +626,7 @@ impl Config {
         egress: EgressConfig::default(),
         limits: Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()),
         cache: RouteCacheConfig::default(),
+        disabled: None,
       }],
       server: ServerConfig::default(),
       node: None,
@@ -636,6 +702,39 @@ impl Locator<'_> {
       errors.push(self.error(table.span(), &format!("{key}.{field}"), message));
     }
     table.get_ref().clone()
+  }
+
+  /// The region hierarchy, with its problems (and a node region missing from it) reported
+  /// at their spans.
+  fn regions(
+    &self,
+    regions: &[Spanned<RegionConfig>],
+    node: Option<&Spanned<NodeIdentity>>,
+    errors: &mut Vec<ConfigError>,
+  ) -> RegionTree {
+    let plain: Vec<RegionConfig> = regions.iter().map(|r| r.get_ref().clone()).collect();
+    let tree = match RegionTree::new(&plain) {
+      Ok(tree) => tree,
+      Err(problems) => {
+        for problem in problems {
+          let key = format!("regions[{}].{}", problem.index, problem.field);
+          errors.push(self.error(regions[problem.index].span(), &key, problem.message));
+        }
+        return RegionTree::default();
+      }
+    };
+    if let Some(node) = node
+      && let Some(region) = &node.get_ref().region
+      && !tree.is_empty()
+      && !tree.contains(region)
+    {
+      errors.push(self.error(
+        node.span(),
+        "node.region",
+        format!("region {region:?} is not declared in [[regions]]"),
+      ));
+    }
+    tree
   }
 
   fn error(&self, span: Range<usize>, key: &str, message: String) -> ConfigError {
@@ -755,6 +854,45 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
       "{}",
       err.errors[0]
     );
+  }
+
+  #[test]
+  fn regions_and_overrides_are_validated_at_their_lines_and_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.js"), "").unwrap();
+    let path = dir.path().join("outpost.toml");
+    let head = "[node]\npop = \"ams1\"\nregion = \"eu-west\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"f\"\nentry = \"f.js\"\nroutes = [\"/\"]\nlimits = { cpu_ms = 40, wall_ms = 1000 }\n\n[[regions]]\nname = \"eu\"\n\n[[regions]]\nname = \"eu-west\"\nparent = \"eu\"\n";
+    let bad = format!(
+      "{head}\n[[regions]]\nname = \"us\"\nparent = \"americas\"\n\n[[overrides]]\nregion = \"asia\"\nfunction = \"f\"\n\n[[overrides]]\npop = \"ams1\"\nfunction = \"g\"\nlimits = {{ cpu_ms = 0 }}\n"
+    );
+    let err = Config::parse(&path, &bad).unwrap_err();
+    let found: Vec<_> = err
+      .errors
+      .iter()
+      .map(|e| (e.key.as_str(), e.line))
+      .collect();
+    assert_eq!(
+      found,
+      [
+        // Each at its table's [[...]] line.
+        ("regions[2].parent", 21),
+        ("overrides[0].region", 25),
+        ("overrides[1].function", 29),
+        ("overrides[1].limits.cpu_ms", 29),
+      ],
+      "{err}"
+    );
+
+    let good = format!(
+      "{head}\n[[overrides]]\nregion = \"eu\"\nfunction = \"f\"\nenv = {{ GREETING = \"hello\", ORIGIN = \"eu.example\" }}\nlimits = {{ cpu_ms = 30 }}\n\n[[overrides]]\npop = \"ams1\"\nfunction = \"f\"\nenv = {{ GREETING = \"hallo\" }}\nenabled = false\ndisabled_status = 451\n"
+    );
+    let config = Config::parse(&path, &good).unwrap();
+    let function = &config.functions[0];
+    assert_eq!(function.env["GREETING"], "hallo");
+    assert_eq!(function.env["ORIGIN"], "eu.example");
+    assert_eq!(function.limits.cpu, std::time::Duration::from_millis(30));
+    assert_eq!(function.limits.wall, std::time::Duration::from_millis(1000));
+    assert_eq!(function.disabled, Some(451));
   }
 
   #[test]

@@ -95,6 +95,18 @@ impl Limits {
 }
 
 impl LimitsConfig {
+  /// These values, with every value `over` sets taking the place of this one.
+  pub fn overlay(&self, over: &LimitsConfig) -> LimitsConfig {
+    LimitsConfig {
+      cpu_ms: over.cpu_ms.or(self.cpu_ms),
+      soft_cpu_ms: over.soft_cpu_ms.or(self.soft_cpu_ms),
+      memory_mb: over.memory_mb.or(self.memory_mb),
+      wall_ms: over.wall_ms.or(self.wall_ms),
+      max_concurrency: over.max_concurrency.or(self.max_concurrency),
+      max_subrequests: over.max_subrequests.or(self.max_subrequests),
+    }
+  }
+
   /// Every value that cannot work, with the reason.
   pub fn problems(&self) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();

@@ -130,6 +130,9 @@ impl Node {
         limits: function.limits,
         slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
         route_cache: function.cache.enabled,
+        disabled: function
+          .disabled
+          .and_then(|status| StatusCode::from_u16(status).ok()),
       })
       .collect();
     // Listen only once the spares exist, so the first new isolate never waits for one.
@@ -514,6 +517,16 @@ async fn dispatch(
       format!("outpost: no function is routed for {authority}{path}\n"),
     );
   };
+  if let Some(status) = state.functions[function].disabled {
+    return outpost_response(
+      status,
+      "disabled-here",
+      format!(
+        "outpost: function {:?} is switched off at this PoP\n",
+        state.function_name(function)
+      ),
+    );
+  }
   let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
   let url = format!("{scheme}://{authority}{path_and_query}");
 
@@ -792,6 +805,8 @@ struct RoutedFunction {
   slots: Arc<Semaphore>,
   /// Whether its GET responses are cached in front of it.
   route_cache: bool,
+  /// The status its routes answer when `[[overrides]]` switch it off on this node.
+  disabled: Option<StatusCode>,
 }
 
 /// 504 for a request that ran past its function's wall-clock limit.
