@@ -71,6 +71,7 @@ async fn first_request(
       cancel: CancellationToken::new(),
       reply,
       usage: Arc::new(RequestUsage::new("bench".into())),
+      cf: Vec::new(),
     })
     .await
     .unwrap();

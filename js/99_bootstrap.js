@@ -402,6 +402,7 @@ function warmup() {
     url: "http://warmup.invalid/path?query=1",
     headers: [["content-type", "text/plain"], ["accept-encoding", "br"]],
     bodyRid: null,
+    cf: [["colo", "warmup"], ["asn", "1"]],
   };
   const request = toRequest(next);
   const url = new URL(request.url);

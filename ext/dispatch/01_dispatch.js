@@ -13,7 +13,10 @@ import {
 } from "ext:core/ops";
 
 const {
+  ObjectDefineProperty,
+  ObjectFreeze,
   ObjectPrototypeIsPrototypeOf,
+  SafeArrayIterator,
   TypeError,
   TypedArrayPrototypeGetSymbolToStringTag,
 } = primordials;
@@ -85,14 +88,27 @@ function nextRequest() {
   return op_dispatch_next();
 }
 
-/** Builds a Request from a record returned by op_dispatch_next. */
+/**
+ * Builds a Request from a record returned by op_dispatch_next, with `cf`: what is known of
+ * the client (country, city, ..., colo = the PoP, clientIp), as in Workers.
+ */
 function toRequest(next) {
   const body = next.bodyRid === undefined || next.bodyRid === null
     ? null
     : new InnerBody(readableStreamForRid(next.bodyRid, true));
   const headers = next.headers;
   const inner = newInnerRequest(next.method, next.url, () => headers, body, false);
-  return fromInnerRequest(inner, "immutable");
+  const request = fromInnerRequest(inner, "immutable");
+  const cf = { __proto__: null };
+  for (const { 0: name, 1: value } of new SafeArrayIterator(next.cf ?? [])) {
+    cf[name] = name === "asn" ? Number(value) : value;
+  }
+  ObjectDefineProperty(request, "cf", {
+    __proto__: null,
+    value: ObjectFreeze(cf),
+    enumerable: true,
+  });
+  return request;
 }
 
 /** Whether a value is a Response this runtime can send. */

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use geo_config::NodeIdentity;
+use geo_config::client::GeoConfig;
 use geo_config::overrides::Override;
 use geo_config::regions::{RegionConfig, RegionTree};
 
@@ -33,6 +34,8 @@ pub struct Config {
   pub cache: CacheConfig,
   /// The admin listener, when `[admin]` is present.
   pub admin: Option<AdminConfig>,
+  /// Where clients are: trusted peers and geo headers (`[geo]`).
+  pub geo: GeoConfig,
 }
 
 /// The shared edge cache (`[cache]`).
@@ -266,6 +269,8 @@ struct RawConfig {
   #[serde(default)]
   admin: Option<Spanned<AdminConfig>>,
   #[serde(default)]
+  geo: Option<Spanned<GeoConfig>>,
+  #[serde(default)]
   regions: Vec<Spanned<RegionConfig>>,
   #[serde(default)]
   overrides: Vec<Spanned<Override<LimitsConfig>>>,
@@ -380,6 +385,7 @@ impl Config {
 
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
     let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
+    let geo = locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
     let admin = raw.admin.as_ref().map(|admin| {
       for (field, message) in admin.get_ref().problems() {
         errors.push(locate.error(admin.span(), &format!("admin.{field}"), message));
@@ -590,6 +596,7 @@ impl Config {
         server: raw.server,
         cache,
         admin,
+        geo,
       })
     } else {
       Err(ConfigErrors { errors })
@@ -633,6 +640,7 @@ impl Config {
       egress: NodeEgressConfig::default(),
       cache: CacheConfig::default(),
       admin: None,
+      geo: GeoConfig::default(),
     })
   }
 }

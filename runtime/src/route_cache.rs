@@ -108,6 +108,7 @@ fn revalidate(
     request_id: state.request_ids.next(),
     arrived: tokio::time::Instant::now(),
     active: Arc::new(ConnectionActivity::new()).begin(),
+    cf: call.cf.clone(),
   };
   let store = ResponseStore {
     cache: state.cache.clone(),

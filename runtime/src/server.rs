@@ -43,6 +43,7 @@ use crate::pool::IsolatePool;
 use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
+use geo_config::client::GeoConfig;
 
 /// Response header naming the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
@@ -71,6 +72,10 @@ pub(crate) struct NodeState {
   pub(crate) cache: Arc<SharedCache>,
   /// URLs (by namespace) whose cached response is being refreshed in the background.
   pub(crate) revalidating: std::sync::Mutex<std::collections::HashSet<String>>,
+  /// Trusted peers and geo headers.
+  geo: GeoConfig,
+  /// This node's PoP: `request.cf.colo`.
+  pop: Option<String>,
 }
 
 impl NodeState {
@@ -198,6 +203,8 @@ impl Node {
         request_ids: RequestIds::new(),
         cache,
         revalidating: std::sync::Mutex::default(),
+        geo: config.geo.clone(),
+        pop: config.node.as_ref().map(|node| node.pop.clone()),
       }),
       listeners,
       server: config.server.clone(),
@@ -334,6 +341,7 @@ async fn accept_loop(
     let tls = listener.tls.clone();
     let connection = serve_connection(
       stream,
+      peer,
       tls,
       state.clone(),
       scheme,
@@ -353,6 +361,7 @@ async fn accept_loop(
 /// are answered.
 async fn serve_connection(
   stream: TcpStream,
+  peer: SocketAddr,
   tls: Option<TlsAcceptor>,
   state: Arc<NodeState>,
   scheme: &'static str,
@@ -375,7 +384,8 @@ async fn serve_connection(
   let service = hyper::service::service_fn(move |request| {
     let state = state.clone();
     let active = service_activity.begin();
-    async move { Ok::<_, Infallible>(handle_request(&state, request, scheme, active).await) }
+    let origin = Origin { scheme, peer };
+    async move { Ok::<_, Infallible>(handle_request(&state, request, origin, active).await) }
   });
   let connection = settings
     .builder
@@ -472,24 +482,32 @@ async fn evict_idle_isolates(state: Arc<NodeState>) {
 async fn handle_request(
   state: &Arc<NodeState>,
   request: Request<Incoming>,
-  scheme: &str,
+  origin: Origin,
   active: ActiveRequest,
 ) -> Response<Body> {
   let request_id = state.request_ids.next();
-  let mut response = dispatch(state, request, scheme, &request_id, active).await;
+  let mut response = dispatch(state, request, origin, &request_id, active).await;
   if let Ok(value) = HeaderValue::from_str(&request_id) {
     response.headers_mut().insert(REQUEST_ID_HEADER, value);
   }
   response
 }
 
+/// Where a request came in: the listener's scheme and the connecting peer.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+  scheme: &'static str,
+  peer: SocketAddr,
+}
+
 async fn dispatch(
   state: &Arc<NodeState>,
   request: Request<Incoming>,
-  scheme: &str,
+  origin: Origin,
   request_id: &str,
   active: ActiveRequest,
 ) -> Response<Body> {
+  let scheme = origin.scheme;
   let arrived = tokio::time::Instant::now();
   let authority = request
     .uri()
@@ -539,6 +557,11 @@ async fn dispatch(
   {
     headers.insert(http::header::HOST, host);
   }
+  // The client's address and place; spoofed geo headers from untrusted peers go here.
+  let mut cf = state.geo.client(origin.peer.ip(), &mut headers).fields;
+  if let Some(pop) = &state.pop {
+    cf.push(("colo", pop.clone()));
+  }
   let declared_length = headers
     .get(http::header::CONTENT_LENGTH)
     .and_then(|v| v.to_str().ok())
@@ -568,6 +591,7 @@ async fn dispatch(
     request_id: request_id.to_string(),
     arrived,
     active,
+    cf,
   };
   if state.functions[function].route_cache && call.method == Method::GET {
     route_cache::serve(state, call).await
@@ -593,6 +617,8 @@ pub(crate) struct FunctionCall {
   pub(crate) request_id: String,
   pub(crate) arrived: tokio::time::Instant,
   pub(crate) active: ActiveRequest,
+  /// `request.cf` fields.
+  pub(crate) cf: Vec<(&'static str, String)>,
 }
 
 impl FunctionCall {
@@ -627,6 +653,7 @@ pub(crate) async fn call_function(
     request_id,
     arrived,
     active,
+    cf,
   } = call;
   let request_id = request_id.as_str();
   let is_head = method == Method::HEAD;
@@ -670,6 +697,7 @@ pub(crate) async fn call_function(
     cancel: cancel.clone(),
     reply,
     usage: usage.usage.clone(),
+    cf,
   });
   let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
     Err(_) => return wall_time_exceeded(pool.name(), limits.wall),

@@ -51,6 +51,8 @@ pub struct DispatchRequest {
   pub reply: oneshot::Sender<DispatchReply>,
   /// Filled in by the isolate as the request uses CPU.
   pub usage: Arc<RequestUsage>,
+  /// What is known of the client, as `request.cf` fields (Workers names).
+  pub cf: Vec<(&'static str, String)>,
 }
 
 /// What the isolate answers for one request.
@@ -271,6 +273,7 @@ pub struct NextRequest {
   url: String,
   headers: Vec<(ByteString, ByteString)>,
   body_rid: Option<u32>,
+  cf: Vec<(String, String)>,
 }
 
 /// Waits for the next request. Resolves to `null` once the pool closes the channel, which
@@ -319,6 +322,11 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
     url: request.url,
     headers,
     body_rid,
+    cf: request
+      .cf
+      .into_iter()
+      .map(|(name, value)| (name.to_string(), value))
+      .collect(),
   })
 }
 
