@@ -124,3 +124,55 @@ async fn request_cf_believes_geo_headers_only_from_trusted_peers() {
   );
   assert_eq!(seen["header"], serde_json::Value::Null);
 }
+
+/// Sends `preface` then a GET on a new connection; the response, or "" when the server
+/// closed the connection without one.
+fn raw_get(address: std::net::SocketAddr, preface: &[u8]) -> String {
+  use std::io::{Read, Write};
+  let mut stream = std::net::TcpStream::connect(address).unwrap();
+  stream
+    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+    .unwrap();
+  let mut request = preface.to_vec();
+  request.extend_from_slice(b"GET / HTTP/1.1\r\nHost: proxied\r\nConnection: close\r\n\r\n");
+  // The server may close before it has read everything we sent.
+  let _ = stream.write_all(&request);
+  let mut response = Vec::new();
+  let _ = stream.read_to_end(&mut response);
+  String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_names_the_client_and_a_malformed_header_closes_the_connection() {
+  let config = "[node]\npop = \"ams1\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\n\n[[functions]]\nname = \"cf\"\nentry = \"cf.js\"\nroutes = [\"/\"]\n";
+  let outpost = Outpost::start(config, &[("cf.js", CF)]);
+  let address = outpost.http[0];
+  let v2 = ppp::v2::Builder::with_addresses(
+    ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+    ppp::v2::Protocol::Stream,
+    (
+      "[2001:db8::7]:5555"
+        .parse::<std::net::SocketAddr>()
+        .unwrap(),
+      "[2001:db8::1]:80".parse::<std::net::SocketAddr>().unwrap(),
+    ),
+  )
+  .build()
+  .unwrap();
+  let (v1, v2, bad, none) = tokio::task::spawn_blocking(move || {
+    (
+      raw_get(address, b"PROXY TCP4 198.51.100.7 10.0.0.1 5555 80\r\n"),
+      raw_get(address, &v2),
+      raw_get(address, b"PROXY TCP4 not-an-address\r\n"),
+      raw_get(address, b""),
+    )
+  })
+  .await
+  .unwrap();
+  assert!(v1.starts_with("HTTP/1.1 200"), "{v1}");
+  assert!(v1.contains(r#""clientIp":"198.51.100.7""#), "{v1}");
+  assert!(v2.contains(r#""clientIp":"2001:db8::7""#), "{v2}");
+  assert_eq!(bad, "", "a malformed header gets no response");
+  assert_eq!(none, "", "a connection without a header gets no response");
+  outpost.wait_for_log("closing a connection with a malformed PROXY header");
+}

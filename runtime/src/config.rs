@@ -124,6 +124,8 @@ pub struct ListenerConfig {
   pub address: SocketAddr,
   /// Certificates to choose from by SNI; empty for a plain HTTP/1.1 + h2c listener.
   pub tls: Vec<CertificateConfig>,
+  /// Every connection starts with a PROXY protocol header naming the client.
+  pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -282,6 +284,8 @@ struct RawListener {
   address: Spanned<String>,
   #[serde(default)]
   tls: Vec<RawCertificate>,
+  #[serde(default)]
+  proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -379,7 +383,11 @@ impl Config {
         }
       }
       if let Some(address) = address {
-        listeners.push(ListenerConfig { address, tls });
+        listeners.push(ListenerConfig {
+          address,
+          tls,
+          proxy_protocol: listener.proxy_protocol,
+        });
       }
     }
 
@@ -623,6 +631,7 @@ impl Config {
       listeners: vec![ListenerConfig {
         address,
         tls: Vec::new(),
+        proxy_protocol: false,
       }],
       functions: vec![FunctionConfig {
         name: "default".into(),

@@ -32,6 +32,8 @@ pub enum Error {
   NoCertificates,
   #[error("TLS configuration: {0}")]
   Tls(#[from] rustls::Error),
+  #[error("PROXY protocol: {0}")]
+  ProxyHeader(String),
 
   #[error("creating the isolate failed: {0}")]
   IsolateCreate(String),

@@ -18,6 +18,7 @@ pub mod isolate;
 pub mod limits;
 pub mod memory;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod route_cache;
 pub mod router;
 pub mod server;

@@ -40,6 +40,7 @@ use crate::hop_by_hop;
 use crate::isolate::{FunctionSpec, InFlightGuard, IsolateFactory};
 use crate::limits::{Admission, Admitted, Limits};
 use crate::pool::IsolatePool;
+use crate::proxy_protocol;
 use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
@@ -87,6 +88,8 @@ impl NodeState {
 struct BoundListener {
   listener: TcpListener,
   tls: Option<TlsAcceptor>,
+  /// Connections start with a PROXY protocol header.
+  proxy_protocol: bool,
 }
 
 /// A bound listener's address and whether it speaks TLS.
@@ -170,6 +173,7 @@ impl Node {
       listeners.push(BoundListener {
         listener: bound,
         tls,
+        proxy_protocol: listener.proxy_protocol,
       });
     }
     let admin = match &config.admin {
@@ -342,6 +346,7 @@ async fn accept_loop(
     let connection = serve_connection(
       stream,
       peer,
+      listener.proxy_protocol,
       tls,
       state.clone(),
       scheme,
@@ -359,15 +364,36 @@ async fn accept_loop(
 /// One connection, from the TLS handshake to its close: when the peer closes it, when it has
 /// been idle (no request in flight) for the idle timeout, or at shutdown once its requests
 /// are answered.
+#[allow(clippy::too_many_arguments, reason = "one connection's whole setting")]
 async fn serve_connection(
-  stream: TcpStream,
-  peer: SocketAddr,
+  mut stream: TcpStream,
+  mut peer: SocketAddr,
+  proxy_protocol: bool,
   tls: Option<TlsAcceptor>,
   state: Arc<NodeState>,
   scheme: &'static str,
   settings: Arc<ConnectionSettings>,
   stop: CancellationToken,
 ) -> Result<(), BoxError> {
+  if proxy_protocol {
+    // Bounded like the TLS handshake; a connection without a valid header is closed.
+    let header = tokio::time::timeout(
+      settings.handshake_timeout,
+      proxy_protocol::read_header(&mut stream),
+    );
+    match header.await {
+      Ok(Ok(Some(client))) => peer = client,
+      Ok(Ok(None)) => {}
+      Ok(Err(err)) => {
+        tracing::warn!(%peer, error = %err, "closing a connection with a malformed PROXY header");
+        return Ok(());
+      }
+      Err(_) => {
+        tracing::warn!(%peer, "closing a connection that sent no PROXY header in time");
+        return Ok(());
+      }
+    }
+  }
   let stream = match tls {
     None => Either::Left(stream),
     Some(acceptor) => {
