@@ -176,3 +176,117 @@ async fn the_proxy_protocol_names_the_client_and_a_malformed_header_closes_the_c
   assert_eq!(none, "", "a connection without a header gets no response");
   outpost.wait_for_log("closing a connection with a malformed PROXY header");
 }
+
+/// Writes a MaxMind City database and an ASN database (IPv6 trees, IPv4 under ::/96) into
+/// `dir`: 198.51.100.0/24 is Amsterdam, 2001:db8::/32 is Tokyo.
+fn write_databases(dir: &std::path::Path) {
+  use maxminddb_writer::Database;
+  use maxminddb_writer::metadata::IpVersion;
+  use maxminddb_writer::paths::IpAddrWithMask;
+
+  #[derive(serde::Serialize)]
+  struct Asn {
+    autonomous_system_number: u32,
+    autonomous_system_organization: &'static str,
+  }
+
+  let network = |text: &str| text.parse::<IpAddrWithMask>().unwrap();
+  let new_db = |kind: &str| {
+    let mut db = Database::default();
+    db.metadata.ip_version = IpVersion::V6;
+    db.metadata.database_type = kind.into();
+    db.metadata.languages = vec!["en".into()];
+    db.metadata.binary_format_major_version = 2;
+    db
+  };
+
+  let mut city = new_db("GeoLite2-City");
+  let amsterdam = city
+    .insert_value(serde_json::json!({
+      "city": { "names": { "en": "Amsterdam" } },
+      "continent": { "code": "EU" },
+      "country": { "iso_code": "NL" },
+      "location": { "latitude": 52.37, "longitude": 4.89, "time_zone": "Europe/Amsterdam" },
+      "postal": { "code": "1012" },
+      "subdivisions": [{ "iso_code": "NH", "names": { "en": "North Holland" } }],
+    }))
+    .unwrap();
+  let tokyo = city
+    .insert_value(serde_json::json!({
+      "city": { "names": { "en": "Tokyo" } },
+      "continent": { "code": "AS" },
+      "country": { "iso_code": "JP" },
+    }))
+    .unwrap();
+  city.insert_node(network("::198.51.100.0/120"), amsterdam);
+  city.insert_node(network("2001:db8::/32"), tokyo);
+  let file = std::fs::File::create(dir.join("city.mmdb")).unwrap();
+  city.write_to(std::io::BufWriter::new(file)).unwrap();
+
+  let mut asn = new_db("GeoLite2-ASN");
+  let provider = asn
+    .insert_value(Asn {
+      autonomous_system_number: 1136,
+      autonomous_system_organization: "KPN B.V.",
+    })
+    .unwrap();
+  asn.insert_node(network("::198.51.100.0/120"), provider);
+  let file = std::fs::File::create(dir.join("asn.mmdb")).unwrap();
+  asn.write_to(std::io::BufWriter::new(file)).unwrap();
+}
+
+#[tokio::test]
+async fn maxmind_databases_locate_ipv4_and_ipv6_clients() {
+  let config = "[node]\npop = \"ams1\"\n\n[geo]\nsource = \"maxmind\"\nmmdb_city = \"city.mmdb\"\nmmdb_asn = \"asn.mmdb\"\ntrusted_peers = [\"127.0.0.0/8\"]\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"cf\"\nentry = \"cf.js\"\nroutes = [\"/\"]\n";
+  let outpost = Outpost::start_with(config, &[("cf.js", CF)], write_databases);
+  let cf = |client: &'static str| {
+    let url = outpost.url("/");
+    async move {
+      let seen: serde_json::Value = http1()
+        .get(url)
+        // From a trusted peer; the header's country is not believed with source = maxmind.
+        .header("x-forwarded-for", client)
+        .header("x-client-country", "US")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+      seen["cf"].clone()
+    }
+  };
+  assert_eq!(
+    cf("198.51.100.7").await,
+    serde_json::json!({
+      "country": "NL",
+      "city": "Amsterdam",
+      "continent": "EU",
+      "postalCode": "1012",
+      "timezone": "Europe/Amsterdam",
+      "region": "North Holland",
+      "regionCode": "NH",
+      "latitude": "52.37",
+      "longitude": "4.89",
+      "asn": 1136,
+      "asOrganization": "KPN B.V.",
+      "clientIp": "198.51.100.7",
+      "colo": "ams1",
+    })
+  );
+  assert_eq!(
+    cf("2001:db8::1").await,
+    serde_json::json!({
+      "country": "JP",
+      "city": "Tokyo",
+      "continent": "AS",
+      "clientIp": "2001:db8::1",
+      "colo": "ams1",
+    })
+  );
+  // An address neither database knows: only the address and the PoP.
+  assert_eq!(
+    cf("192.0.2.1").await,
+    serde_json::json!({ "clientIp": "192.0.2.1", "colo": "ams1" })
+  );
+}

@@ -135,7 +135,7 @@ async fn plain_listener_speaks_http1_and_h2c() {
 
 #[tokio::test]
 async fn brotli_and_gzip_by_accept_encoding() {
-  let page = "<p>".to_string() + &"compressible ".repeat(500) + "</p>";
+  let page = format!("<p>{}</p>", "compressible ".repeat(500));
   let handler = format!(
     "export default {{ fetch: (r) => new URL(r.url).pathname === '/png' \
        ? new Response(new Uint8Array(2000), {{ headers: {{ 'content-type': 'image/png' }} }}) \

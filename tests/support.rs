@@ -51,8 +51,15 @@ pub fn outpost_bin() -> &'static str {
 impl Outpost {
   /// Writes `files` and `outpost.toml` into a new directory and serves it.
   pub fn start(config: &str, files: Files<'_>) -> Outpost {
+    Outpost::start_with(config, files, |_| {})
+  }
+
+  /// As [`Outpost::start`], after `prepare` has written more files (binary ones, say) into
+  /// the directory.
+  pub fn start_with(config: &str, files: Files<'_>, prepare: impl FnOnce(&Path)) -> Outpost {
     let dir = tempfile::tempdir().unwrap();
     write_files(dir.path(), files);
+    prepare(dir.path());
     std::fs::write(dir.path().join("outpost.toml"), config).unwrap();
     let args = [
       "serve".to_string(),

@@ -13,6 +13,8 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::maxmind::GeoDatabases;
+
 /// Where location data comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,6 +22,8 @@ pub enum GeoSource {
   /// Headers set by a trusted upstream (CDN or load balancer).
   #[default]
   Headers,
+  /// MaxMind City (and ASN) databases, looked up by the client address.
+  Maxmind,
 }
 
 /// The `[geo]` table.
@@ -27,6 +31,10 @@ pub enum GeoSource {
 #[serde(deny_unknown_fields, default)]
 pub struct GeoConfig {
   pub source: GeoSource,
+  /// The City database, for `source = "maxmind"` (relative to the config file).
+  pub mmdb_city: Option<String>,
+  /// The ASN database, optional with `source = "maxmind"`.
+  pub mmdb_asn: Option<String>,
   /// Peers (CIDRs) whose forwarding and geo headers are believed.
   pub trusted_peers: Vec<IpNet>,
   pub country_header: String,
@@ -49,6 +57,8 @@ impl Default for GeoConfig {
     let header = |name: &str| format!("x-client-{name}");
     GeoConfig {
       source: GeoSource::Headers,
+      mmdb_city: None,
+      mmdb_asn: None,
       trusted_peers: Vec::new(),
       country_header: header("country"),
       region_header: header("region"),
@@ -73,14 +83,26 @@ pub struct ClientGeo {
 }
 
 impl GeoConfig {
-  /// Every invalid setting (header names), with the field.
+  /// Every invalid setting, with the field.
   pub fn problems(&self) -> Vec<(&'static str, String)> {
-    self
+    let mut problems: Vec<_> = self
       .headers()
       .into_iter()
       .filter(|(_, header)| http::HeaderName::from_bytes(header.as_bytes()).is_err())
       .map(|(field, header)| (field, format!("{header:?} is not a valid header name")))
-      .collect()
+      .collect();
+    match self.source {
+      GeoSource::Maxmind if self.mmdb_city.is_none() => problems.push((
+        "mmdb_city",
+        "source = \"maxmind\" needs mmdb_city = \"path/to/GeoLite2-City.mmdb\"".into(),
+      )),
+      GeoSource::Headers if self.mmdb_city.is_some() || self.mmdb_asn.is_some() => problems.push((
+        "source",
+        "mmdb_city/mmdb_asn are only read with source = \"maxmind\"".into(),
+      )),
+      _ => {}
+    }
+    problems
   }
 
   /// (`request.cf` field, header name) of every geo header.
@@ -121,14 +143,23 @@ impl GeoConfig {
       .unwrap_or(canonical(peer))
   }
 
-  /// The client's location and address for a request from `peer`; strips geo headers from
-  /// `headers` when the peer is not trusted.
-  pub fn client(&self, peer: IpAddr, headers: &mut HeaderMap) -> ClientGeo {
+  /// The client's location and address for a request from `peer`: from the geo headers
+  /// of a trusted peer, or from `databases` (with `source = "maxmind"`). Strips geo headers
+  /// from `headers` when the peer is not trusted.
+  pub fn client(
+    &self,
+    peer: IpAddr,
+    headers: &mut HeaderMap,
+    databases: Option<&GeoDatabases>,
+  ) -> ClientGeo {
     let trusted = self.is_trusted(peer);
     let mut geo = ClientGeo::default();
     for (field, header) in self.headers() {
       if !trusted {
         headers.remove(header);
+        continue;
+      }
+      if self.source != GeoSource::Headers {
         continue;
       }
       if let Some(value) = headers.get(header).and_then(|v| v.to_str().ok()) {
@@ -138,10 +169,12 @@ impl GeoConfig {
         }
       }
     }
+    let client_ip = self.client_ip(peer, headers);
+    if let (GeoSource::Maxmind, Some(databases)) = (self.source, databases) {
+      geo.fields.extend(databases.lookup(client_ip));
+    }
     if self.client_ip {
-      geo
-        .fields
-        .push(("clientIp", self.client_ip(peer, headers).to_string()));
+      geo.fields.push(("clientIp", client_ip.to_string()));
     }
     geo
   }
@@ -259,7 +292,7 @@ mod tests {
       ("x-client-city", ""),
     ];
     let mut trusted = headers(&sent);
-    let geo = config.client(ip("10.1.1.1"), &mut trusted);
+    let geo = config.client(ip("10.1.1.1"), &mut trusted, None);
     assert_eq!(
       geo.fields,
       [
@@ -269,7 +302,7 @@ mod tests {
       ]
     );
     let mut untrusted = headers(&sent);
-    let geo = config.client(ip("192.0.2.1"), &mut untrusted);
+    let geo = config.client(ip("192.0.2.1"), &mut untrusted, None);
     assert_eq!(geo.fields, [("clientIp", "192.0.2.1".to_string())]);
     assert!(untrusted.is_empty(), "spoofed geo headers are stripped");
   }

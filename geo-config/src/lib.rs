@@ -1,11 +1,13 @@
 //! `geo-config`: who this Outpost node is — its point of presence (PoP), region and place —
 //! as read from the `[node]` table of `outpost.toml`; the region hierarchy (`[[regions]]`,
 //! [`regions`]); per-function settings by PoP or region (`[[overrides]]`, [`overrides`]);
-//! and where each request's client is (`[geo]`, [`client`]). This crate has no V8
+//! and where each request's client is (`[geo]`, [`client`], from headers or MaxMind
+//! databases, [`maxmind`]). This crate has no V8
 //! dependency; the runtime hands the identity to functions as `env.OUTPOST_POP` and
 //! `env.OUTPOST_REGION`, and the client's place as `request.cf`.
 
 pub mod client;
+pub mod maxmind;
 pub mod overrides;
 pub mod regions;
 

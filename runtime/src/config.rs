@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use geo_config::NodeIdentity;
 use geo_config::client::GeoConfig;
+use geo_config::maxmind::GeoDatabases;
 use geo_config::overrides::Override;
 use geo_config::regions::{RegionConfig, RegionTree};
 
@@ -393,7 +394,23 @@ impl Config {
 
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
     let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
-    let geo = locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
+    let mut geo = locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
+    if let Some(table) = &raw.geo {
+      // Database paths are relative to the config file; each must open as a MaxMind DB.
+      for (field, path) in [
+        ("mmdb_city", &mut geo.mmdb_city),
+        ("mmdb_asn", &mut geo.mmdb_asn),
+      ] {
+        let Some(relative) = path.as_mut() else {
+          continue;
+        };
+        let resolved = base.join(&*relative);
+        *relative = resolved.display().to_string();
+        if let Err(message) = GeoDatabases::open(&resolved, None) {
+          errors.push(locate.error(table.span(), &format!("geo.{field}"), message));
+        }
+      }
+    }
     let admin = raw.admin.as_ref().map(|admin| {
       for (field, message) in admin.get_ref().problems() {
         errors.push(locate.error(admin.span(), &format!("admin.{field}"), message));

@@ -34,6 +34,8 @@ pub enum Error {
   Tls(#[from] rustls::Error),
   #[error("PROXY protocol: {0}")]
   ProxyHeader(String),
+  #[error("geo database: {0}")]
+  GeoDatabase(String),
 
   #[error("creating the isolate failed: {0}")]
   IsolateCreate(String),

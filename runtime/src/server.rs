@@ -45,6 +45,7 @@ use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
 use geo_config::client::GeoConfig;
+use geo_config::maxmind::GeoDatabases;
 
 /// Response header naming the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
@@ -75,6 +76,8 @@ pub(crate) struct NodeState {
   pub(crate) revalidating: std::sync::Mutex<std::collections::HashSet<String>>,
   /// Trusted peers and geo headers.
   geo: GeoConfig,
+  /// The MaxMind databases, with `[geo] source = "maxmind"`.
+  geo_databases: Option<GeoDatabases>,
   /// This node's PoP: `request.cf.colo`.
   pop: Option<String>,
 }
@@ -176,6 +179,15 @@ impl Node {
         proxy_protocol: listener.proxy_protocol,
       });
     }
+    let geo_databases = match &config.geo.mmdb_city {
+      None => None,
+      Some(city) => {
+        let asn = config.geo.mmdb_asn.as_deref().map(std::path::Path::new);
+        let databases =
+          GeoDatabases::open(std::path::Path::new(city), asn).map_err(Error::GeoDatabase)?;
+        Some(databases)
+      }
+    };
     let admin = match &config.admin {
       None => None,
       Some(admin) => {
@@ -208,6 +220,7 @@ impl Node {
         cache,
         revalidating: std::sync::Mutex::default(),
         geo: config.geo.clone(),
+        geo_databases,
         pop: config.node.as_ref().map(|node| node.pop.clone()),
       }),
       listeners,
@@ -584,7 +597,10 @@ async fn dispatch(
     headers.insert(http::header::HOST, host);
   }
   // The client's address and place; spoofed geo headers from untrusted peers go here.
-  let mut cf = state.geo.client(origin.peer.ip(), &mut headers).fields;
+  let mut cf = state
+    .geo
+    .client(origin.peer.ip(), &mut headers, state.geo_databases.as_ref())
+    .fields;
   if let Some(pop) = &state.pop {
     cf.push(("colo", pop.clone()));
   }
