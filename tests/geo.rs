@@ -290,3 +290,75 @@ async fn maxmind_databases_locate_ipv4_and_ipv6_clients() {
     serde_json::json!({ "clientIp": "192.0.2.1", "colo": "ams1" })
   );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_settings_reload_under_load_and_a_broken_reload_is_rejected() {
+  let config = |geo: &str| {
+    format!(
+      "[node]\npop = \"ams1\"\n\n[geo]\n{geo}\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"cf\"\nentry = \"cf.js\"\nroutes = [\"/\"]\n"
+    )
+  };
+  let trusting = config("trusted_peers = [\"127.0.0.0/8\"]");
+  let outpost = Outpost::start(&trusting, &[("cf.js", CF)]);
+  let file = outpost.dir().join("outpost.toml");
+  let country = || async { cf_of(&outpost).await["cf"]["country"].clone() };
+  assert_eq!(country().await, "NL");
+
+  // Load throughout: every request must succeed.
+  let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+  let load: Vec<_> = (0..4)
+    .map(|_| {
+      let (url, stop) = (outpost.url("/"), stop.clone());
+      tokio::spawn(async move {
+        let client = http1();
+        let (mut ok, mut failed) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+          match client.get(&url).send().await {
+            Ok(response) if response.status() == 200 => ok += 1,
+            _ => failed += 1,
+          }
+        }
+        (ok, failed)
+      })
+    })
+    .collect();
+
+  // SIGHUP applies a valid change.
+  std::fs::write(&file, config("trusted_peers = []")).unwrap();
+  outpost.signal("HUP");
+  tokio::task::block_in_place(|| outpost.wait_for_log("geo configuration reloaded"));
+  assert_eq!(country().await, serde_json::Value::Null);
+
+  // A broken file is rejected, and the current settings stay.
+  std::fs::write(&file, config("trusted_peers = [\"not-a-cidr\"]")).unwrap();
+  outpost.signal("HUP");
+  tokio::task::block_in_place(|| outpost.wait_for_log("geo reload rejected"));
+  assert_eq!(country().await, serde_json::Value::Null);
+
+  // A changed file is picked up without a signal.
+  std::fs::write(&file, &trusting).unwrap();
+  let mut reloaded = false;
+  for _ in 0..100 {
+    if country().await == "NL" {
+      reloaded = true;
+      break;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+  }
+  assert!(reloaded, "the file change was not picked up");
+
+  stop.store(true, std::sync::atomic::Ordering::Relaxed);
+  let (mut ok, mut failed) = (0, 0);
+  for task in load {
+    let (o, f) = task.await.unwrap();
+    ok += o;
+    failed += f;
+  }
+  assert!(ok > 0);
+  assert_eq!(
+    failed,
+    0,
+    "{failed} of {} requests failed during reloads",
+    ok + failed
+  );
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// A running `outpost serve` process with its own scratch directory.
 pub struct Outpost {
   child: Child,
-  _dir: tempfile::TempDir,
+  dir: tempfile::TempDir,
   /// Plain (HTTP/1.1 + h2c) listener addresses, in config order.
   pub http: Vec<SocketAddr>,
   /// TLS listener addresses, in config order.
@@ -137,7 +137,7 @@ impl Outpost {
     }
     Outpost {
       child,
-      _dir: dir,
+      dir,
       http,
       https,
       admin,
@@ -179,6 +179,11 @@ impl Outpost {
   /// Everything the server logged so far.
   pub fn logs(&self) -> String {
     self.logs.lock().unwrap().clone()
+  }
+
+  /// The directory the server was started in (its config file is `outpost.toml`).
+  pub fn dir(&self) -> &Path {
+    self.dir.path()
   }
 
   /// Waits until the log contains `needle` (logs are written asynchronously).

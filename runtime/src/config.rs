@@ -26,6 +26,8 @@ const RESERVED_ENV: &str = "names starting with OUTPOST_ are reserved for values
 /// A validated configuration, with paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
 pub struct Config {
+  /// The file it was loaded from (`None` for the single-handler default).
+  pub file: Option<PathBuf>,
   /// Who this node is (`[node]`); its PoP and region reach every function's `env`.
   pub node: Option<NodeIdentity>,
   pub egress: NodeEgressConfig,
@@ -326,7 +328,9 @@ impl Config {
         message: format!("cannot read the config file: {err}"),
       }],
     })?;
-    Config::parse(path, &text)
+    let mut config = Config::parse(path, &text)?;
+    config.file = Some(path.to_path_buf());
+    Ok(config)
   }
 
   /// Parses config text; `path` names the file in errors and anchors relative paths.
@@ -614,6 +618,7 @@ impl Config {
 
     if errors.is_empty() {
       Ok(Config {
+        file: None,
         node: raw.node.map(Spanned::into_inner),
         egress: raw.egress,
         listeners,
@@ -645,6 +650,7 @@ impl Config {
       return Err(error("the handler file does not exist".into()));
     }
     Ok(Config {
+      file: None,
       listeners: vec![ListenerConfig {
         address,
         tls: Vec::new(),

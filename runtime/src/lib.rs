@@ -6,6 +6,7 @@
 //! response streams back.
 
 pub mod admin;
+pub mod client_geo;
 pub mod compression;
 pub mod config;
 pub mod cpu;

@@ -31,6 +31,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
+use crate::client_geo::{ClientGeo, LiveGeo};
 use crate::compression;
 use crate::config::{Config, ServerConfig};
 use crate::edge_cache::SharedCache;
@@ -44,8 +45,6 @@ use crate::proxy_protocol;
 use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
-use geo_config::client::GeoConfig;
-use geo_config::maxmind::GeoDatabases;
 
 /// Response header naming the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
@@ -60,6 +59,8 @@ pub struct Node {
   listeners: Vec<BoundListener>,
   /// The admin listener and what it serves, when `[admin]` is configured.
   admin: Option<(TcpListener, Arc<Admin>)>,
+  /// The config file, re-read when the geo settings are reloaded.
+  config_file: Option<std::path::PathBuf>,
   server: ServerConfig,
 }
 
@@ -74,10 +75,8 @@ pub(crate) struct NodeState {
   pub(crate) cache: Arc<SharedCache>,
   /// URLs (by namespace) whose cached response is being refreshed in the background.
   pub(crate) revalidating: std::sync::Mutex<std::collections::HashSet<String>>,
-  /// Trusted peers and geo headers.
-  geo: GeoConfig,
-  /// The MaxMind databases, with `[geo] source = "maxmind"`.
-  geo_databases: Option<GeoDatabases>,
+  /// Trusted peers, geo headers and MaxMind databases; replaced on reload.
+  geo: Arc<LiveGeo>,
   /// This node's PoP: `request.cf.colo`.
   pop: Option<String>,
 }
@@ -179,15 +178,7 @@ impl Node {
         proxy_protocol: listener.proxy_protocol,
       });
     }
-    let geo_databases = match &config.geo.mmdb_city {
-      None => None,
-      Some(city) => {
-        let asn = config.geo.mmdb_asn.as_deref().map(std::path::Path::new);
-        let databases =
-          GeoDatabases::open(std::path::Path::new(city), asn).map_err(Error::GeoDatabase)?;
-        Some(databases)
-      }
-    };
+    let geo = Arc::new(LiveGeo::new(ClientGeo::open(&config.geo)?));
     let admin = match &config.admin {
       None => None,
       Some(admin) => {
@@ -206,6 +197,7 @@ impl Node {
     };
     Ok(Node {
       admin,
+      config_file: config.file.clone(),
       state: Arc::new(NodeState {
         router,
         functions,
@@ -219,8 +211,7 @@ impl Node {
         request_ids: RequestIds::new(),
         cache,
         revalidating: std::sync::Mutex::default(),
-        geo: config.geo.clone(),
-        geo_databases,
+        geo: geo.clone(),
         pop: config.node.as_ref().map(|node| node.pop.clone()),
       }),
       listeners,
@@ -265,6 +256,9 @@ impl Node {
     let evictor = tokio::spawn(evict_idle_isolates(self.state.clone()));
     if let Some((listener, admin)) = self.admin {
       tokio::spawn(admin::serve(listener, admin, stop.clone()));
+    }
+    if let Some(file) = self.config_file {
+      tokio::spawn(self.state.geo.clone().watch(file, stop.clone()));
     }
     shutdown.await;
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
@@ -597,9 +591,10 @@ async fn dispatch(
     headers.insert(http::header::HOST, host);
   }
   // The client's address and place; spoofed geo headers from untrusted peers go here.
-  let mut cf = state
-    .geo
-    .client(origin.peer.ip(), &mut headers, state.geo_databases.as_ref())
+  let geo = state.geo.current();
+  let mut cf = geo
+    .config
+    .client(origin.peer.ip(), &mut headers, geo.databases.as_ref())
     .fields;
   if let Some(pop) = &state.pop {
     cf.push(("colo", pop.clone()));

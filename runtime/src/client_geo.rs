@@ -1,0 +1,128 @@
+//! The live `[geo]` settings and MaxMind databases, swapped atomically on reload.
+//!
+//! Requests read whatever is current when they arrive (a lock-free `ArcSwap` load), so a
+//! reload never blocks or fails a request in flight. A reload is triggered by SIGHUP, or by
+//! a change of the config file's or a database file's modification time (checked every
+//! second). It re-reads the whole config file and validates it as at start; if that fails,
+//! or a database does not open, the current settings stay and the reason is logged. Only
+//! `[geo]` and the databases are applied: other changes take effect at restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use geo_config::client::GeoConfig;
+use geo_config::maxmind::GeoDatabases;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::Error;
+
+/// How often the files are checked for changes.
+const POLL: Duration = Duration::from_secs(1);
+
+/// One consistent set of geo settings and databases.
+#[derive(Debug)]
+pub struct ClientGeo {
+  pub config: GeoConfig,
+  pub databases: Option<GeoDatabases>,
+}
+
+impl ClientGeo {
+  /// The settings of `[geo]`, with its databases opened.
+  pub fn open(config: &GeoConfig) -> Result<ClientGeo, Error> {
+    let databases = match &config.mmdb_city {
+      None => None,
+      Some(city) => {
+        let asn = config.mmdb_asn.as_deref().map(Path::new);
+        Some(GeoDatabases::open(Path::new(city), asn).map_err(Error::GeoDatabase)?)
+      }
+    };
+    Ok(ClientGeo {
+      config: config.clone(),
+      databases,
+    })
+  }
+
+  /// The files whose change triggers a reload: the config file and the databases.
+  fn watched(&self, file: &Path) -> Vec<PathBuf> {
+    let mut files = vec![file.to_path_buf()];
+    files.extend(
+      [&self.config.mmdb_city, &self.config.mmdb_asn]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from),
+    );
+    files
+  }
+}
+
+/// The current [`ClientGeo`], replaced whole on reload.
+pub struct LiveGeo(ArcSwap<ClientGeo>);
+
+impl LiveGeo {
+  pub fn new(geo: ClientGeo) -> LiveGeo {
+    LiveGeo(ArcSwap::from_pointee(geo))
+  }
+
+  pub fn current(&self) -> arc_swap::Guard<Arc<ClientGeo>> {
+    self.0.load()
+  }
+
+  /// Reloads from `file` on SIGHUP or when a watched file changes, until `stop`.
+  pub async fn watch(self: Arc<Self>, file: PathBuf, stop: CancellationToken) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+      Ok(hangup) => Some(hangup),
+      Err(err) => {
+        tracing::warn!(error = %err, "no SIGHUP handler: geo reloads on file changes only");
+        None
+      }
+    };
+    let mut seen = modified(&self.current().watched(&file));
+    let mut poll = tokio::time::interval(POLL);
+    loop {
+      let signalled = async {
+        match &mut hangup {
+          Some(hangup) => hangup.recv().await,
+          None => std::future::pending().await,
+        }
+      };
+      tokio::select! {
+        _ = signalled => self.reload(&file, "SIGHUP"),
+        _ = poll.tick() => {
+          let now = modified(&self.current().watched(&file));
+          if now != seen {
+            self.reload(&file, "a file changed");
+          }
+        }
+        () = stop.cancelled() => return,
+      }
+      seen = modified(&self.current().watched(&file));
+    }
+  }
+
+  fn reload(&self, file: &Path, why: &str) {
+    let geo = Config::load(file)
+      .map_err(|errors| errors.to_string())
+      .and_then(|config| ClientGeo::open(&config.geo).map_err(|err| err.to_string()));
+    match geo {
+      Ok(geo) => {
+        self.0.store(Arc::new(geo));
+        tracing::info!(trigger = why, "geo configuration reloaded");
+      }
+      Err(errors) => tracing::error!(
+        trigger = why,
+        "geo reload rejected, the current configuration stays:\n{errors}"
+      ),
+    }
+  }
+}
+
+/// Modification times of `files` (`None` for one that cannot be read).
+fn modified(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+  files
+    .iter()
+    .map(|file| std::fs::metadata(file).and_then(|m| m.modified()).ok())
+    .collect()
+}
