@@ -9,7 +9,9 @@
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
+use std::sync::OnceLock;
+
+use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -50,6 +52,9 @@ pub struct GeoConfig {
   pub as_organization_header: String,
   /// Whether handlers see the client address as `request.cf.clientIp`.
   pub client_ip: bool,
+  /// The geo header names, parsed once on first use.
+  #[serde(skip)]
+  parsed_headers: OnceLock<Vec<(&'static str, HeaderName)>>,
 }
 
 impl Default for GeoConfig {
@@ -72,6 +77,7 @@ impl Default for GeoConfig {
       asn_header: header("asn"),
       as_organization_header: header("as-organization"),
       client_ip: true,
+      parsed_headers: OnceLock::new(),
     }
   }
 }
@@ -122,6 +128,19 @@ impl GeoConfig {
     ]
   }
 
+  /// The geo headers as header names (invalid ones, which validation reports, left out).
+  fn header_names(&self) -> &[(&'static str, HeaderName)] {
+    self.parsed_headers.get_or_init(|| {
+      self
+        .headers()
+        .into_iter()
+        .filter_map(|(field, header)| {
+          Some((field, HeaderName::from_bytes(header.as_bytes()).ok()?))
+        })
+        .collect()
+    })
+  }
+
   pub fn is_trusted(&self, peer: IpAddr) -> bool {
     let peer = canonical(peer);
     self.trusted_peers.iter().any(|net| net.contains(&peer))
@@ -154,7 +173,8 @@ impl GeoConfig {
   ) -> ClientGeo {
     let trusted = self.is_trusted(peer);
     let mut geo = ClientGeo::default();
-    for (field, header) in self.headers() {
+    for (field, header) in self.header_names() {
+      let field = *field;
       if !trusted {
         headers.remove(header);
         continue;
