@@ -2,8 +2,8 @@
 //!
 //! Requests read whatever is current when they arrive (a lock-free `ArcSwap` load), so a
 //! reload never blocks or fails a request in flight. A reload is triggered by SIGHUP, or by
-//! a change of the config file's or a database file's modification time (checked every
-//! second). It re-reads the whole config file and validates it as at start; if that fails,
+//! a change of the modification time of the config file, its `geo_file` or a database
+//! file (checked every second). It re-reads the whole config file and validates it as at start; if that fails,
 //! or a database does not open, the current settings stay and the reason is logged. Only
 //! `[geo]` and the databases are applied: other changes take effect at restart.
 
@@ -27,34 +27,38 @@ const POLL: Duration = Duration::from_secs(1);
 pub struct ClientGeo {
   pub config: GeoConfig,
   pub databases: Option<GeoDatabases>,
+  /// The files whose change triggers a reload: the config file, the `geo_file`, the
+  /// databases.
+  watched: Vec<PathBuf>,
 }
 
 impl ClientGeo {
-  /// The settings of `[geo]`, with its databases opened.
-  pub fn open(config: &GeoConfig) -> Result<ClientGeo, Error> {
-    let databases = match &config.mmdb_city {
+  /// The settings of `[geo]` in `config`, with its databases opened.
+  pub fn open(config: &Config) -> Result<ClientGeo, Error> {
+    let geo = &config.geo;
+    let databases = match &geo.mmdb_city {
       None => None,
       Some(city) => {
-        let asn = config.mmdb_asn.as_deref().map(Path::new);
+        let asn = geo.mmdb_asn.as_deref().map(Path::new);
         Some(GeoDatabases::open(Path::new(city), asn).map_err(Error::GeoDatabase)?)
       }
     };
+    let watched = [&config.file, &config.geo_file]
+      .into_iter()
+      .flatten()
+      .cloned()
+      .chain(
+        [&geo.mmdb_city, &geo.mmdb_asn]
+          .into_iter()
+          .flatten()
+          .map(PathBuf::from),
+      )
+      .collect();
     Ok(ClientGeo {
-      config: config.clone(),
+      config: geo.clone(),
       databases,
+      watched,
     })
-  }
-
-  /// The files whose change triggers a reload: the config file and the databases.
-  fn watched(&self, file: &Path) -> Vec<PathBuf> {
-    let mut files = vec![file.to_path_buf()];
-    files.extend(
-      [&self.config.mmdb_city, &self.config.mmdb_asn]
-        .into_iter()
-        .flatten()
-        .map(PathBuf::from),
-    );
-    files
   }
 }
 
@@ -79,7 +83,7 @@ impl LiveGeo {
         None
       }
     };
-    let mut seen = modified(&self.current().watched(&file));
+    let mut seen = modified(&self.current().watched);
     let mut poll = tokio::time::interval(POLL);
     loop {
       let signalled = async {
@@ -91,21 +95,21 @@ impl LiveGeo {
       tokio::select! {
         _ = signalled => self.reload(&file, "SIGHUP"),
         _ = poll.tick() => {
-          let now = modified(&self.current().watched(&file));
+          let now = modified(&self.current().watched);
           if now != seen {
             self.reload(&file, "a file changed");
           }
         }
         () = stop.cancelled() => return,
       }
-      seen = modified(&self.current().watched(&file));
+      seen = modified(&self.current().watched);
     }
   }
 
   fn reload(&self, file: &Path, why: &str) {
     let geo = Config::load(file)
       .map_err(|errors| errors.to_string())
-      .and_then(|config| ClientGeo::open(&config.geo).map_err(|err| err.to_string()));
+      .and_then(|config| ClientGeo::open(&config).map_err(|err| err.to_string()));
     match geo {
       Ok(geo) => {
         self.0.store(Arc::new(geo));

@@ -28,6 +28,8 @@ const RESERVED_ENV: &str = "names starting with OUTPOST_ are reserved for values
 pub struct Config {
   /// The file it was loaded from (`None` for the single-handler default).
   pub file: Option<PathBuf>,
+  /// The file `[node]`, `[geo]`, `[[regions]]` and `[[overrides]]` came from, when not this one.
+  pub geo_file: Option<PathBuf>,
   /// Who this node is (`[node]`); its PoP and region reach every function's `env`.
   pub node: Option<NodeIdentity>,
   pub egress: NodeEgressConfig,
@@ -273,6 +275,23 @@ struct RawConfig {
   cache: Option<Spanned<CacheConfig>>,
   #[serde(default)]
   admin: Option<Spanned<AdminConfig>>,
+  /// A separate file holding `[node]`, `[geo]`, `[[regions]]` and `[[overrides]]`.
+  #[serde(default)]
+  geo_file: Option<Spanned<String>>,
+  #[serde(default)]
+  geo: Option<Spanned<GeoConfig>>,
+  #[serde(default)]
+  regions: Vec<Spanned<RegionConfig>>,
+  #[serde(default)]
+  overrides: Vec<Spanned<Override<LimitsConfig>>>,
+}
+
+/// The tables a `geo_file` may hold: the node's PoP identity and per-region configuration.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGeoFile {
+  #[serde(default)]
+  node: Option<Spanned<NodeIdentity>>,
   #[serde(default)]
   geo: Option<Spanned<GeoConfig>>,
   #[serde(default)]
@@ -345,6 +364,55 @@ impl Config {
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut errors = Vec::new();
+    // The PoP tables, from `geo_file` when set: errors in them name that file.
+    let geo_path = raw.geo_file.as_ref().map(|file| base.join(file.get_ref()));
+    let geo_text = match (&raw.geo_file, &geo_path) {
+      (Some(file), Some(geo_path)) => match std::fs::read_to_string(geo_path) {
+        Ok(text) => Some(text),
+        Err(err) => {
+          let message = format!("cannot read {}: {err}", geo_path.display());
+          errors.push(locate.error(file.span(), "geo_file", message));
+          None
+        }
+      },
+      _ => None,
+    };
+    let mut raw = raw;
+    let geo_locate = match (&geo_path, &geo_text) {
+      (Some(geo_path), Some(geo_text)) => {
+        let geo_locate = Locator {
+          file: geo_path,
+          text: geo_text,
+        };
+        match toml::from_str::<RawGeoFile>(geo_text) {
+          Ok(file) => {
+            let both = raw.node.is_some()
+              || raw.geo.is_some()
+              || !raw.regions.is_empty()
+              || !raw.overrides.is_empty();
+            if both {
+              errors.push(locate.error(
+                raw.geo_file.as_ref().map_or(0..0, Spanned::span),
+                "geo_file",
+                "with geo_file set, [node], [geo], [[regions]] and [[overrides]] belong in that file only".into(),
+              ));
+            }
+            raw.node = file.node;
+            raw.geo = file.geo;
+            raw.regions = file.regions;
+            raw.overrides = file.overrides;
+          }
+          Err(err) => errors.push(geo_locate.error(
+            err.span().unwrap_or(0..0),
+            "<toml>",
+            err.message().to_string(),
+          )),
+        }
+        geo_locate
+      }
+      _ => Locator { file: path, text },
+    };
+    let geo_base = geo_path.as_deref().and_then(Path::parent).unwrap_or(base);
     let mut listeners = Vec::new();
     if raw.listen.is_empty() {
       errors.push(locate.error(
@@ -398,9 +466,9 @@ impl Config {
 
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
     let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
-    let mut geo = locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
+    let mut geo = geo_locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
     if let Some(table) = &raw.geo {
-      // Database paths are relative to the config file; each must open as a MaxMind DB.
+      // Database paths are relative to the file; each must open as a MaxMind DB.
       for (field, path) in [
         ("mmdb_city", &mut geo.mmdb_city),
         ("mmdb_asn", &mut geo.mmdb_asn),
@@ -408,10 +476,10 @@ impl Config {
         let Some(relative) = path.as_mut() else {
           continue;
         };
-        let resolved = base.join(&*relative);
+        let resolved = geo_base.join(&*relative);
         *relative = resolved.display().to_string();
         if let Err(message) = GeoDatabases::open(&resolved, None) {
-          errors.push(locate.error(table.span(), &format!("geo.{field}"), message));
+          errors.push(geo_locate.error(table.span(), &format!("geo.{field}"), message));
         }
       }
     }
@@ -424,7 +492,7 @@ impl Config {
     if raw.server.max_in_flight == 0 {
       errors.push(locate.error(0..0, "server.max_in_flight", "must be at least 1".into()));
     }
-    let regions = locate.regions(&raw.regions, raw.node.as_ref(), &mut errors);
+    let regions = geo_locate.regions(&raw.regions, raw.node.as_ref(), &mut errors);
     let overrides: Vec<Override<LimitsConfig>> =
       raw.overrides.iter().map(|o| o.get_ref().clone()).collect();
     let function_names: Vec<&str> = raw
@@ -435,7 +503,7 @@ impl Config {
     for problem in geo_config::overrides::problems(&overrides, &regions, &function_names) {
       let span = raw.overrides[problem.index].span();
       let key = format!("overrides[{}].{}", problem.index, problem.field);
-      errors.push(locate.error(span, &key, problem.message));
+      errors.push(geo_locate.error(span, &key, problem.message));
     }
     for (index, entry) in raw.overrides.iter().enumerate() {
       let limits = entry
@@ -445,7 +513,7 @@ impl Config {
         .flat_map(LimitsConfig::problems);
       for (field, message) in limits {
         let key = format!("overrides[{index}].limits.{field}");
-        errors.push(locate.error(entry.span(), &key, message));
+        errors.push(geo_locate.error(entry.span(), &key, message));
       }
       for name in entry
         .get_ref()
@@ -454,11 +522,11 @@ impl Config {
         .filter(|k| k.starts_with("OUTPOST_"))
       {
         let key = format!("overrides[{index}].env.{name}");
-        errors.push(locate.error(entry.span(), &key, RESERVED_ENV.into()));
+        errors.push(geo_locate.error(entry.span(), &key, RESERVED_ENV.into()));
       }
     }
     if !overrides.is_empty() && raw.node.is_none() {
-      errors.push(locate.error(
+      errors.push(geo_locate.error(
         raw.overrides[0].span(),
         "overrides",
         "[[overrides]] apply by PoP and region: add a [node] table with this node's pop".into(),
@@ -608,7 +676,7 @@ impl Config {
     }
     if let Some(node) = &raw.node {
       for problem in node.get_ref().problems() {
-        errors.push(locate.error(
+        errors.push(geo_locate.error(
           node.span(),
           &format!("node.{}", problem.field),
           problem.message,
@@ -619,6 +687,7 @@ impl Config {
     if errors.is_empty() {
       Ok(Config {
         file: None,
+        geo_file: geo_path,
         node: raw.node.map(Spanned::into_inner),
         egress: raw.egress,
         listeners,
@@ -651,6 +720,7 @@ impl Config {
     }
     Ok(Config {
       file: None,
+      geo_file: None,
       listeners: vec![ListenerConfig {
         address,
         tls: Vec::new(),
@@ -933,6 +1003,44 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
     assert_eq!(function.limits.cpu, std::time::Duration::from_millis(30));
     assert_eq!(function.limits.wall, std::time::Duration::from_millis(1000));
     assert_eq!(function.disabled, Some(451));
+  }
+
+  #[test]
+  fn pop_tables_may_live_in_their_own_file_whose_errors_name_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.js"), "").unwrap();
+    let path = dir.path().join("outpost.toml");
+    let main = "geo_file = \"pop.toml\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"f\"\nentry = \"f.js\"\nroutes = [\"/\"]\n";
+    let pop = "[node]\npop = \"ams1\"\nregion = \"eu\"\n\n[[regions]]\nname = \"eu\"\n\n[[overrides]]\nregion = \"eu\"\nfunction = \"f\"\nenv = { GREETING = \"hallo\" }\n";
+    std::fs::write(dir.path().join("pop.toml"), pop).unwrap();
+    let config = Config::parse(&path, main).unwrap();
+    assert_eq!(config.functions[0].env["GREETING"], "hallo");
+    assert_eq!(config.node.as_ref().unwrap().pop, "ams1");
+    assert_eq!(config.geo_file, Some(dir.path().join("pop.toml")));
+
+    let broken = pop.replace("region = \"eu\"\nfunction", "region = \"us\"\nfunction");
+    std::fs::write(dir.path().join("pop.toml"), broken).unwrap();
+    let both = format!("{main}\n[[regions]]\nname = \"x\"\n");
+    let err = Config::parse(&path, &both).unwrap_err();
+    let found: Vec<_> = err
+      .errors
+      .iter()
+      .map(|e| {
+        (
+          e.file.file_name().unwrap().to_str().unwrap(),
+          e.key.as_str(),
+          e.line,
+        )
+      })
+      .collect();
+    assert_eq!(
+      found,
+      [
+        ("outpost.toml", "geo_file", 1),
+        ("pop.toml", "overrides[0].region", 8)
+      ],
+      "{err}"
+    );
   }
 
   #[test]

@@ -178,7 +178,7 @@ impl Node {
         proxy_protocol: listener.proxy_protocol,
       });
     }
-    let geo = Arc::new(LiveGeo::new(ClientGeo::open(&config.geo)?));
+    let geo = Arc::new(LiveGeo::new(ClientGeo::open(config)?));
     let admin = match &config.admin {
       None => None,
       Some(admin) => {
