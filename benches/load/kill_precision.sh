@@ -11,10 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 binary=${1:-target/release/outpost}
 kills=${KILLS:-200}
-[ -x "$binary" ] || { echo "$binary is missing: cargo build --release -p outpost" >&2; exit 1; }
-
-scratch=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
+source benches/load/common.sh
+load_setup
 echo 'export default { fetch() { while (true) {} } };' >"$scratch/spin.js"
 cat >"$scratch/outpost.toml" <<'EOF'
 [[listen]]
@@ -26,13 +24,7 @@ entry = "spin.js"
 routes = ["/"]
 limits = { cpu_ms = 50 }
 EOF
-OUTPOST_LOG=error "$binary" serve --config "$scratch/outpost.toml" >"$scratch/stdout" 2>"$scratch/stderr" &
-for _ in $(seq 100); do
-  url=$(sed -n 's/^outpost listening on //p' "$scratch/stdout")
-  [ -n "$url" ] && break
-  sleep 0.1
-done
-[ -n "$url" ] || { cat "$scratch/stderr" >&2; exit 1; }
+start_outpost outpost error
 
 for _ in $(seq "$kills"); do
   curl -s "$url/" | sed -n 's/.*terminated after \([0-9]*\) us.*/\1/p'

@@ -14,11 +14,8 @@ cd "$(dirname "$0")/../.."
 binary=${1:-target/release/outpost}
 rounds=${ROUNDS:-3}
 duration=${DURATION:-10}
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-[ -x "$binary" ] || { echo "$binary is missing: cargo build --release -p outpost" >&2; exit 1; }
-
-scratch=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
+source benches/load/common.sh
+load_setup
 cat >"$scratch/healthy.js" <<'EOF'
 export default { fetch: () => new Response("hello") };
 EOF
@@ -49,18 +46,13 @@ EOF
 # One node with long entries demoted (the default), one without: measured side by side.
 start_node() { # name, extra [server] lines
   { printf '[server]\n%s\n' "$2"; cat "$scratch/outpost.toml"; } >"$scratch/$1.toml"
-  OUTPOST_LOG=warn "$binary" serve --config "$scratch/$1.toml" >"$scratch/$1.stdout" 2>"$scratch/$1.stderr" &
-  for _ in $(seq 100); do
-    url=$(sed -n 's/^outpost listening on //p' "$scratch/$1.stdout")
-    [ -n "$url" ] && { echo "$url"; return; }
-    sleep 0.1
-  done
-  cat "$scratch/$1.stderr" >&2
-  exit 1
+  start_outpost "$1"
 }
 declare -A urls
-urls[demoted]=$(start_node demoted "demote_long_entries = true")
-urls[not-demoted]=$(start_node not-demoted "demote_long_entries = false")
+start_node demoted "demote_long_entries = true"
+urls[demoted]=$url
+start_node not-demoted "demote_long_entries = false"
+urls[not-demoted]=$url
 
 # The p99 wrk reports for the healthy function at $1, in milliseconds.
 p99_ms() {
@@ -69,7 +61,6 @@ p99_ms() {
     if (unit == "us") v /= 1000; else if (unit == "s") v *= 1000;
     print v }'
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 declare -A alone hog
 for variant in demoted not-demoted; do

@@ -10,11 +10,8 @@ cd "$(dirname "$0")/../.."
 binary=${1:-target/release/outpost}
 rounds=${ROUNDS:-3}
 duration=${DURATION:-10}
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-[ -x "$binary" ] || { echo "$binary is missing: cargo build --release -p outpost" >&2; exit 1; }
-
-scratch=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
+source benches/load/common.sh
+load_setup
 cat >"$scratch/page.js" <<'EOF'
 const page = "x".repeat(1024);
 export default {
@@ -36,13 +33,7 @@ entry = "page.js"
 routes = ["cached.test/"]
 cache = { enabled = true }
 EOF
-OUTPOST_LOG=warn "$binary" serve --config "$scratch/outpost.toml" >"$scratch/stdout" 2>"$scratch/stderr" &
-for _ in $(seq 100); do
-  url=$(sed -n 's/^outpost listening on //p' "$scratch/stdout")
-  [ -n "$url" ] && break
-  sleep 0.1
-done
-[ -n "$url" ] || { cat "$scratch/stderr" >&2; exit 1; }
+start_outpost outpost
 
 # "req/s p99_ms" for host $1.
 measure() {
@@ -52,7 +43,6 @@ measure() {
       if (unit == "us") v /= 1000; else if (unit == "s") v *= 1000; p99 = v }
     END { print rps, p99 }'
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 curl -s -H "Host: cached.test" "$url/" >/dev/null # stores the entry
 declare -A rps p99

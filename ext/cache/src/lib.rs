@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use deno_core::convert::{ByteString, Uint8Array};
 use deno_core::{OpState, ToV8, op2};
+use outpost_ext_dispatch::InvalidHeader;
 
 /// The tenant a cache call belongs to (the function's name): entries of one namespace are
 /// invisible to every other.
@@ -146,17 +147,8 @@ fn cache_name(name: Option<String>) -> CacheName {
 }
 
 fn header_map(headers: HeaderList) -> Result<http::HeaderMap, CacheError> {
-  let mut map = http::HeaderMap::with_capacity(headers.len());
-  for (name, value) in headers {
-    let invalid = |reason: String| CacheError::InvalidHeader {
-      name: String::from_utf8_lossy(&name).into_owned(),
-      reason,
-    };
-    let name = http::HeaderName::from_bytes(&name).map_err(|e| invalid(e.to_string()))?;
-    let value = http::HeaderValue::from_bytes(&value).map_err(|e| invalid(e.to_string()))?;
-    map.append(name, value);
-  }
-  Ok(map)
+  outpost_ext_dispatch::header_map(headers)
+    .map_err(|InvalidHeader { name, reason }| CacheError::InvalidHeader { name, reason })
 }
 
 /// The head of a GET request for `url` with `headers`.

@@ -350,16 +350,8 @@ fn op_dispatch_respond(
     .ok()
     .and_then(|s| http::StatusCode::from_u16(s).ok())
     .ok_or(DispatchError::InvalidStatus(status))?;
-  let mut header_map = http::HeaderMap::with_capacity(headers.len());
-  for (name, value) in headers {
-    let invalid = |reason: String| DispatchError::InvalidHeader {
-      name: String::from_utf8_lossy(&name).into_owned(),
-      reason,
-    };
-    let name = http::HeaderName::from_bytes(&name).map_err(|e| invalid(e.to_string()))?;
-    let value = http::HeaderValue::from_bytes(&value).map_err(|e| invalid(e.to_string()))?;
-    header_map.append(name, value);
-  }
+  let header_map = header_map(headers)
+    .map_err(|InvalidHeader { name, reason }| DispatchError::InvalidHeader { name, reason })?;
   let resource = body_rid
     .map(|rid| state.resource_table.take_any(rid))
     .transpose()?;
@@ -410,6 +402,30 @@ fn op_dispatch_subrequest(state: &mut OpState, #[smi] id: u32) {
   if let Some(pending) = state.borrow::<InFlight>().pending.get(&id) {
     pending.usage.subrequests.fetch_add(1, Ordering::Relaxed);
   }
+}
+
+/// A header that JS handed over and HTTP does not accept.
+#[derive(Debug)]
+pub struct InvalidHeader {
+  pub name: String,
+  pub reason: String,
+}
+
+/// A header list from JS (`[name, value]` byte strings) as a `HeaderMap`.
+pub fn header_map(
+  headers: Vec<(ByteString, ByteString)>,
+) -> Result<http::HeaderMap, InvalidHeader> {
+  let mut map = http::HeaderMap::with_capacity(headers.len());
+  for (name, value) in headers {
+    let invalid = |reason: String| InvalidHeader {
+      name: String::from_utf8_lossy(&name).into_owned(),
+      reason,
+    };
+    let name = http::HeaderName::from_bytes(&name).map_err(|e| invalid(e.to_string()))?;
+    let value = http::HeaderValue::from_bytes(&value).map_err(|e| invalid(e.to_string()))?;
+    map.append(name, value);
+  }
+  Ok(map)
 }
 
 /// A body that is already complete.
