@@ -18,6 +18,11 @@
 //! A function may also have a soft limit (`limits.soft_cpu_ms`), budgeted per entry by the
 //! same rule. An entry past it does not stop: its isolate is marked retired, the pool sends
 //! it no new requests, and it ends once the requests it has are answered.
+//!
+//! With `server.demote_long_entries`, an entry that has run `DEMOTE_AFTER` of CPU is moved
+//! to `SCHED_IDLE` until it returns ([`ThreadPriority`]); the watchdog then also looks every
+//! `DEMOTE_AFTER` while any isolate is inside JS, and naps when none is, woken by the next
+//! entry.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -189,7 +194,10 @@ impl CpuGuard {
     // The watchdog naps when nothing is inside JS; an entry that may need it sooner (a
     // short budget, or demotion) wakes it, at most once per nap.
     let soon = budget.min(soft_budget.unwrap_or(budget)) < IDLE_CHECK || self.watchdog.demotion;
-    if soon && self.watchdog.napping.swap(false, Ordering::Relaxed) {
+    // Read before the swap: every isolate thread enters here, and a swap on each entry would
+    // bounce the flag's cache line between them.
+    let napping = &self.watchdog.napping;
+    if soon && napping.load(Ordering::Relaxed) && napping.swap(false, Ordering::Relaxed) {
       self.watchdog.wake();
     }
   }
