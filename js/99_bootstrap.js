@@ -83,6 +83,72 @@ const crypto = load("ext:deno_crypto/00_crypto.js");
 
 const { EventTarget } = event;
 
+// Ops fail with an error class name; deno_core builds the JS error from the builder
+// registered for that name and throws `undefined` when there is none (Deno registers these
+// in its own runtime, which Outpost does not load). DOMException classes, used by atob,
+// WebCrypto, streams and structuredClone:
+for (
+  const name of [
+    "AbortError",
+    "DataCloneError",
+    "DataError",
+    "EncodingError",
+    "IndexSizeError",
+    "InvalidAccessError",
+    "InvalidCharacterError",
+    "InvalidStateError",
+    "NetworkError",
+    "NotAllowedError",
+    "NotFoundError",
+    "NotSupportedError",
+    "OperationError",
+    "QuotaExceededError",
+    "SecurityError",
+    "SyntaxError",
+    "TimeoutError",
+    "TypeMismatchError",
+  ]
+) {
+  core.registerErrorBuilder(
+    `DOMException${name}`,
+    (message) => new domException.DOMException(message, name),
+  );
+}
+// Deno's I/O classes become plain Errors carrying the name: handlers have no Deno.errors to
+// match them against. (deno_core registers BadResource, Interrupted and NotCapable itself.)
+for (
+  const name of [
+    "AddrInUse",
+    "AddrNotAvailable",
+    "AlreadyExists",
+    "BrokenPipe",
+    "Busy",
+    "ConnectionAborted",
+    "ConnectionRefused",
+    "ConnectionReset",
+    "FilesystemLoop",
+    "Http",
+    "InvalidData",
+    "IsADirectory",
+    "NetworkUnreachable",
+    "NotADirectory",
+    "NotConnected",
+    "NotFound",
+    "NotSupported",
+    "PermissionDenied",
+    "TimedOut",
+    "UnexpectedEof",
+    "WouldBlock",
+    "WriteZero",
+  ]
+) {
+  core.registerErrorBuilder(name, (message) => {
+    const error = new Error(message);
+    error.name = name;
+    return error;
+  });
+}
+
 /** The global scope's class, as in Workers: an EventTarget for the "fetch" event. */
 class ServiceWorkerGlobalScope extends EventTarget {
   constructor() {

@@ -267,6 +267,48 @@ export default {
   assert_eq!(json["gz"], true);
 }
 
+/// Errors that ops raise with a DOMException or Deno class reach handlers as real error
+/// objects (deno_core throws `undefined` for a class nobody registered).
+#[tokio::test]
+async fn errors_from_ops_are_domexceptions_not_undefined() {
+  let outpost = Outpost::start_handler(
+    "errors.js",
+    r#"
+const describe = async (f) => {
+  try { await f(); return "no error"; } catch (e) {
+    return e === undefined ? "undefined" : `${e instanceof DOMException ? "DOMException" : e.constructor.name} ${e.name}`;
+  }
+};
+export default {
+  async fetch() {
+    const key = await crypto.subtle.generateKey({ name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    return Response.json([
+      await describe(() => atob("!")),
+      await describe(() => crypto.subtle.verify("HMAC", key, new Uint8Array(32), new Uint8Array(1))),
+      await describe(() => crypto.subtle.importKey("raw", new Uint8Array(3), "AES-GCM", false, ["encrypt"])),
+    ]);
+  },
+};
+"#,
+  );
+  let json: serde_json::Value = http1()
+    .get(outpost.url("/"))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+  assert_eq!(
+    json,
+    serde_json::json!([
+      "DOMException InvalidCharacterError",
+      "DOMException InvalidAccessError",
+      "DOMException DataError",
+    ])
+  );
+}
+
 #[tokio::test]
 async fn wait_until_work_continues_after_the_response() {
   let outpost = Outpost::start_handler(
