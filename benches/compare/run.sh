@@ -160,7 +160,14 @@ await_ready() {
   exit 1
 }
 
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Stops a server; one that has not exited 3 s after SIGTERM (deno serve --parallel, stopped
+# while its workers start, has been seen to hang) gets SIGKILL.
+stop() {
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
