@@ -25,7 +25,10 @@ async fn serve(request: Request<Incoming>) -> Result<Response<Body>, Infallible>
     "/echo" => {
       let body = request.into_body().collect().await.map(|b| b.to_bytes());
       // Parse and serialise again, as the JS handlers do.
-      match body.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+      match body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+      {
         Some(value) => Response::builder()
           .header("content-type", "application/json")
           .body(full(serde_json::to_vec(&value).unwrap_or_default().into()))

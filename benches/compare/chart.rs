@@ -21,9 +21,15 @@ fn read(path: &str) -> Result<Vec<Row>, String> {
     .map(|(number, line)| {
       let cells: Vec<&str> = line.split('\t').collect();
       let number = |i: usize| {
-        cells.get(i).and_then(|c| c.parse::<f64>().ok()).ok_or_else(|| {
-          format!("{path}:{}: expected server, scenario, req/s, p50, p99 separated by tabs", number + 1)
-        })
+        cells
+          .get(i)
+          .and_then(|c| c.parse::<f64>().ok())
+          .ok_or_else(|| {
+            format!(
+              "{path}:{}: expected server, scenario, req/s, p50, p99 separated by tabs",
+              number + 1
+            )
+          })
       };
       Ok(Row {
         server: cells[0].to_string(),
