@@ -11,6 +11,7 @@ mod geo;
 mod handlers;
 mod limits;
 mod memory;
+mod observability;
 mod pool;
 mod protocols;
 mod streaming;

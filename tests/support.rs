@@ -104,12 +104,15 @@ impl Outpost {
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().unwrap();
+    let sink = logs.clone();
+    // Stdout carries the listening addresses, and the log when it is JSON: read to the end.
     std::thread::spawn(move || {
       for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
-        if tx.send(line).is_err() {
-          break;
-        }
+        let _ = tx.send(line.clone());
+        let mut logs = sink.lock().unwrap();
+        logs.push_str(&line);
+        logs.push('\n');
       }
     });
     let (mut http, mut https, mut admin) = (Vec::new(), Vec::new(), None);

@@ -41,6 +41,9 @@ fn read(path: &str) -> Result<Vec<Row>, String> {
     .collect()
 }
 
+/// Reads one plotted value off a row.
+type Metric = fn(&Row) -> f64;
+
 fn unique(values: impl Iterator<Item = String>) -> Vec<String> {
   let mut seen = Vec::new();
   for value in values {
@@ -62,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
   let root = SVGBackend::new(output, (360 * scenarios.len() as u32, 640)).into_drawing_area();
   root.fill(&WHITE)?;
   let panels = root.split_evenly((2, scenarios.len()));
-  let metrics: [(&str, fn(&Row) -> f64); 2] = [("req/s", |r| r.rps), ("p99 ms", |r| r.p99_ms)];
+  let metrics: [(&str, Metric); 2] = [("req/s", |r| r.rps), ("p99 ms", |r| r.p99_ms)];
   for (m, (label, metric)) in metrics.iter().enumerate() {
     for (s, scenario) in scenarios.iter().enumerate() {
       let panel = &panels[m * scenarios.len() + s];

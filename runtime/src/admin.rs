@@ -7,6 +7,12 @@
 //!   function's entries: answers `{"purged": N}`, the number of URLs whose entries were
 //!   removed.
 //! - `GET /cache/stats`: the cache counters of every function, as JSON.
+//! - `GET /metrics`: Prometheus metrics (text format 0.0.4), see `crate::metrics`.
+//! - `GET /usage?since=<unix seconds>`: requests, CPU and wall milliseconds, egress bytes and
+//!   subrequests per function from the minute of `since` (default: all kept, a day).
+//! - `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 when the node serves
+//!   traffic, 503 while it drains on shutdown. These two need no token (load balancers and
+//!   process supervisors probe them) and say nothing about the node's contents.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,14 +28,15 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge_cache::{Purge, SharedCache};
+use crate::edge_cache::Purge;
+use crate::server::NodeState;
 
 /// Largest admin request body read.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// What the admin handlers work on.
 pub struct Admin {
-  pub cache: Arc<SharedCache>,
+  pub(crate) node: Arc<NodeState>,
   pub token: Option<String>,
 }
 
@@ -73,6 +80,13 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
 }
 
 async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
+  match (request.method(), request.uri().path()) {
+    (&Method::GET, "/healthz") => {
+      return json(StatusCode::OK, &serde_json::json!({ "alive": true }));
+    }
+    (&Method::GET, "/readyz") => return readiness(admin),
+    _ => {}
+  }
   if let Some(token) = &admin.token {
     let expected = format!("Bearer {token}");
     let presented = request
@@ -88,8 +102,19 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
   }
   match (request.method(), request.uri().path()) {
     (&Method::POST, "/cache/purge") => purge(admin, request).await,
+    (&Method::GET, "/metrics") => {
+      let text = admin.node.observers.metrics.render(&admin.node.reading());
+      let mut response = Response::new(Full::new(Bytes::from(text)));
+      response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+      );
+      response
+    }
+    (&Method::GET, "/usage") => usage(admin, request.uri().query()),
     (&Method::GET, "/cache/stats") => {
       let stats: serde_json::Map<String, serde_json::Value> = admin
+        .node
         .cache
         .stats()
         .into_iter()
@@ -102,7 +127,7 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
     }
     (_, path) => json(
       StatusCode::NOT_FOUND,
-      &serde_json::json!({ "error": format!("no admin endpoint {} {path}: use POST /cache/purge or GET /cache/stats", request.method()) }),
+      &serde_json::json!({ "error": format!("no admin endpoint {} {path}: the endpoints are POST /cache/purge, GET /cache/stats, /metrics, /usage, /healthz and /readyz", request.method()) }),
     ),
   }
 }
@@ -136,9 +161,52 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes
     _ => return bad_request("name exactly one of \"url\", \"prefix\" or \"tag\"".into()),
   };
   let namespace = request.function.map(|f| CacheNamespace(f.into()));
-  let purged = admin.cache.purge(namespace.as_ref(), &purge);
+  let purged = admin.node.cache.purge(namespace.as_ref(), &purge);
   tracing::info!(?purge, function = ?namespace.map(|n| n.0), purged, "cache purge");
   json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
+}
+
+fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
+  if admin
+    .node
+    .draining
+    .load(std::sync::atomic::Ordering::Relaxed)
+  {
+    return json(
+      StatusCode::SERVICE_UNAVAILABLE,
+      &serde_json::json!({ "ready": false, "reason": "draining: shutting down" }),
+    );
+  }
+  // Serving at all means the config, certificates and pre-warmed pools loaded (the node
+  // starts listening only after all of them).
+  json(StatusCode::OK, &serde_json::json!({ "ready": true }))
+}
+
+fn usage(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+  let since = query
+    .into_iter()
+    .flat_map(|q| q.split('&'))
+    .filter_map(|pair| pair.strip_prefix("since="))
+    .next_back();
+  let since = match since.map(str::parse::<u64>) {
+    None => 0,
+    Some(Ok(since)) => since,
+    Some(Err(_)) => {
+      return json(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({ "error": "since must be unix seconds, e.g. /usage?since=1795000000" }),
+      );
+    }
+  };
+  let report = admin
+    .node
+    .observers
+    .usage
+    .since(since, std::time::SystemTime::now());
+  json(
+    StatusCode::OK,
+    &serde_json::to_value(report).unwrap_or_default(),
+  )
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {

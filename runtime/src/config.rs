@@ -41,6 +41,51 @@ pub struct Config {
   pub admin: Option<AdminConfig>,
   /// Where clients are: trusted peers and geo headers (`[geo]`).
   pub geo: GeoConfig,
+  /// The server log (`[log]`).
+  pub log: LogConfig,
+}
+
+/// The server log (`[log]`): access records, handler console output and the rest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+  /// A tracing filter: `"info"`, or per target, `"warn,outpost::access=info"`. The
+  /// `OUTPOST_LOG` environment variable, when set, takes its place.
+  pub level: String,
+  /// `"text"` (human-readable, to stderr) or `"json"` (one object per line, to stdout).
+  pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+  Text,
+  Json,
+}
+
+impl Default for LogConfig {
+  fn default() -> Self {
+    LogConfig {
+      level: "info".into(),
+      format: LogFormat::Text,
+    }
+  }
+}
+
+impl LogConfig {
+  /// Every value that cannot work, with the reason.
+  pub fn problems(&self) -> Vec<(&'static str, String)> {
+    match tracing_subscriber::EnvFilter::try_new(&self.level) {
+      Ok(_) => Vec::new(),
+      Err(err) => vec![(
+        "level",
+        format!(
+          "{:?} is not a log filter ({err}); use a level such as \"info\" or \"warn,outpost::access=info\"",
+          self.level
+        ),
+      )],
+    }
+  }
 }
 
 /// The shared edge cache (`[cache]`).
@@ -275,6 +320,8 @@ struct RawConfig {
   cache: Option<Spanned<CacheConfig>>,
   #[serde(default)]
   admin: Option<Spanned<AdminConfig>>,
+  #[serde(default)]
+  log: Option<Spanned<LogConfig>>,
   /// A separate file holding `[node]`, `[geo]`, `[[regions]]` and `[[overrides]]`.
   #[serde(default)]
   geo_file: Option<Spanned<String>>,
@@ -466,6 +513,7 @@ impl Config {
 
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
     let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
+    let log = locate.table(&raw.log, "log", LogConfig::problems, &mut errors);
     let mut geo = geo_locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
     if let Some(table) = &raw.geo {
       // Database paths are relative to the file; each must open as a MaxMind DB.
@@ -696,6 +744,7 @@ impl Config {
         cache,
         admin,
         geo,
+        log,
       })
     } else {
       Err(ConfigErrors { errors })
@@ -743,6 +792,7 @@ impl Config {
       cache: CacheConfig::default(),
       admin: None,
       geo: GeoConfig::default(),
+      log: LogConfig::default(),
     })
   }
 }

@@ -60,6 +60,8 @@ pub struct IsolateHandle {
   cpu: Arc<CpuGuard>,
   heap: Arc<HeapGuard>,
   in_flight: Arc<AtomicUsize>,
+  /// Set by the first request dispatched to the isolate.
+  served: std::sync::atomic::AtomicBool,
   /// Milliseconds since `epoch` at the last request start or finish.
   last_active_ms: AtomicU64,
   epoch: Instant,
@@ -108,6 +110,7 @@ impl IsolateHandle {
     self.touch();
     let guard = InFlightGuard {
       isolate: self.clone(),
+      first: !self.served.swap(true, Ordering::Relaxed),
     };
     match self.sender.send(request).await {
       Ok(()) => Ok(guard),
@@ -123,9 +126,15 @@ pub struct DispatchClosed(pub DispatchRequest);
 /// Marks one request as in flight on an isolate.
 pub struct InFlightGuard {
   isolate: Arc<IsolateHandle>,
+  first: bool,
 }
 
 impl InFlightGuard {
+  /// Whether this is the isolate's first request (a cold start).
+  pub fn first(&self) -> bool {
+    self.first
+  }
+
   /// The isolate the request went to.
   pub fn isolate(&self) -> &IsolateHandle {
     &self.isolate
@@ -331,6 +340,7 @@ impl IsolateFactory {
       cpu,
       heap,
       in_flight: Arc::default(),
+      served: std::sync::atomic::AtomicBool::new(false),
       last_active_ms: AtomicU64::new(0),
       epoch: Instant::now(),
     }))

@@ -5,6 +5,7 @@
 //! function, [`pool`] hands it to one of the function's [`isolate`] threads, and the
 //! response streams back.
 
+pub mod access_log;
 pub mod admin;
 pub mod client_geo;
 pub mod compression;
@@ -18,6 +19,7 @@ pub mod hop_by_hop;
 pub mod isolate;
 pub mod limits;
 pub mod memory;
+pub mod metrics;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod route_cache;
@@ -25,6 +27,7 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod tls;
+pub mod usage_ledger;
 
 /// Initialises V8 once per process, on the calling thread. Call it from the main thread
 /// before any isolate thread starts: isolate threads must descend from the thread that

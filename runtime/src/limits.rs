@@ -161,6 +161,11 @@ pub enum Rejection {
 }
 
 impl Admission {
+  /// Requests waiting for a slot.
+  pub fn waiting(&self) -> usize {
+    self.waiting.load(Ordering::Relaxed)
+  }
+
   pub fn new(max_in_flight: usize, queue_depth: usize, queue_timeout: Duration) -> Admission {
     Admission {
       node: Arc::new(Semaphore::new(max_in_flight)),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use outpost::config::Config;
+use outpost::config::{Config, LogConfig, LogFormat};
 use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{FunctionSpec, check_function};
 use outpost::server::Node;
@@ -45,15 +45,26 @@ enum Command {
   },
 }
 
+/// Starts the server log as `[log]` says; `OUTPOST_LOG` overrides the level.
+fn init_log(log: &LogConfig) {
+  let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+  let builder = tracing_subscriber::fmt().with_env_filter(filter);
+  match log.format {
+    LogFormat::Text => builder
+      .with_writer(std::io::stderr)
+      .with_ansi(std::io::stderr().is_terminal())
+      .init(),
+    LogFormat::Json => builder
+      .json()
+      .flatten_event(true)
+      .with_current_span(false)
+      .with_writer(std::io::stdout)
+      .init(),
+  }
+}
+
 fn main() -> ExitCode {
-  tracing_subscriber::fmt()
-    .with_env_filter(
-      tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    )
-    .with_writer(std::io::stderr)
-    .with_ansi(std::io::stderr().is_terminal())
-    .init();
   let cli = Cli::parse();
   // Outbound fetch reads proxy settings from the process environment; tenants must not
   // inherit the operator's proxy.
@@ -76,9 +87,15 @@ fn main() -> ExitCode {
       config,
       handler,
       listen,
-    } => load_config(config, handler, listen).and_then(serve),
+    } => load_config(config, handler, listen).and_then(|config| {
+      init_log(&config.log);
+      serve(config)
+    }),
     Command::Check { config, handler } => {
-      load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|c| check(&c))
+      load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|config| {
+        init_log(&config.log);
+        check(&config)
+      })
     }
   };
   match result {

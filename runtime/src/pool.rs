@@ -178,6 +178,19 @@ impl IsolatePool {
     evicted
   }
 
+  /// (idle, busy) isolates: busy ones have at least one request in flight.
+  pub fn isolate_counts(&self) -> (usize, usize) {
+    let isolates = self.isolates.lock().expect("pool lock");
+    let busy = isolates.iter().filter(|i| i.in_flight() > 0).count();
+    (isolates.len() - busy, busy)
+  }
+
+  /// Requests in flight on the pool's isolates.
+  pub fn in_flight(&self) -> usize {
+    let isolates = self.isolates.lock().expect("pool lock");
+    isolates.iter().map(|i| i.in_flight()).sum()
+  }
+
   /// Closes every isolate's request channel; their threads finish in-flight work and exit.
   pub fn close(&self) {
     self.isolates.lock().expect("pool lock").clear();

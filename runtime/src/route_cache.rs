@@ -21,9 +21,10 @@ use http_body_util::BodyExt;
 use outpost_ext_cache::{CacheNamespace, CachedResponse, EdgeCache};
 use outpost_ext_dispatch::{Body, BoxError, full_body};
 
+use crate::access_log::AccessRecord;
 use crate::compression;
 use crate::edge_cache::{Lookup, SharedCache, Store as CacheStore};
-use crate::server::{ConnectionActivity, FunctionCall, NodeState, call_function};
+use crate::server::{ConnectionActivity, FunctionCall, NodeState, call_function, outpost_error};
 
 /// Response header saying how route caching answered.
 pub const CACHE_HEADER: &str = "outpost-cache";
@@ -97,6 +98,20 @@ fn revalidate(
   for conditional in [http::header::IF_NONE_MATCH, http::header::IF_MODIFIED_SINCE] {
     headers.remove(conditional);
   }
+  // The refresh is a request of its own, with its own access record (method GET, the
+  // client request's host and path).
+  let uri: Option<http::Uri> = call.url.parse().ok();
+  let access = AccessRecord::new(
+    state.observers.clone(),
+    &state.request_ids.next(),
+    uri
+      .as_ref()
+      .and_then(|u| u.authority())
+      .map_or("", |a| a.as_str()),
+    "GET",
+    uri.as_ref().map_or("/", |u| u.path()),
+  );
+  access.set_function(state.function_name(call.function));
   let refresh = FunctionCall {
     function: call.function,
     encoding: None,
@@ -105,7 +120,7 @@ fn revalidate(
     headers,
     body: None,
     body_exceeded: Arc::new(AtomicBool::new(false)),
-    request_id: state.request_ids.next(),
+    access: access.clone(),
     arrived: tokio::time::Instant::now(),
     active: Arc::new(ConnectionActivity::new()).begin(),
     cf: call.cf.clone(),
@@ -118,6 +133,7 @@ fn revalidate(
   let state = state.clone();
   tokio::spawn(async move {
     let response = call_function(&state, refresh, Some(store)).await;
+    access.respond(response.status().as_u16(), outpost_error(&response));
     // Reading the body to its end is what stores it.
     if let Err(err) = response.into_body().collect().await {
       tracing::warn!(url = key, error = %err, "background revalidation failed");

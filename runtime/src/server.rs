@@ -30,6 +30,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{AccessRecord, Observers};
 use crate::admin::{self, Admin};
 use crate::client_geo::{ClientGeo, LiveGeo};
 use crate::compression;
@@ -40,11 +41,13 @@ use crate::function_code::{FunctionCode, TranspileCache};
 use crate::hop_by_hop;
 use crate::isolate::{FunctionSpec, InFlightGuard, IsolateFactory};
 use crate::limits::{Admission, Admitted, Limits};
+use crate::metrics::{NodeMetrics, NodeReading};
 use crate::pool::IsolatePool;
 use crate::proxy_protocol;
 use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
+use crate::usage_ledger::UsageLedger;
 
 /// Response header naming the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
@@ -57,8 +60,8 @@ pub const TERMINATION_HEADER: &str = "outpost-termination";
 pub struct Node {
   state: Arc<NodeState>,
   listeners: Vec<BoundListener>,
-  /// The admin listener and what it serves, when `[admin]` is configured.
-  admin: Option<(TcpListener, Arc<Admin>)>,
+  /// The admin listener and its token, when `[admin]` is configured.
+  admin: Option<(TcpListener, Option<String>)>,
   /// The config file, re-read when the geo settings are reloaded.
   config_file: Option<std::path::PathBuf>,
   server: ServerConfig,
@@ -79,11 +82,37 @@ pub(crate) struct NodeState {
   geo: Arc<LiveGeo>,
   /// This node's PoP: `request.cf.colo`.
   pop: Option<String>,
+  /// Metrics and usage, fed by every request's access record.
+  pub(crate) observers: Arc<Observers>,
+  /// Set once shutdown has begun: `/readyz` answers 503 while connections drain.
+  pub(crate) draining: AtomicBool,
 }
 
 impl NodeState {
   pub(crate) fn function_name(&self, function: usize) -> &str {
     self.functions[function].pool.name()
+  }
+
+  /// What a metrics scrape reads from the node now.
+  pub(crate) fn reading(&self) -> NodeReading {
+    NodeReading {
+      isolates: self
+        .functions
+        .iter()
+        .map(|f| {
+          let (idle, busy) = f.pool.isolate_counts();
+          (f.pool.name().to_string(), idle, busy)
+        })
+        .collect(),
+      queued: self.admission.waiting(),
+      in_flight: self.functions.iter().map(|f| f.pool.in_flight()).sum(),
+      cache: self
+        .cache
+        .stats()
+        .into_iter()
+        .map(|(namespace, stats)| (namespace.0.to_string(), stats))
+        .collect(),
+    }
   }
 }
 
@@ -188,11 +217,7 @@ impl Node {
             address: admin.address,
             source,
           })?;
-        let served = Admin {
-          cache: cache.clone(),
-          token: admin.token.clone(),
-        };
-        Some((listener, Arc::new(served)))
+        Some((listener, admin.token.clone()))
       }
     };
     Ok(Node {
@@ -213,6 +238,11 @@ impl Node {
         revalidating: std::sync::Mutex::default(),
         geo: geo.clone(),
         pop: config.node.as_ref().map(|node| node.pop.clone()),
+        observers: Arc::new(Observers {
+          metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
+          usage: UsageLedger::default(),
+        }),
+        draining: AtomicBool::new(false),
       }),
       listeners,
       server: config.server.clone(),
@@ -254,13 +284,20 @@ impl Node {
       )));
     }
     let evictor = tokio::spawn(evict_idle_isolates(self.state.clone()));
-    if let Some((listener, admin)) = self.admin {
-      tokio::spawn(admin::serve(listener, admin, stop.clone()));
+    // The admin listener outlives the drain, so `/readyz` can say the node is draining.
+    let admin_stop = CancellationToken::new();
+    if let Some((listener, token)) = self.admin {
+      let admin = Arc::new(Admin {
+        node: self.state.clone(),
+        token,
+      });
+      tokio::spawn(admin::serve(listener, admin, admin_stop.clone()));
     }
     if let Some(file) = self.config_file {
       tokio::spawn(self.state.geo.clone().watch(file, stop.clone()));
     }
     shutdown.await;
+    self.state.draining.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     // Every connection is told to finish what it has and close.
     stop.cancel();
@@ -284,7 +321,23 @@ impl Node {
     for function in &self.state.functions {
       function.pool.close();
     }
+    admin_stop.cancel();
   }
+}
+
+/// A short hash of the config file's text (`outpost_build_info`'s `config_hash`), so a
+/// fleet's scrapes show which nodes run which config.
+fn config_hash(config: &Config) -> String {
+  use sha2::Digest;
+  let Some(text) = config
+    .file
+    .as_ref()
+    .and_then(|file| std::fs::read(file).ok())
+  else {
+    return "none".into();
+  };
+  let digest = sha2::Sha256::digest(&text);
+  digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How every connection is served: the hyper builder with the protocol limits of
@@ -519,11 +572,40 @@ async fn handle_request(
   active: ActiveRequest,
 ) -> Response<Body> {
   let request_id = state.request_ids.next();
-  let mut response = dispatch(state, request, origin, &request_id, active).await;
+  let host = request
+    .uri()
+    .authority()
+    .map(|a| a.as_str())
+    .or_else(|| {
+      request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    })
+    .unwrap_or("");
+  let access = AccessRecord::new(
+    state.observers.clone(),
+    &request_id,
+    host,
+    request.method().as_str(),
+    request.uri().path(),
+  );
+  let mut response = dispatch(state, request, origin, &access, active).await;
+  access.respond(response.status().as_u16(), outpost_error(&response));
   if let Ok(value) = HeaderValue::from_str(&request_id) {
     response.headers_mut().insert(REQUEST_ID_HEADER, value);
   }
   response
+}
+
+/// Why Outpost answered a request itself (its `outpost-termination` or `outpost-error`
+/// header), when it did.
+pub(crate) fn outpost_error<B>(response: &Response<B>) -> Option<&str> {
+  let headers = response.headers();
+  headers
+    .get(TERMINATION_HEADER)
+    .or_else(|| headers.get(ERROR_HEADER))
+    .and_then(|v| v.to_str().ok())
 }
 
 /// Where a request came in: the listener's scheme and the connecting peer.
@@ -537,7 +619,7 @@ async fn dispatch(
   state: &Arc<NodeState>,
   request: Request<Incoming>,
   origin: Origin,
-  request_id: &str,
+  access: &Arc<AccessRecord>,
   active: ActiveRequest,
 ) -> Response<Body> {
   let scheme = origin.scheme;
@@ -568,6 +650,7 @@ async fn dispatch(
       format!("outpost: no function is routed for {authority}{path}\n"),
     );
   };
+  access.set_function(state.function_name(function));
   if let Some(status) = state.functions[function].disabled {
     return outpost_response(
       status,
@@ -614,6 +697,7 @@ async fn dispatch(
       inner: body,
       remaining: state.max_body_bytes,
       exceeded: body_exceeded.clone(),
+      read: access.bytes_in.clone(),
     };
     Some(limited.boxed_unsync())
   };
@@ -625,7 +709,7 @@ async fn dispatch(
     headers,
     body,
     body_exceeded,
-    request_id: request_id.to_string(),
+    access: access.clone(),
     arrived,
     active,
     cf,
@@ -651,7 +735,8 @@ pub(crate) struct FunctionCall {
   pub(crate) body: Option<Body>,
   /// Set when the request body grew past `server.max_body_bytes` while streaming.
   pub(crate) body_exceeded: Arc<AtomicBool>,
-  pub(crate) request_id: String,
+  /// The request's access record; its id is the request id.
+  pub(crate) access: Arc<AccessRecord>,
   pub(crate) arrived: tokio::time::Instant,
   pub(crate) active: ActiveRequest,
   /// `request.cf` fields.
@@ -687,12 +772,12 @@ pub(crate) async fn call_function(
     headers,
     body,
     body_exceeded,
-    request_id,
+    access,
     arrived,
     active,
     cf,
   } = call;
-  let request_id = request_id.as_str();
+  let request_id = access.request_id();
   let is_head = method == Method::HEAD;
   let RoutedFunction {
     pool,
@@ -723,7 +808,7 @@ pub(crate) async fn call_function(
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
   let usage = UsageRecorder {
-    usage: Arc::new(RequestUsage::new(request_id.to_string())),
+    usage: Arc::new(access.usage()),
     arrived,
   };
   let dispatched = pool.dispatch(DispatchRequest {
@@ -738,7 +823,10 @@ pub(crate) async fn call_function(
   });
   let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
     Err(_) => return wall_time_exceeded(pool.name(), limits.wall),
-    Ok(Ok(guard)) => guard,
+    Ok(Ok(guard)) => {
+      access.set_cold(guard.first());
+      guard
+    }
     Ok(Err(err)) => {
       tracing::warn!(request_id, function = pool.name(), error = %err, "function unavailable");
       return outpost_response(
@@ -908,6 +996,8 @@ struct LimitedBody {
   inner: Incoming,
   remaining: u64,
   exceeded: Arc<AtomicBool>,
+  /// Bytes read so far, for the access record.
+  read: Arc<AtomicU64>,
 }
 
 impl http_body::Body for LimitedBody {
@@ -933,6 +1023,7 @@ impl http_body::Body for LimitedBody {
         )));
       }
       self.remaining -= length;
+      self.read.fetch_add(length, Ordering::Relaxed);
     }
     Poll::Ready(Some(Ok(frame)))
   }

@@ -118,6 +118,19 @@ pub struct RequestUsage {
   heap_peak: AtomicUsize,
   subrequests: AtomicU32,
   egress_bytes: AtomicU64,
+  completion: Completion,
+}
+
+/// Called once with the complete usage, when the last holder lets go.
+pub type CompletionHook = Box<dyn FnOnce(&RequestUsage) + Send>;
+
+#[derive(Default)]
+struct Completion(std::sync::Mutex<Option<CompletionHook>>);
+
+impl std::fmt::Debug for Completion {
+  fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    f.write_str("Completion")
+  }
 }
 
 impl Drop for RequestUsage {
@@ -126,12 +139,21 @@ impl Drop for RequestUsage {
       target: "outpost::usage",
       request_id = self.request_id,
       cpu_us = self.cpu().as_micros() as u64,
-      wall_us = self.wall_ns.load(Ordering::Relaxed) / 1000,
+      wall_us = self.wall().as_micros() as u64,
       heap_peak_bytes = self.heap_peak(),
       subrequests = self.subrequests(),
-      egress_bytes = self.egress_bytes.load(Ordering::Relaxed),
+      egress_bytes = self.egress_bytes(),
       "request usage"
     );
+    let hook = self
+      .completion
+      .0
+      .lock()
+      .ok()
+      .and_then(|mut hook| hook.take());
+    if let Some(hook) = hook {
+      hook(self);
+    }
   }
 }
 
@@ -144,7 +166,25 @@ impl RequestUsage {
       heap_peak: AtomicUsize::new(0),
       subrequests: AtomicU32::new(0),
       egress_bytes: AtomicU64::new(0),
+      completion: Completion::default(),
     }
+  }
+
+  /// Usage that calls `hook` with itself once complete.
+  pub fn with_completion(request_id: String, hook: CompletionHook) -> RequestUsage {
+    let usage = RequestUsage::new(request_id);
+    *usage.completion.0.lock().expect("fresh lock") = Some(hook);
+    usage
+  }
+
+  /// Time from the request's arrival to the end of its response.
+  pub fn wall(&self) -> Duration {
+    Duration::from_nanos(self.wall_ns.load(Ordering::Relaxed))
+  }
+
+  /// Response body bytes sent to the client.
+  pub fn egress_bytes(&self) -> u64 {
+    self.egress_bytes.load(Ordering::Relaxed)
   }
 
   /// CPU time charged to the request, its share of entries into JS it was in flight for

@@ -1,0 +1,173 @@
+//! One access record per request (tracing target `outpost::access`, at info), written when
+//! the request is complete: after its response body has been sent and after the isolate
+//! has charged the CPU time of the entry that answered it. The same moment feeds the
+//! Prometheus metrics and the usage ledger, so the three always agree.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use outpost_ext_dispatch::RequestUsage;
+
+use crate::metrics::{Completed, NodeMetrics};
+use crate::usage_ledger::{RequestCost, UsageLedger};
+
+/// Where completed requests are counted.
+pub struct Observers {
+  pub metrics: NodeMetrics,
+  pub usage: UsageLedger,
+}
+
+/// What the isolate side reports of a request it ran.
+#[derive(Debug, Clone, Copy)]
+struct IsolateUsage {
+  cpu: Duration,
+  wall: Duration,
+  egress_bytes: u64,
+  subrequests: u32,
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+  function: Option<String>,
+  status: u16,
+  /// The `outpost-error` / `outpost-termination` value of a response Outpost made.
+  error: Option<String>,
+  cold: Option<bool>,
+  isolate: Option<IsolateUsage>,
+}
+
+/// A request's record, filled in while it is served. It is written when its last holder
+/// releases it: the server once the response head is known, and (when the request reached
+/// an isolate) the request's [`RequestUsage`] once complete.
+pub struct AccessRecord {
+  observers: Arc<Observers>,
+  request_id: String,
+  host: String,
+  method: String,
+  path: String,
+  arrived: Instant,
+  /// Request body bytes read so far.
+  pub bytes_in: Arc<AtomicU64>,
+  outcome: Mutex<Outcome>,
+  holders: AtomicU8,
+}
+
+impl AccessRecord {
+  pub fn new(
+    observers: Arc<Observers>,
+    request_id: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+  ) -> Arc<AccessRecord> {
+    Arc::new(AccessRecord {
+      observers,
+      request_id: request_id.to_string(),
+      host: host.to_string(),
+      method: method.to_string(),
+      path: path.to_string(),
+      arrived: Instant::now(),
+      bytes_in: Arc::default(),
+      outcome: Mutex::default(),
+      holders: AtomicU8::new(1),
+    })
+  }
+
+  /// The request id.
+  pub fn request_id(&self) -> &str {
+    &self.request_id
+  }
+
+  fn outcome(&self) -> std::sync::MutexGuard<'_, Outcome> {
+    self.outcome.lock().expect("access record lock")
+  }
+
+  /// The function the request was routed to.
+  pub fn set_function(&self, function: &str) {
+    self.outcome().function = Some(function.to_string());
+  }
+
+  /// Whether the request was its isolate's first.
+  pub fn set_cold(&self, cold: bool) {
+    self.outcome().cold = Some(cold);
+  }
+
+  /// A [`RequestUsage`] whose completion is this record's second holder.
+  pub fn usage(self: &Arc<Self>) -> RequestUsage {
+    self.holders.fetch_add(1, Ordering::AcqRel);
+    let record = self.clone();
+    RequestUsage::with_completion(
+      self.request_id.clone(),
+      Box::new(move |usage: &RequestUsage| {
+        record.outcome().isolate = Some(IsolateUsage {
+          cpu: usage.cpu(),
+          wall: usage.wall(),
+          egress_bytes: usage.egress_bytes(),
+          subrequests: usage.subrequests(),
+        });
+        record.release();
+      }),
+    )
+  }
+
+  /// The server's part: the response's status and, for responses Outpost made, why.
+  pub fn respond(&self, status: u16, error: Option<&str>) {
+    {
+      let mut outcome = self.outcome();
+      outcome.status = status;
+      outcome.error = error.map(str::to_string);
+    }
+    self.release();
+  }
+
+  fn release(&self) {
+    if self.holders.fetch_sub(1, Ordering::AcqRel) == 1 {
+      self.write();
+    }
+  }
+
+  fn write(&self) {
+    let outcome = self.outcome();
+    let isolate = outcome.isolate;
+    let wall = isolate.map_or_else(|| self.arrived.elapsed(), |usage| usage.wall);
+    let function = outcome.function.as_deref();
+    tracing::info!(
+      target: "outpost::access",
+      request_id = self.request_id,
+      function = function.unwrap_or(""),
+      host = self.host,
+      method = self.method,
+      path = self.path,
+      status = outcome.status,
+      wall_ms = wall.as_secs_f64() * 1e3,
+      cpu_ms = isolate.map(|u| u.cpu.as_secs_f64() * 1e3),
+      cold = outcome.cold,
+      bytes_in = self.bytes_in.load(Ordering::Relaxed),
+      bytes_out = isolate.map_or(0, |u| u.egress_bytes),
+      subrequests = isolate.map_or(0, |u| u.subrequests),
+      termination = outcome.error.as_deref(),
+      "access"
+    );
+    self.observers.metrics.record(&Completed {
+      function,
+      status: outcome.status,
+      error: outcome.error.as_deref(),
+      wall_seconds: wall.as_secs_f64(),
+      cpu_seconds: isolate.map(|u| u.cpu.as_secs_f64()),
+      cold: outcome.cold,
+    });
+    if let (Some(function), Some(usage)) = (function, isolate) {
+      let cost = RequestCost {
+        cpu: usage.cpu,
+        wall,
+        egress_bytes: usage.egress_bytes,
+        subrequests: u64::from(usage.subrequests),
+      };
+      self
+        .observers
+        .usage
+        .record(function, &cost, SystemTime::now());
+    }
+  }
+}

@@ -1,0 +1,163 @@
+//! Usage per function for billing: requests, CPU and wall time, egress bytes and
+//! subrequests, added up per minute and kept for a day. Read as JSON from the admin
+//! listener (`GET /usage?since=<unix seconds>`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// Minutes kept.
+const RETAINED_MINUTES: u64 = 24 * 60;
+
+/// One function's usage over a span of time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct UsageTotals {
+  pub requests: u64,
+  pub cpu_ms: f64,
+  pub wall_ms: f64,
+  pub egress_bytes: u64,
+  pub subrequests: u64,
+}
+
+/// What one request used.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestCost {
+  pub cpu: Duration,
+  pub wall: Duration,
+  pub egress_bytes: u64,
+  pub subrequests: u64,
+}
+
+impl UsageTotals {
+  fn add(&mut self, cost: &RequestCost) {
+    self.requests += 1;
+    self.cpu_ms += cost.cpu.as_secs_f64() * 1e3;
+    self.wall_ms += cost.wall.as_secs_f64() * 1e3;
+    self.egress_bytes += cost.egress_bytes;
+    self.subrequests += cost.subrequests;
+  }
+
+  fn merge(&mut self, other: &UsageTotals) {
+    self.requests += other.requests;
+    self.cpu_ms += other.cpu_ms;
+    self.wall_ms += other.wall_ms;
+    self.egress_bytes += other.egress_bytes;
+    self.subrequests += other.subrequests;
+  }
+}
+
+/// The answer to `GET /usage`.
+#[derive(Debug, Serialize)]
+pub struct UsageReport {
+  /// Unix seconds: the start of the first minute counted.
+  pub since: u64,
+  /// Unix seconds: now.
+  pub until: u64,
+  pub functions: BTreeMap<String, UsageTotals>,
+}
+
+/// Per-minute totals per function.
+#[derive(Default)]
+pub struct UsageLedger {
+  minutes: Mutex<VecDeque<(u64, BTreeMap<String, UsageTotals>)>>,
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+  time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl UsageLedger {
+  /// Adds one completed request of `function` at `at`.
+  pub fn record(&self, function: &str, cost: &RequestCost, at: SystemTime) {
+    let minute = unix_seconds(at) / 60;
+    let mut minutes = self.minutes.lock().expect("usage lock");
+    if minutes.back().is_none_or(|(last, _)| *last < minute) {
+      minutes.push_back((minute, BTreeMap::new()));
+    }
+    while minutes
+      .front()
+      .is_some_and(|(first, _)| first + RETAINED_MINUTES <= minute)
+    {
+      minutes.pop_front();
+    }
+    // A request that completes a little out of order lands in the newest minute not after it.
+    let slot = minutes
+      .iter_mut()
+      .rev()
+      .find(|(m, _)| *m <= minute)
+      .map(|(_, totals)| totals);
+    if let Some(totals) = slot {
+      totals.entry(function.to_string()).or_default().add(cost);
+    }
+  }
+
+  /// Totals per function from the minute containing `since` (unix seconds) until `now`.
+  /// Usage older than a day is gone: `since` is raised to the oldest minute kept.
+  pub fn since(&self, since: u64, now: SystemTime) -> UsageReport {
+    let minutes = self.minutes.lock().expect("usage lock");
+    let oldest_kept = (unix_seconds(now) / 60).saturating_sub(RETAINED_MINUTES - 1) * 60;
+    let since = (since / 60 * 60).max(oldest_kept);
+    let mut functions = BTreeMap::<String, UsageTotals>::new();
+    for (_, totals) in minutes.iter().filter(|(m, _)| m * 60 >= since) {
+      for (function, usage) in totals {
+        functions.entry(function.clone()).or_default().merge(usage);
+      }
+    }
+    UsageReport {
+      since,
+      until: unix_seconds(now),
+      functions,
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn cost(cpu_ms: u64) -> RequestCost {
+    RequestCost {
+      cpu: Duration::from_millis(cpu_ms),
+      wall: Duration::from_millis(cpu_ms * 2),
+      egress_bytes: 100,
+      subrequests: 1,
+    }
+  }
+
+  #[test]
+  fn totals_per_function_from_the_minute_of_since() {
+    let ledger = UsageLedger::default();
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    ledger.record("a", &cost(2), t0);
+    ledger.record("b", &cost(5), t0 + Duration::from_secs(10));
+    ledger.record("a", &cost(3), t0 + Duration::from_secs(120));
+    let now = t0 + Duration::from_secs(130);
+
+    let all = ledger.since(0, now);
+    assert_eq!(all.functions["a"].requests, 2);
+    assert_eq!(all.functions["a"].cpu_ms, 5.0);
+    assert_eq!(all.functions["a"].wall_ms, 10.0);
+    assert_eq!(all.functions["a"].egress_bytes, 200);
+    assert_eq!(all.functions["b"].subrequests, 1);
+
+    // From the minute of t0 + 120 s: only the later request of "a".
+    let later = ledger.since(unix_seconds(t0) + 125, now);
+    assert_eq!(later.since, (unix_seconds(t0) + 120) / 60 * 60);
+    assert_eq!(later.functions.len(), 1);
+    assert_eq!(later.functions["a"].cpu_ms, 3.0);
+  }
+
+  #[test]
+  fn a_day_is_kept() {
+    let ledger = UsageLedger::default();
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    ledger.record("old", &cost(1), t0);
+    let next_day = t0 + Duration::from_secs(RETAINED_MINUTES * 60);
+    ledger.record("new", &cost(1), next_day);
+    let report = ledger.since(0, next_day);
+    assert!(!report.functions.contains_key("old"), "{report:?}");
+    assert_eq!(report.functions["new"].requests, 1);
+  }
+}

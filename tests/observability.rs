@@ -1,0 +1,370 @@
+//! Access records, Prometheus metrics, usage records and health endpoints.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Outpost, functions_config, http1};
+
+const HANDLERS: &[(&str, &str)] = &[
+  (
+    "api.js",
+    r#"export default { async fetch(request) {
+      if (new URL(request.url).pathname.endsWith("/throw")) throw new Error("boom");
+      if (request.method === "POST") await request.arrayBuffer();
+      return new Response("api");
+    } };"#,
+  ),
+  (
+    "busy.js",
+    // A fixed amount of work (not a wall-clock spin, which a loaded machine preempts).
+    r#"export default { fetch() {
+      let x = 1;
+      for (let i = 0; i < 20_000_000; i++) x = (x * 31 + i) | 0;
+      return new Response(`busy ${x !== 0}`);
+    } };"#,
+  ),
+];
+
+fn start(log: &str) -> Outpost {
+  Outpost::start(
+    &functions_config(
+      &format!("[admin]\naddress = \"127.0.0.1:0\"\n{log}"),
+      &[
+        ("api", "api.js", r#"routes = ["api.test/"]"#),
+        (
+          "busy",
+          "busy.js",
+          r#"routes = ["busy.test/"]
+limits = { cpu_ms = 2000 }"#,
+        ),
+      ],
+    ),
+    HANDLERS,
+  )
+}
+
+async fn get(outpost: &Outpost, host: &str, path: &str) -> reqwest::Response {
+  http1()
+    .get(outpost.url(path))
+    .header("host", host)
+    .send()
+    .await
+    .unwrap()
+}
+
+async fn admin_get(outpost: &Outpost, path: &str) -> reqwest::Response {
+  http1()
+    .get(format!("http://{}{path}", outpost.admin.unwrap()))
+    .send()
+    .await
+    .unwrap()
+}
+
+/// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
+async fn scrape(outpost: &Outpost) -> prometheus_parse::Scrape {
+  let response = admin_get(outpost, "/metrics").await;
+  assert_eq!(response.status(), 200);
+  let content_type = response.headers()["content-type"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  assert!(
+    content_type.starts_with("text/plain; version=0.0.4"),
+    "{content_type}"
+  );
+  let text = response.text().await.unwrap();
+  let lines = text.lines().map(|l| Ok(l.to_string()));
+  prometheus_parse::Scrape::parse(lines).unwrap_or_else(|err| panic!("{err}:\n{text}"))
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+  scrape
+    .samples
+    .iter()
+    .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+    .map(|s| match s.value {
+      prometheus_parse::Value::Counter(v)
+      | prometheus_parse::Value::Gauge(v)
+      | prometheus_parse::Value::Untyped(v) => v,
+      prometheus_parse::Value::Histogram(ref buckets) => buckets.last().map_or(0.0, |b| b.count),
+      prometheus_parse::Value::Summary(_) => f64::NAN,
+    })
+}
+
+/// Scrapes until `ready` holds: requests are counted once their isolate has charged them,
+/// just after the response arrives.
+async fn scrape_until(
+  outpost: &Outpost,
+  ready: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+  let deadline = Instant::now() + Duration::from_secs(10);
+  loop {
+    let scrape = scrape(outpost).await;
+    if ready(&scrape) || Instant::now() > deadline {
+      return scrape;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+  }
+}
+
+#[tokio::test]
+async fn metrics_parse_and_count_the_requests_sent() {
+  let outpost = start("");
+  for i in 0..7 {
+    let response = get(&outpost, "api.test", &format!("/item/{i}")).await;
+    assert_eq!(response.status(), 200);
+  }
+  assert_eq!(get(&outpost, "api.test", "/throw").await.status(), 500);
+  assert_eq!(get(&outpost, "nowhere.test", "/").await.status(), 404);
+  assert_eq!(get(&outpost, "nowhere.test", "/x").await.status(), 404);
+  assert_eq!(get(&outpost, "busy.test", "/").await.status(), 200);
+
+  let ok = [
+    ("function", "api"),
+    ("outcome", "ok"),
+    ("status_class", "2xx"),
+  ];
+  let scrape = scrape_until(&outpost, |s| {
+    value(s, "outpost_invocations_total", &ok) == Some(7.0)
+      && value(
+        s,
+        "outpost_request_cpu_seconds_count",
+        &[("function", "busy")],
+      ) == Some(1.0)
+  })
+  .await;
+  let v = |name: &str, labels: &[(&str, &str)]| value(&scrape, name, labels);
+  assert_eq!(v("outpost_invocations_total", &ok), Some(7.0));
+  assert_eq!(
+    v(
+      "outpost_invocations_total",
+      &[
+        ("function", "api"),
+        ("outcome", "handler-error"),
+        ("status_class", "5xx")
+      ]
+    ),
+    Some(1.0)
+  );
+  assert_eq!(
+    v(
+      "outpost_errors_total",
+      &[("function", ""), ("kind", "no-route")]
+    ),
+    Some(2.0)
+  );
+  assert_eq!(
+    v(
+      "outpost_errors_total",
+      &[("function", "api"), ("kind", "handler-error")]
+    ),
+    Some(1.0)
+  );
+  assert_eq!(
+    v(
+      "outpost_request_duration_seconds_count",
+      &[("function", "api")]
+    ),
+    Some(8.0)
+  );
+  // The busy handler's loop takes milliseconds of CPU.
+  let busy_cpu = v("outpost_request_cpu_seconds_sum", &[("function", "busy")]).unwrap();
+  assert!(busy_cpu >= 0.003, "busy CPU {busy_cpu}");
+  // Every request reached an isolate: one per isolate was its first.
+  let cold = v(
+    "outpost_isolate_requests_total",
+    &[("function", "api"), ("start", "cold")],
+  );
+  let warm = v(
+    "outpost_isolate_requests_total",
+    &[("function", "api"), ("start", "warm")],
+  );
+  assert_eq!(cold.unwrap_or(0.0) + warm.unwrap_or(0.0), 8.0);
+  assert!(cold.unwrap_or(0.0) >= 1.0);
+  assert_eq!(
+    v(
+      "outpost_isolates",
+      &[("function", "api"), ("state", "idle")]
+    ),
+    Some(1.0)
+  );
+  assert_eq!(v("outpost_requests_in_flight", &[]), Some(0.0));
+  assert_eq!(v("outpost_queue_depth", &[]), Some(0.0));
+  assert!(
+    v(
+      "outpost_build_info",
+      &[("version", env!("CARGO_PKG_VERSION"))]
+    )
+    .is_some()
+  );
+  // Bounded labels: nothing per path or client.
+  for sample in &scrape.samples {
+    for (key, label) in sample.labels.iter() {
+      assert!(
+        !label.contains('/') && !label.contains("127.0.0.1") && key != "path",
+        "label {key}={label} on {}",
+        sample.metric
+      );
+    }
+  }
+}
+
+#[tokio::test]
+async fn access_records_are_json_lines_with_request_ids() {
+  let outpost = start("[log]\nformat = \"json\"\n");
+  let response = http1()
+    .post(outpost.url("/echo?q=1"))
+    .header("host", "api.test")
+    .body("0123456789")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 200);
+  let request_id = response.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  // Written once the request is complete, just after the response.
+  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
+  let logs = outpost.wait_for_log(&needle);
+  let line = logs
+    .lines()
+    .find(|l| l.contains(&needle) && l.contains("\"target\":\"outpost::access\""))
+    .unwrap_or_else(|| panic!("no access record for {request_id}:\n{logs}"));
+  let record: serde_json::Value = serde_json::from_str(line).unwrap();
+  assert!(record["timestamp"].is_string(), "{record}");
+  assert_eq!(record["level"], "INFO");
+  assert_eq!(record["function"], "api");
+  assert_eq!(record["host"], "api.test");
+  assert_eq!(record["method"], "POST");
+  assert_eq!(record["path"], "/echo");
+  assert_eq!(record["status"], 200);
+  assert_eq!(record["bytes_in"], 10);
+  assert_eq!(record["bytes_out"], 3);
+  assert_eq!(record["cold"], true);
+  assert!(record["wall_ms"].as_f64().unwrap() > 0.0, "{record}");
+  assert!(record["cpu_ms"].as_f64().unwrap() > 0.0, "{record}");
+  assert!(record.get("termination").is_none(), "{record}");
+
+  // A request no function answers has a record too, with why.
+  let response = get(&outpost, "nowhere.test", "/").await;
+  let request_id = response.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
+  let logs = outpost.wait_for_log(&needle);
+  let line = logs.lines().find(|l| l.contains(&needle)).unwrap();
+  let record: serde_json::Value = serde_json::from_str(line).unwrap();
+  assert_eq!(record["status"], 404);
+  assert_eq!(record["termination"], "no-route");
+  assert_eq!(record["function"], "");
+}
+
+#[tokio::test]
+async fn usage_attributes_requests_and_cpu_to_each_function() {
+  let outpost = start("");
+  let started = std::time::SystemTime::now()
+    .duration_since(std::time::UNIX_EPOCH)
+    .unwrap()
+    .as_secs();
+  for _ in 0..3 {
+    assert_eq!(get(&outpost, "api.test", "/").await.status(), 200);
+  }
+  for _ in 0..2 {
+    assert_eq!(get(&outpost, "busy.test", "/").await.status(), 200);
+  }
+  let deadline = Instant::now() + Duration::from_secs(10);
+  let usage = loop {
+    let usage: serde_json::Value = admin_get(&outpost, &format!("/usage?since={started}"))
+      .await
+      .json()
+      .await
+      .unwrap();
+    if usage["functions"]["busy"]["requests"] == 2 || Instant::now() > deadline {
+      break usage;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+  };
+  let api = &usage["functions"]["api"];
+  let busy = &usage["functions"]["busy"];
+  assert_eq!(api["requests"], 3, "{usage}");
+  assert_eq!(busy["requests"], 2, "{usage}");
+  assert_eq!(api["egress_bytes"], 9, "{usage}");
+  let busy_cpu = busy["cpu_ms"].as_f64().unwrap();
+  assert!(busy_cpu >= 6.0, "two loops of milliseconds each: {usage}");
+  assert!(api["cpu_ms"].as_f64().unwrap() < busy_cpu, "{usage}");
+  assert!(
+    busy["wall_ms"].as_f64().unwrap() >= busy_cpu * 0.9,
+    "{usage}"
+  );
+  assert!(usage["since"].as_u64().unwrap() <= started, "{usage}");
+
+  // A time after these requests has none of them.
+  let later: serde_json::Value = admin_get(&outpost, &format!("/usage?since={}", started + 120))
+    .await
+    .json()
+    .await
+    .unwrap();
+  assert_eq!(later["functions"], serde_json::json!({}), "{later}");
+  let bad = admin_get(&outpost, "/usage?since=yesterday").await;
+  assert_eq!(bad.status(), 400);
+  assert!(bad.text().await.unwrap().contains("unix seconds"));
+}
+
+#[tokio::test]
+async fn readyz_turns_unready_while_draining_and_healthz_needs_no_token() {
+  let mut outpost = Outpost::start(
+    &functions_config(
+      "[admin]\naddress = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n[server]\nshutdown_grace_s = 10\n",
+      &[("slow", "slow.js", r#"routes = ["/"]"#)],
+    ),
+    &[(
+      "slow.js",
+      "export default { async fetch() { await new Promise((r) => setTimeout(r, 1500)); return new Response('done'); } };",
+    )],
+  );
+  for path in ["/healthz", "/readyz"] {
+    assert_eq!(admin_get(&outpost, path).await.status(), 200, "{path}");
+  }
+  assert_eq!(admin_get(&outpost, "/metrics").await.status(), 401);
+
+  let slow = tokio::spawn(http1().get(outpost.url("/")).send());
+  // Wait until the isolate has the request.
+  let deadline = Instant::now() + Duration::from_secs(10);
+  loop {
+    let metrics = http1()
+      .get(format!("http://{}/metrics", outpost.admin.unwrap()))
+      .bearer_auth("s3cret")
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap();
+    if metrics.contains("outpost_requests_in_flight 1") {
+      break;
+    }
+    assert!(
+      Instant::now() < deadline,
+      "the request never reached the isolate:\n{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+  }
+  outpost.signal("TERM");
+  let deadline = Instant::now() + Duration::from_secs(5);
+  let readyz = loop {
+    let response = admin_get(&outpost, "/readyz").await;
+    if response.status() == 503 || Instant::now() > deadline {
+      break response;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+  };
+  assert_eq!(readyz.status(), 503);
+  assert!(readyz.text().await.unwrap().contains("draining"));
+  assert_eq!(admin_get(&outpost, "/healthz").await.status(), 200);
+  let response = slow.await.unwrap().unwrap();
+  assert_eq!(response.status(), 200);
+  assert_eq!(response.text().await.unwrap(), "done");
+  assert!(outpost.wait_exit(Duration::from_secs(10)).success());
+}
