@@ -119,6 +119,7 @@ fn benches(c: &mut Criterion) {
       reply,
       usage: Arc::new(RequestUsage::new("bench".into())),
       cf: Vec::new(),
+      trace: None,
     };
     tokio.block_on(async {
       sender.send(request).await.unwrap();

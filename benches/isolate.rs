@@ -72,6 +72,7 @@ async fn first_request(
       reply,
       usage: Arc::new(RequestUsage::new("bench".into())),
       cf: Vec::new(),
+      trace: None,
     })
     .await
     .unwrap();

@@ -10,6 +10,7 @@ import { core, internals, primordials } from "ext:core/mod.js";
 import { op_bootstrap_console } from "ext:core/ops";
 import {
   claimSubrequest,
+  currentTrace,
   fail,
   isResponse,
   newRequestScope,
@@ -282,13 +283,31 @@ function isEgressDenial(error) {
 }
 
 /**
- * fetch(), counted against the request it is made for (limits.max_subrequests), whose
- * egress denials are TypeErrors that say what was refused and why.
+ * fetch(), counted against the request it is made for (limits.max_subrequests), carrying
+ * that request's trace context (W3C traceparent/tracestate, unless the handler set them),
+ * and whose egress denials are TypeErrors that say what was refused and why.
  */
 function fetch(input, init = undefined) {
   const refused = claimSubrequest();
   if (refused !== null) return PromiseReject(refused);
-  return PromisePrototypeThen(fetchMod.fetch(input, init), undefined, (error) => {
+  const trace = currentTrace();
+  let outbound = input;
+  if (trace !== null) {
+    try {
+      outbound = new request.Request(input, init);
+    } catch (error) {
+      return PromiseReject(error);
+    }
+    const headers = outbound.headers;
+    if (!headers.has("traceparent")) {
+      headers.set("traceparent", trace.traceparent);
+      if (trace.tracestate && !headers.has("tracestate")) {
+        headers.set("tracestate", trace.tracestate);
+      }
+    }
+    init = undefined;
+  }
+  return PromisePrototypeThen(fetchMod.fetch(outbound, init), undefined, (error) => {
     if (!isEgressDenial(error)) throw error;
     const target = typeof input === "string"
       ? input
@@ -394,7 +413,10 @@ async function callHandler(handler, request, env, ctx) {
 async function handleRequest(next, handler, env, pending, maxSubrequests) {
   const id = next.id;
   // The handler, and the stream of its response, run as this request's work.
-  const scope = newRequestScope(id, maxSubrequests);
+  const trace = next.traceparent
+    ? { traceparent: next.traceparent, tracestate: next.tracestate ?? null }
+    : null;
+  const scope = newRequestScope(id, maxSubrequests, trace);
   let result;
   try {
     const request = toRequest(next);

@@ -176,3 +176,99 @@ export default {
   assert!(field("wall_us") >= field("cpu_us"), "{record}");
   assert!(field("heap_peak_bytes") > 1_000_000, "{record}");
 }
+
+/// W3C trace context reaches upstreams: continued from the client's `traceparent` (with a
+/// new parent id: Outpost's hop), or started when there is none or it is invalid; a
+/// `traceparent` the handler sets itself is kept.
+#[tokio::test]
+async fn traceparent_reaches_the_upstream() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[egress]\nallow_private = true",
+      &[("tracer", "tracer.js", "routes = [\"/\"]")],
+    ),
+    &[(
+      "tracer.js",
+      r#"
+export default {
+  async fetch(request) {
+    const url = new URL(request.url);
+    if (url.pathname === "/upstream") {
+      return Response.json({
+        traceparent: request.headers.get("traceparent"),
+        tracestate: request.headers.get("tracestate"),
+      });
+    }
+    const upstream = `http://127.0.0.1:${url.port}/upstream`;
+    const init = url.searchParams.has("own")
+      ? { headers: { traceparent: "00-11111111111111111111111111111111-2222222222222222-00" } }
+      : undefined;
+    return fetch(upstream, init);
+  },
+};
+"#,
+    )],
+  );
+  let call = |traceparent: Option<&'static str>, query: &'static str| {
+    let mut request = http1().get(outpost.url(&format!("/call{query}")));
+    if let Some(traceparent) = traceparent {
+      request = request
+        .header("traceparent", traceparent)
+        .header("tracestate", "congo=t61rcWkgMzE");
+    }
+    async move {
+      let response = request.send().await.unwrap();
+      assert_eq!(response.status(), 200);
+      let request_id = response.headers()["outpost-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+      let seen: serde_json::Value = response.json().await.unwrap();
+      (seen, request_id)
+    }
+  };
+  let fields = |seen: &serde_json::Value| -> Vec<String> {
+    seen["traceparent"]
+      .as_str()
+      .unwrap()
+      .split('-')
+      .map(str::to_string)
+      .collect()
+  };
+
+  // Continued: same trace id and flags, Outpost's own parent id, the tracestate passed on.
+  let (seen, _) = call(
+    Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    "",
+  )
+  .await;
+  let upstream = fields(&seen);
+  assert_eq!(upstream[0], "00");
+  assert_eq!(upstream[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+  assert_ne!(upstream[2], "00f067aa0ba902b7");
+  assert_eq!(upstream[2].len(), 16);
+  assert_eq!(upstream[3], "01");
+  assert_eq!(seen["tracestate"], "congo=t61rcWkgMzE");
+
+  // Started: a fresh trace, which the access record names.
+  for traceparent in [
+    None,
+    Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+  ] {
+    let (seen, request_id) = call(traceparent, "").await;
+    let upstream = fields(&seen);
+    assert_eq!(upstream[1].len(), 32, "{seen}");
+    assert_ne!(upstream[1], "0".repeat(32));
+    assert_eq!(seen["tracestate"], serde_json::Value::Null, "{seen}");
+    let named = format!("trace_id=\"{}\"", upstream[1]);
+    let logs = outpost.wait_for_log(&format!("request_id=\"{request_id}\" {named}"));
+    assert!(logs.contains("outpost::access"), "{logs}");
+  }
+
+  // The handler's own header wins.
+  let (seen, _) = call(None, "?own").await;
+  assert_eq!(
+    seen["traceparent"],
+    "00-11111111111111111111111111111111-2222222222222222-00"
+  );
+}

@@ -45,9 +45,17 @@ const {
  */
 const currentRequest = new core.AsyncVariable();
 
-/** What is counted against one request while its handler runs. */
-function newRequestScope(id, maxSubrequests) {
-  return { id, subrequests: 0, maxSubrequests };
+/**
+ * What is counted against one request while its handler runs, and the trace headers its
+ * fetch() calls carry ({ traceparent, tracestate } or null).
+ */
+function newRequestScope(id, maxSubrequests, trace) {
+  return { id, subrequests: 0, maxSubrequests, trace };
+}
+
+/** The trace headers of the request running code works for, or null. */
+function currentTrace() {
+  return currentRequest.get()?.trace ?? null;
 }
 
 /** Calls `fn` as work of the request `scope` belongs to; returns what it returns. */
@@ -174,6 +182,7 @@ function fail(id, notAResponse, detail) {
 
 export {
   claimSubrequest,
+  currentTrace,
   fail,
   isResponse,
   newRequestScope,

@@ -30,6 +30,7 @@ struct IsolateUsage {
 #[derive(Debug, Default)]
 struct Outcome {
   function: Option<String>,
+  trace_id: Option<String>,
   status: u16,
   /// The `outpost-error` / `outpost-termination` value of a response Outpost made.
   error: Option<String>,
@@ -88,6 +89,11 @@ impl AccessRecord {
     self.outcome().function = Some(function.to_string());
   }
 
+  /// The W3C trace id the request belongs to.
+  pub fn set_trace_id(&self, trace_id: String) {
+    self.outcome().trace_id = Some(trace_id);
+  }
+
   /// Whether the request was its isolate's first.
   pub fn set_cold(&self, cold: bool) {
     self.outcome().cold = Some(cold);
@@ -135,6 +141,7 @@ impl AccessRecord {
     tracing::info!(
       target: "outpost::access",
       request_id = self.request_id,
+      trace_id = outcome.trace_id.as_deref(),
       function = function.unwrap_or(""),
       host = self.host,
       method = self.method,

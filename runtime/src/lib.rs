@@ -27,6 +27,7 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod tls;
+pub mod trace_context;
 pub mod usage_ledger;
 
 /// Initialises V8 once per process, on the calling thread. Call it from the main thread

@@ -25,6 +25,7 @@ use crate::access_log::AccessRecord;
 use crate::compression;
 use crate::edge_cache::{Lookup, SharedCache, Store as CacheStore};
 use crate::server::{ConnectionActivity, FunctionCall, NodeState, call_function, outpost_error};
+use crate::trace_context::TraceContext;
 
 /// Response header saying how route caching answered.
 pub const CACHE_HEADER: &str = "outpost-cache";
@@ -112,8 +113,11 @@ fn revalidate(
     uri.as_ref().map_or("/", |u| u.path()),
   );
   access.set_function(state.function_name(call.function));
+  let trace = TraceContext::from_headers(&headers);
+  access.set_trace_id(trace.trace_id_hex());
   let refresh = FunctionCall {
     function: call.function,
+    trace,
     encoding: None,
     method: Method::GET,
     url: call.url.clone(),

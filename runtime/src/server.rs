@@ -22,7 +22,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use outpost_ext_dispatch::{Body, BoxError, DispatchRequest, FailureKind, RequestUsage, full_body};
+use outpost_ext_dispatch::{
+  Body, BoxError, DispatchRequest, FailureKind, OutboundTrace, RequestUsage, full_body,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_rustls::TlsAcceptor;
@@ -47,6 +49,7 @@ use crate::proxy_protocol;
 use crate::route_cache;
 use crate::router::Router;
 use crate::tls;
+use crate::trace_context::TraceContext;
 use crate::usage_ledger::UsageLedger;
 
 /// Response header naming the request id on every response.
@@ -701,8 +704,11 @@ async fn dispatch(
     };
     Some(limited.boxed_unsync())
   };
+  let trace = TraceContext::from_headers(&headers);
+  access.set_trace_id(trace.trace_id_hex());
   let call = FunctionCall {
     function,
+    trace,
     encoding: compression::negotiate(&headers),
     method: parts.method,
     url,
@@ -725,6 +731,8 @@ async fn dispatch(
 pub(crate) struct FunctionCall {
   /// Index into the node's functions.
   pub(crate) function: usize,
+  /// Where the request is in its trace; outbound fetches continue it.
+  pub(crate) trace: TraceContext,
   /// How the response may be compressed for this client.
   pub(crate) encoding: Option<compression::Encoding>,
   pub(crate) method: Method,
@@ -766,6 +774,7 @@ pub(crate) async fn call_function(
 ) -> Response<Body> {
   let FunctionCall {
     function,
+    trace,
     encoding,
     method,
     url,
@@ -820,6 +829,10 @@ pub(crate) async fn call_function(
     reply,
     usage: usage.usage.clone(),
     cf,
+    trace: Some(OutboundTrace {
+      traceparent: trace.outbound_traceparent(),
+      tracestate: trace.tracestate,
+    }),
   });
   let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
     Err(_) => return wall_time_exceeded(pool.name(), limits.wall),

@@ -53,6 +53,15 @@ pub struct DispatchRequest {
   pub usage: Arc<RequestUsage>,
   /// What is known of the client, as `request.cf` fields (Workers names).
   pub cf: Vec<(&'static str, String)>,
+  /// Trace context for the handler's outbound `fetch()` calls.
+  pub trace: Option<OutboundTrace>,
+}
+
+/// The W3C trace headers every `fetch()` of a request carries unless the handler sets them.
+#[derive(Debug, Clone)]
+pub struct OutboundTrace {
+  pub traceparent: String,
+  pub tracestate: Option<String>,
 }
 
 /// What the isolate answers for one request.
@@ -314,6 +323,8 @@ pub struct NextRequest {
   headers: Vec<(ByteString, ByteString)>,
   body_rid: Option<u32>,
   cf: Vec<(String, String)>,
+  traceparent: Option<String>,
+  tracestate: Option<String>,
 }
 
 /// Waits for the next request. Resolves to `null` once the pool closes the channel, which
@@ -367,6 +378,8 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
       .into_iter()
       .map(|(name, value)| (name.to_string(), value))
       .collect(),
+    traceparent: request.trace.as_ref().map(|t| t.traceparent.clone()),
+    tracestate: request.trace.and_then(|t| t.tracestate),
   })
 }
 
