@@ -92,6 +92,7 @@ fn benches(c: &mut Criterion) {
       memory: HEAP,
       ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
     },
+    console_bytes: 64 * 1024,
   };
   let (sender, receiver) = mpsc::channel(8);
   let mut isolate = BlankIsolate::new(Some(receiver), HEAP, None).unwrap();

@@ -42,6 +42,7 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
       memory: HEAP,
       ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
     },
+    console_bytes: 64 * 1024,
   }
 }
 

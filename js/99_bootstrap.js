@@ -4,13 +4,14 @@
 // and deno_crypto, install the WinterTC global scope, and publish the two entry points Rust
 // calls on every new isolate through globalThis.__outpost:
 //   bootstrap()            hides the Deno internals before any tenant code runs;
-//   serve(namespace, env, maxSubrequests)  finds the handler and starts the request loop.
+//   serve(namespace, env, maxSubrequests, consoleCap)  finds the handler and starts the
+//                          request loop.
 
 import { core, internals, primordials } from "ext:core/mod.js";
 import { op_bootstrap_console } from "ext:core/ops";
 import {
   claimSubrequest,
-  currentTrace,
+  currentScope,
   fail,
   isResponse,
   newRequestScope,
@@ -34,6 +35,7 @@ const {
   SafeSet,
   SetPrototypeAdd,
   SetPrototypeDelete,
+  StringPrototypeCharCodeAt,
   StringPrototypeIncludes,
   Symbol,
   TypeError,
@@ -160,9 +162,45 @@ class ServiceWorkerGlobalScope extends EventTarget {
 
 const navigator = ObjectFreeze({ userAgent: "Outpost/0.1" });
 
-const console = new consoleMod.Console((message, level) =>
-  op_bootstrap_console(level, message)
-);
+/** UTF-8 length of a string, without encoding it. */
+function utf8Length(text) {
+  let length = 0;
+  for (let i = 0; i < text.length; i++) {
+    const unit = StringPrototypeCharCodeAt(text, i);
+    if (unit < 0x80) length += 1;
+    else if (unit < 0x800) length += 2;
+    else if (unit >= 0xd800 && unit < 0xdc00 && i + 1 < text.length) {
+      length += 4;
+      i++;
+    } else length += 3;
+  }
+  return length;
+}
+
+/**
+ * Handler console output goes to the server log with the function and, inside a request,
+ * the request id. A request may write `log.console_bytes_per_request` bytes; past that its
+ * output is dropped, with one warning saying so.
+ */
+const console = new consoleMod.Console((message, level) => {
+  const scope = currentScope();
+  if (scope === undefined) {
+    op_bootstrap_console(level, "", message);
+    return;
+  }
+  if (scope.consoleBytes > scope.consoleCap) return;
+  scope.consoleBytes += utf8Length(message);
+  if (scope.consoleBytes <= scope.consoleCap) {
+    op_bootstrap_console(level, scope.requestId, message);
+    return;
+  }
+  op_bootstrap_console(
+    2,
+    scope.requestId,
+    `console output of this request stopped at ${scope.consoleCap} bytes ` +
+      "(log.console_bytes_per_request); the rest is dropped",
+  );
+});
 
 const cls = core.propNonEnumerable;
 const fn = core.propWritable;
@@ -290,7 +328,7 @@ function isEgressDenial(error) {
 function fetch(input, init = undefined) {
   const refused = claimSubrequest();
   if (refused !== null) return PromiseReject(refused);
-  const trace = currentTrace();
+  const trace = currentScope()?.trace ?? null;
   let outbound = input;
   if (trace !== null) {
     try {
@@ -410,13 +448,14 @@ async function callHandler(handler, request, env, ctx) {
   return await fetchEvent[kResponse];
 }
 
-async function handleRequest(next, handler, env, pending, maxSubrequests) {
+async function handleRequest(next, handler, env, pending, { maxSubrequests, consoleCap }) {
   const id = next.id;
   // The handler, and the stream of its response, run as this request's work.
   const trace = next.traceparent
     ? { traceparent: next.traceparent, tracestate: next.tracestate ?? null }
     : null;
-  const scope = newRequestScope(id, maxSubrequests, trace);
+  const scope = newRequestScope(id, next.requestId, maxSubrequests, trace);
+  scope.consoleCap = consoleCap;
   let result;
   try {
     const request = toRequest(next);
@@ -453,11 +492,12 @@ function bootstrap() {
 }
 
 /**
- * Starts serving with the handler module's namespace. Throws when the module has no
+ * Starts serving with the handler module's namespace; each request may make
+ * `maxSubrequests` fetch() calls and write `consoleCap` bytes of console output. Throws when the module has no
  * handler. Returns a promise that settles once the request channel is closed and all
  * waitUntil() work has finished.
  */
-function serve(namespace, env, maxSubrequests) {
+function serve(namespace, env, maxSubrequests, consoleCap) {
   const handler = findHandler(namespace);
   ObjectFreeze(env);
   const pending = new SafeSet();
@@ -465,7 +505,7 @@ function serve(namespace, env, maxSubrequests) {
     while (true) {
       const next = await nextRequest();
       if (next === null) break;
-      handleRequest(next, handler, env, pending, maxSubrequests);
+      handleRequest(next, handler, env, pending, { maxSubrequests, consoleCap });
     }
     for (const promise of pending) {
       try {

@@ -66,17 +66,24 @@ deno_core::extension!(
 );
 
 /// Writes one line of a handler's console output to the server log, tagged with the
-/// function's name. Levels follow deno's Console: 0 debug, 1 log/info, 2 warn, 3 error.
+/// function's name and the request id (empty outside a request). Levels follow deno's
+/// Console: 0 debug, 1 log/info, 2 warn, 3 error.
 #[op2(fast)]
-fn op_bootstrap_console(state: &mut OpState, #[smi] level: u32, #[string] message: &str) {
+fn op_bootstrap_console(
+  state: &mut OpState,
+  #[smi] level: u32,
+  #[string] request_id: &str,
+  #[string] message: &str,
+) {
   let function = state
     .try_borrow::<FunctionName>()
     .map_or("<blank>", |f| f.0.as_str());
+  let request_id = (!request_id.is_empty()).then_some(request_id);
   let message = message.strip_suffix('\n').unwrap_or(message);
   match level {
-    0 => tracing::debug!(target: "outpost::console", function, "{message}"),
-    1 => tracing::info!(target: "outpost::console", function, "{message}"),
-    2 => tracing::warn!(target: "outpost::console", function, "{message}"),
-    _ => tracing::error!(target: "outpost::console", function, "{message}"),
+    0 => tracing::debug!(target: "outpost::console", function, request_id, "{message}"),
+    1 => tracing::info!(target: "outpost::console", function, request_id, "{message}"),
+    2 => tracing::warn!(target: "outpost::console", function, request_id, "{message}"),
+    _ => tracing::error!(target: "outpost::console", function, request_id, "{message}"),
   }
 }

@@ -368,3 +368,74 @@ async fn readyz_turns_unready_while_draining_and_healthz_needs_no_token() {
   assert_eq!(response.text().await.unwrap(), "done");
   assert!(outpost.wait_exit(Duration::from_secs(10)).success());
 }
+
+#[tokio::test]
+async fn console_output_carries_the_request_id_and_is_capped_per_request() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[log]\nconsole_bytes_per_request = 100\n",
+      &[("chatty", "chatty.js", r#"routes = ["/"]"#)],
+    ),
+    &[(
+      "chatty.js",
+      r#"
+console.log("loaded at top level");
+export default {
+  fetch(request) {
+    const tag = new URL(request.url).searchParams.get("tag");
+    // 30 bytes and a newline per line: three fit in 100 bytes, the fourth does not.
+    for (let i = 0; i < 10; i++) console.log(`${tag} line ${i} `.padEnd(30, "."));
+    return new Response("chatted");
+  },
+};
+"#,
+    )],
+  );
+  let mut ids = Vec::new();
+  for tag in ["first", "second"] {
+    let response = http1()
+      .get(outpost.url(&format!("/?tag={tag}")))
+      .send()
+      .await
+      .unwrap();
+    ids.push(
+      response.headers()["outpost-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string(),
+    );
+  }
+  // The access record comes after all of the request's console output.
+  let logs = outpost.wait_for_log(&format!("access request_id=\"{}\"", ids[1]));
+  let console: Vec<&str> = logs
+    .lines()
+    .filter(|l| l.contains("outpost::console"))
+    .collect();
+  assert!(
+    console
+      .iter()
+      .any(|l| l.contains("loaded at top level") && !l.contains("request_id")),
+    "{logs}"
+  );
+  for (tag, id) in ["first", "second"].iter().zip(&ids) {
+    let mine: Vec<&&str> = console
+      .iter()
+      .filter(|l| l.contains(&format!("request_id=\"{id}\"")))
+      .collect();
+    for i in 0..3 {
+      let line = format!("{tag} line {i} ");
+      assert!(
+        mine
+          .iter()
+          .any(|l| l.contains(&line) && l.contains("function=\"chatty\"")),
+        "{line:?} missing:\n{logs}"
+      );
+    }
+    assert!(!logs.contains(&format!("{tag} line 3 ")), "{logs}");
+    let notices = mine
+      .iter()
+      .filter(|l| l.contains("stopped at 100 bytes"))
+      .count();
+    assert_eq!(notices, 1, "{logs}");
+  }
+}

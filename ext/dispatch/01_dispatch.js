@@ -46,16 +46,17 @@ const {
 const currentRequest = new core.AsyncVariable();
 
 /**
- * What is counted against one request while its handler runs, and the trace headers its
- * fetch() calls carry ({ traceparent, tracestate } or null).
+ * What is counted against one request while its handler runs (subrequests, console bytes),
+ * its request id, and the trace headers its fetch() calls carry ({ traceparent, tracestate }
+ * or null).
  */
-function newRequestScope(id, maxSubrequests, trace) {
-  return { id, subrequests: 0, maxSubrequests, trace };
+function newRequestScope(id, requestId, maxSubrequests, trace) {
+  return { id, requestId, subrequests: 0, maxSubrequests, trace, consoleBytes: 0 };
 }
 
-/** The trace headers of the request running code works for, or null. */
-function currentTrace() {
-  return currentRequest.get()?.trace ?? null;
+/** The scope of the request running code works for, or undefined outside any request. */
+function currentScope() {
+  return currentRequest.get();
 }
 
 /** Calls `fn` as work of the request `scope` belongs to; returns what it returns. */
@@ -182,7 +183,7 @@ function fail(id, notAResponse, detail) {
 
 export {
   claimSubrequest,
-  currentTrace,
+  currentScope,
   fail,
   isResponse,
   newRequestScope,

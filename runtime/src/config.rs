@@ -54,6 +54,8 @@ pub struct LogConfig {
   pub level: String,
   /// `"text"` (human-readable, to stderr) or `"json"` (one object per line, to stdout).
   pub format: LogFormat,
+  /// Console output (UTF-8 bytes) one request may write; the rest is dropped.
+  pub console_bytes_per_request: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -68,6 +70,7 @@ impl Default for LogConfig {
     LogConfig {
       level: "info".into(),
       format: LogFormat::Text,
+      console_bytes_per_request: 64 * 1024,
     }
   }
 }

@@ -40,6 +40,8 @@ pub struct FunctionSpec {
   pub egress: Arc<EgressPolicy>,
   /// CPU (see `crate::cpu`) and heap (see `crate::memory`) limits among them.
   pub limits: Limits,
+  /// Console output one request may write (`log.console_bytes_per_request`).
+  pub console_bytes: usize,
 }
 
 impl FunctionSpec {
@@ -50,6 +52,7 @@ impl FunctionSpec {
       env: Arc::new(config.handler_env(function)),
       egress: Arc::new(config.egress_policy(function)),
       limits: function.limits,
+      console_bytes: config.log.console_bytes_per_request,
     }
   }
 }
@@ -447,7 +450,7 @@ pub struct BlankIsolate {
   pub runtime: JsRuntime,
   heap: Arc<HeapGuard>,
   loader: Rc<FunctionModuleLoader>,
-  /// `serve(namespace, env, maxSubrequests)` from the bootstrap JS.
+  /// `serve(namespace, env, maxSubrequests, consoleCap)` from the bootstrap JS.
   serve: v8::Global<v8::Function>,
 }
 
@@ -531,10 +534,12 @@ impl BlankIsolate {
       let env = deno_core::serde_v8::to_v8(scope, spec.env.as_ref())
         .map_err(|err| Error::IsolateCreate(format!("env: {err}")))?;
       let max_subrequests = v8::Integer::new_from_unsigned(scope, spec.limits.max_subrequests);
+      let console_bytes = v8::Number::new(scope, spec.console_bytes as f64);
       [
         v8::Global::new(scope, namespace),
         v8::Global::new(scope, env),
         v8::Global::new(scope, v8::Local::<v8::Value>::from(max_subrequests)),
+        v8::Global::new(scope, v8::Local::<v8::Value>::from(console_bytes)),
       ]
     };
     let mut serving = Box::pin(runtime.call_with_args(&self.serve, &arguments));

@@ -179,6 +179,11 @@ impl RequestUsage {
     }
   }
 
+  /// The id of the request (the `outpost-request-id` response header).
+  pub fn request_id(&self) -> &str {
+    &self.request_id
+  }
+
   /// Usage that calls `hook` with itself once complete.
   pub fn with_completion(request_id: String, hook: CompletionHook) -> RequestUsage {
     let usage = RequestUsage::new(request_id);
@@ -323,6 +328,7 @@ pub struct NextRequest {
   headers: Vec<(ByteString, ByteString)>,
   body_rid: Option<u32>,
   cf: Vec<(String, String)>,
+  request_id: String,
   traceparent: Option<String>,
   tracestate: Option<String>,
 }
@@ -345,6 +351,7 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
       .resource_table
       .add(RequestBodyResource::new(body, request.cancel.clone()))
   });
+  let request_id = request.usage.request_id().to_string();
   let in_flight = state.borrow_mut::<InFlight>();
   let id = in_flight.next_id;
   in_flight.next_id = in_flight.next_id.wrapping_add(1);
@@ -378,6 +385,7 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
       .into_iter()
       .map(|(name, value)| (name.to_string(), value))
       .collect(),
+    request_id,
     traceparent: request.trace.as_ref().map(|t| t.traceparent.clone()),
     tracestate: request.trace.and_then(|t| t.tracestate),
   })
