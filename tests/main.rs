@@ -6,6 +6,7 @@ mod ambient_authority;
 mod cache;
 mod cli;
 mod cpu;
+mod deploy;
 mod egress;
 mod geo;
 mod handlers;

@@ -10,6 +10,12 @@
 //! - `GET /metrics`: Prometheus metrics (text format 0.0.4), see `crate::metrics`.
 //! - `GET /usage?since=<unix seconds>`: requests, CPU and wall milliseconds, egress bytes and
 //!   subrequests per function from the minute of `since` (default: all kept, a day).
+//! - Deployments (with `[admin] data_dir`, see `crate::deployments`): `PUT /functions/{name}`
+//!   with a bundle (`?activate=true` to serve it at once), `GET /functions`,
+//!   `GET /functions/{name}/versions`, `POST /functions/{name}/activate` with
+//!   `{"version": "..."}` (also the rollback), `POST /functions/{name}/split` with
+//!   `{"versions": {"a": 95, "b": 5}, "sticky": {"header": "x-user"}}`, and
+//!   `DELETE /functions/{name}`.
 //! - `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 when the node serves
 //!   traffic, 503 while it drains on shutdown. These two need no token (load balancers and
 //!   process supervisors probe them) and say nothing about the node's contents.
@@ -28,6 +34,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::deployments::{Activation, DeployError};
 use crate::edge_cache::Purge;
 use crate::server::NodeState;
 
@@ -100,6 +107,10 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
       );
     }
   }
+  if let Some(rest) = request.uri().path().strip_prefix("/functions") {
+    let rest = rest.to_string();
+    return functions(admin, request, &rest).await;
+  }
   match (request.method(), request.uri().path()) {
     (&Method::POST, "/cache/purge") => purge(admin, request).await,
     (&Method::GET, "/metrics") => {
@@ -127,7 +138,7 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
     }
     (_, path) => json(
       StatusCode::NOT_FOUND,
-      &serde_json::json!({ "error": format!("no admin endpoint {} {path}: the endpoints are POST /cache/purge, GET /cache/stats, /metrics, /usage, /healthz and /readyz", request.method()) }),
+      &serde_json::json!({ "error": format!("no admin endpoint {} {path}: the endpoints are POST /cache/purge, GET /cache/stats, /metrics, /usage, /healthz, /readyz and /functions", request.method()) }),
     ),
   }
 }
@@ -139,12 +150,9 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes
       &serde_json::json!({ "error": message }),
     )
   };
-  let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
-    .collect()
-    .await
-  {
-    Ok(body) => body.to_bytes(),
-    Err(err) => return bad_request(format!("cannot read the request body: {err}")),
+  let body = match read_body(request, MAX_BODY_BYTES).await {
+    Ok(body) => body,
+    Err(response) => return response,
   };
   let request: PurgeRequest = match serde_json::from_slice(&body) {
     Ok(request) => request,
@@ -164,6 +172,144 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes
   let purged = admin.node.cache.purge(namespace.as_ref(), &purge);
   tracing::info!(?purge, function = ?namespace.map(|n| n.0), purged, "cache purge");
   json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
+}
+
+/// The deploy API: `rest` is the path after `/functions`.
+async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Response<Full<Bytes>> {
+  let Some(deployments) = admin.node.deployments.clone() else {
+    return json(
+      StatusCode::NOT_FOUND,
+      &serde_json::json!({ "error": "the deploy API is off on this node: set [admin] data_dir" }),
+    );
+  };
+  let error = |err: DeployError| {
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(status, &serde_json::json!({ "error": err.to_string() }))
+  };
+  let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
+  let method = request.method().clone();
+  let activate_now = request
+    .uri()
+    .query()
+    .is_some_and(|q| q.split('&').any(|p| p == "activate=true"));
+  match (method, segments.as_slice()) {
+    (Method::GET, [""]) => {
+      let mut list: Vec<serde_json::Value> = admin
+        .node
+        .configured_names()
+        .map(|name| serde_json::json!({ "name": name, "source": "config" }))
+        .collect();
+      list.extend(deployments.list());
+      json(StatusCode::OK, &serde_json::json!({ "functions": list }))
+    }
+    (Method::PUT, [name]) => {
+      let body = match read_body(request, crate::deployments::MAX_BUNDLE_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
+      };
+      let (version, created) = match deployments.upload(name, &body).await {
+        Ok(stored) => stored,
+        Err(err) => return error(err),
+      };
+      if activate_now {
+        let activation = Activation {
+          versions: [(version.clone(), 100)].into(),
+          sticky: None,
+        };
+        if let Err(err) = deployments.activate(name, activation).await {
+          return error(err);
+        }
+      }
+      let status = if created {
+        StatusCode::CREATED
+      } else {
+        StatusCode::OK
+      };
+      json(
+        status,
+        &serde_json::json!({ "name": name, "version": version, "created": created, "active": activate_now }),
+      )
+    }
+    (Method::DELETE, [name]) => match deployments.delete(name).await {
+      Ok(()) => json(StatusCode::OK, &serde_json::json!({ "deleted": name })),
+      Err(err) => error(err),
+    },
+    (Method::GET, [name, "versions"]) => match deployments.versions(name) {
+      Ok(versions) => json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": name, "versions": versions }),
+      ),
+      Err(err) => error(err),
+    },
+    (Method::POST, [name, action @ ("activate" | "split")]) => {
+      let body = match read_body(request, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
+      };
+      let activation = if *action == "activate" {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Activate {
+          version: String,
+        }
+        serde_json::from_slice::<Activate>(&body)
+          .map(|a| Activation {
+            versions: [(a.version, 100)].into(),
+            sticky: None,
+          })
+          .map_err(|err| format!("the body must be {{\"version\": \"...\"}}: {err}"))
+      } else {
+        serde_json::from_slice::<Activation>(&body).map_err(|err| {
+          format!(
+            "the body must be {{\"versions\": {{\"a\": 95, \"b\": 5}}}}, optionally with \"sticky\": {{\"header\": \"x-user\"}} or {{\"cookie\": \"uid\"}}: {err}"
+          )
+        })
+      };
+      let activation = match activation {
+        Ok(activation) => activation,
+        Err(message) => {
+          return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": message }),
+          );
+        }
+      };
+      let versions = activation.versions.clone();
+      match deployments.activate(name, activation).await {
+        Ok(()) => json(
+          StatusCode::OK,
+          &serde_json::json!({ "name": name, "versions": versions }),
+        ),
+        Err(err) => error(err),
+      }
+    }
+    (method, _) => json(
+      StatusCode::NOT_FOUND,
+      &serde_json::json!({ "error": format!("no admin endpoint {method} /functions{rest}: see GET /functions, PUT|DELETE /functions/NAME, GET /functions/NAME/versions, POST /functions/NAME/activate|split") }),
+    ),
+  }
+}
+
+/// Reads a request body of at most `limit` bytes, or answers 400/413.
+async fn read_body(
+  request: Request<Incoming>,
+  limit: usize,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+  Limited::new(request.into_body(), limit)
+    .collect()
+    .await
+    .map(|body| body.to_bytes())
+    .map_err(|err| {
+      let status = if err.is::<http_body_util::LengthLimitError>() {
+        StatusCode::PAYLOAD_TOO_LARGE
+      } else {
+        StatusCode::BAD_REQUEST
+      };
+      json(
+        status,
+        &serde_json::json!({ "error": format!("cannot read the request body (at most {limit} bytes): {err}") }),
+      )
+    })
 }
 
 fn readiness(admin: &Admin) -> Response<Full<Bytes>> {

@@ -43,6 +43,8 @@ pub struct Config {
   pub geo: GeoConfig,
   /// The server log (`[log]`).
   pub log: LogConfig,
+  /// The node's default limits (`[limits]`), which deployed functions' limits refine.
+  pub limits: LimitsConfig,
 }
 
 /// The server log (`[log]`): access records, handler console output and the rest.
@@ -149,6 +151,12 @@ pub struct AdminConfig {
   /// The bearer token every admin request must carry; required off loopback.
   #[serde(default)]
   pub token: Option<String>,
+  /// A file holding the token (its first line), instead of `token`.
+  #[serde(default)]
+  pub token_file: Option<PathBuf>,
+  /// Where deployed functions are kept; without it the deploy API is off.
+  #[serde(default)]
+  pub data_dir: Option<PathBuf>,
 }
 
 impl AdminConfig {
@@ -159,6 +167,12 @@ impl AdminConfig {
   /// Every value that cannot work, with the reason.
   pub fn problems(&self) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
+    if self.token.is_some() && self.token_file.is_some() {
+      problems.push((
+        "token_file",
+        "set token or token_file, not both".to_string(),
+      ));
+    }
     if !self.address.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
       problems.push((
         "token",
@@ -534,11 +548,25 @@ impl Config {
         }
       }
     }
-    let admin = raw.admin.as_ref().map(|admin| {
-      for (field, message) in admin.get_ref().problems() {
-        errors.push(locate.error(admin.span(), &format!("admin.{field}"), message));
+    let admin = raw.admin.as_ref().map(|table| {
+      let mut admin = table.get_ref().clone();
+      // Paths are relative to the config file; the token file is read now.
+      admin.data_dir = admin.data_dir.map(|dir| base.join(dir));
+      if let Some(file) = admin.token_file.take() {
+        let file = base.join(file);
+        match std::fs::read_to_string(&file) {
+          Ok(text) => admin.token = text.lines().next().map(|line| line.trim().to_string()),
+          Err(err) => errors.push(locate.error(
+            table.span(),
+            "admin.token_file",
+            format!("cannot read {}: {err}", file.display()),
+          )),
+        }
       }
-      admin.get_ref().clone()
+      for (field, message) in admin.problems() {
+        errors.push(locate.error(table.span(), &format!("admin.{field}"), message));
+      }
+      admin
     });
     if raw.server.max_in_flight == 0 {
       errors.push(locate.error(0..0, "server.max_in_flight", "must be at least 1".into()));
@@ -748,6 +776,7 @@ impl Config {
         admin,
         geo,
         log,
+        limits: node_limits,
       })
     } else {
       Err(ConfigErrors { errors })
@@ -796,6 +825,7 @@ impl Config {
       admin: None,
       geo: GeoConfig::default(),
       log: LogConfig::default(),
+      limits: LimitsConfig::default(),
     })
   }
 }

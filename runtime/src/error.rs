@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+  #[error("deployed functions: {0}")]
+  Deployments(String),
   #[error("cannot listen on {address}: {source}")]
   Bind {
     address: SocketAddr,

@@ -11,6 +11,7 @@ pub mod client_geo;
 pub mod compression;
 pub mod config;
 pub mod cpu;
+pub mod deployments;
 pub mod edge_cache;
 pub mod egress;
 pub mod error;

@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// `limits = { ... }` on a function, or `[limits]` for the node-wide defaults. Keys left out
 /// of a function's table take the node-wide value.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
   /// CPU time a request may use inside its isolate; past it the isolate is terminated and

@@ -58,7 +58,7 @@ impl IsolatePool {
   }
 
   /// The load error, if the function's module does not load.
-  fn load_error(&self) -> Option<String> {
+  pub fn load_error(&self) -> Option<String> {
     self.load_error.lock().expect("pool lock").clone()
   }
 

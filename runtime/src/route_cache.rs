@@ -32,7 +32,7 @@ pub const CACHE_HEADER: &str = "outpost-cache";
 
 /// Answers a GET to a function with route caching on.
 pub(crate) async fn serve(state: &Arc<NodeState>, call: FunctionCall) -> Response<Body> {
-  let namespace = CacheNamespace(state.function_name(call.function).into());
+  let namespace = CacheNamespace(call.function.name().into());
   let request = call.cache_request();
   let encoding = call.encoding;
   match state
@@ -112,11 +112,11 @@ fn revalidate(
     "GET",
     uri.as_ref().map_or("/", |u| u.path()),
   );
-  access.set_function(state.function_name(call.function));
+  access.set_function(call.function.name());
   let trace = TraceContext::from_headers(&headers);
   access.set_trace_id(trace.trace_id_hex());
   let refresh = FunctionCall {
-    function: call.function,
+    function: call.function.clone(),
     trace,
     encoding: None,
     method: Method::GET,

@@ -36,7 +36,8 @@ use crate::access_log::{AccessRecord, Observers};
 use crate::admin::{self, Admin};
 use crate::client_geo::{ClientGeo, LiveGeo};
 use crate::compression;
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, FunctionConfig, ServerConfig};
+use crate::deployments::Deployments;
 use crate::edge_cache::SharedCache;
 use crate::error::Error;
 use crate::function_code::{FunctionCode, TranspileCache};
@@ -72,7 +73,7 @@ pub struct Node {
 
 pub(crate) struct NodeState {
   router: Router,
-  functions: Vec<RoutedFunction>,
+  functions: Vec<Arc<RoutedFunction>>,
   admission: Admission,
   pub(crate) compression: bool,
   max_body_bytes: u64,
@@ -89,26 +90,55 @@ pub(crate) struct NodeState {
   pub(crate) observers: Arc<Observers>,
   /// Set once shutdown has begun: `/readyz` answers 503 while connections drain.
   pub(crate) draining: AtomicBool,
+  /// Functions deployed through the admin API, when `[admin] data_dir` is set.
+  pub(crate) deployments: Option<Arc<Deployments>>,
 }
 
 impl NodeState {
-  pub(crate) fn function_name(&self, function: usize) -> &str {
-    self.functions[function].pool.name()
+  /// The function for `host` + `path`: a `[[functions]]` route first, then a deployed one.
+  fn route(
+    &self,
+    host: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+  ) -> Option<Arc<RoutedFunction>> {
+    if let Some(index) = self.router.route(host, path) {
+      return self.functions.get(index).cloned();
+    }
+    self.deployments.as_ref()?.route(host, path, headers)
+  }
+
+  /// The names of the `[[functions]]` of the config file.
+  pub(crate) fn configured_names(&self) -> impl Iterator<Item = &str> {
+    self.functions.iter().map(|f| f.name())
+  }
+
+  /// Every function that serves: the configured ones and each serving deployed version.
+  fn serving(&self) -> Vec<Arc<RoutedFunction>> {
+    let mut serving = self.functions.clone();
+    if let Some(deployments) = &self.deployments {
+      serving.extend(deployments.serving());
+    }
+    serving
   }
 
   /// What a metrics scrape reads from the node now.
   pub(crate) fn reading(&self) -> NodeReading {
     NodeReading {
-      isolates: self
-        .functions
-        .iter()
-        .map(|f| {
-          let (idle, busy) = f.pool.isolate_counts();
-          (f.pool.name().to_string(), idle, busy)
-        })
-        .collect(),
+      isolates: self.serving().iter().fold(Vec::new(), |mut counts, f| {
+        let (idle, busy) = f.pool.isolate_counts();
+        match counts.iter_mut().find(|(name, _, _)| name == f.name()) {
+          // Versions of one deployed function add up.
+          Some((_, i, b)) => {
+            *i += idle;
+            *b += busy;
+          }
+          None => counts.push((f.name().to_string(), idle, busy)),
+        }
+        counts
+      }),
       queued: self.admission.waiting(),
-      in_flight: self.functions.iter().map(|f| f.pool.in_flight()).sum(),
+      in_flight: self.serving().iter().map(|f| f.pool.in_flight()).sum(),
       cache: self
         .cache
         .stats()
@@ -147,6 +177,19 @@ impl Node {
       .unwrap_or(Limits::DEFAULT_MEMORY_MB * 1024 * 1024);
     let cache = Arc::new(SharedCache::from_config(&config.cache));
     let factory = IsolateFactory::new(&config.server, max_heap, cache.clone())?;
+    let deployments = match config.admin.as_ref().and_then(|a| a.data_dir.as_ref()) {
+      None => None,
+      Some(dir) => Some(
+        Deployments::open(
+          dir,
+          Arc::new(config.clone()),
+          factory.clone(),
+          transpiler.clone(),
+        )
+        .await
+        .map_err(|err| Error::Deployments(err.to_string()))?,
+      ),
+    };
     let mut starts = Vec::new();
     for function in &config.functions {
       let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
@@ -167,15 +210,7 @@ impl Node {
     let functions = pools
       .into_iter()
       .zip(&config.functions)
-      .map(|(pool, function)| RoutedFunction {
-        pool,
-        limits: function.limits,
-        slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
-        route_cache: function.cache.enabled,
-        disabled: function
-          .disabled
-          .and_then(|status| StatusCode::from_u16(status).ok()),
-      })
+      .map(|(pool, function)| Arc::new(RoutedFunction::new(pool, function)))
       .collect();
     // Listen only once the spares exist, so the first new isolate never waits for one.
     factory.spares_settled().await;
@@ -246,6 +281,7 @@ impl Node {
           usage: UsageLedger::default(),
         }),
         draining: AtomicBool::new(false),
+        deployments,
       }),
       listeners,
       server: config.server.clone(),
@@ -646,21 +682,21 @@ async fn dispatch(
     );
   };
   let path = request.uri().path();
-  let Some(function) = state.router.route(&authority, path) else {
+  let Some(function) = state.route(&authority, path, request.headers()) else {
     return outpost_response(
       StatusCode::NOT_FOUND,
       "no-route",
       format!("outpost: no function is routed for {authority}{path}\n"),
     );
   };
-  access.set_function(state.function_name(function));
-  if let Some(status) = state.functions[function].disabled {
+  access.set_function(function.name());
+  if let Some(status) = function.disabled {
     return outpost_response(
       status,
       "disabled-here",
       format!(
         "outpost: function {:?} is switched off at this PoP\n",
-        state.function_name(function)
+        function.name()
       ),
     );
   }
@@ -720,7 +756,7 @@ async fn dispatch(
     active,
     cf,
   };
-  if state.functions[function].route_cache && call.method == Method::GET {
+  if call.function.route_cache && call.method == Method::GET {
     route_cache::serve(state, call).await
   } else {
     call_function(state, call, None).await
@@ -729,8 +765,8 @@ async fn dispatch(
 
 /// A request on its way into a function.
 pub(crate) struct FunctionCall {
-  /// Index into the node's functions.
-  pub(crate) function: usize,
+  /// The function (the version of it, for deployed functions) that answers.
+  pub(crate) function: Arc<RoutedFunction>,
   /// Where the request is in its trace; outbound fetches continue it.
   pub(crate) trace: TraceContext,
   /// How the response may be compressed for this client.
@@ -793,7 +829,7 @@ pub(crate) async fn call_function(
     limits,
     slots,
     ..
-  } = &state.functions[function];
+  } = &*function;
   // The wall-clock limit covers everything from here on, the response body included.
   let deadline = tokio::time::Instant::now() + limits.wall;
   let admitted = match state.admission.admit(slots).await {
@@ -964,15 +1000,35 @@ pub(crate) async fn call_function(
   }
 }
 
-/// A function of the node: its pool, its limits and its concurrency slots.
-struct RoutedFunction {
-  pool: Arc<IsolatePool>,
+/// A function of the node (for a deployed function, one version of it): its pool, its
+/// limits and its concurrency slots.
+pub(crate) struct RoutedFunction {
+  pub(crate) pool: Arc<IsolatePool>,
   limits: Limits,
   slots: Arc<Semaphore>,
   /// Whether its GET responses are cached in front of it.
-  route_cache: bool,
+  pub(crate) route_cache: bool,
   /// The status its routes answer when `[[overrides]]` switch it off on this node.
   disabled: Option<StatusCode>,
+}
+
+impl RoutedFunction {
+  pub(crate) fn new(pool: Arc<IsolatePool>, function: &FunctionConfig) -> RoutedFunction {
+    RoutedFunction {
+      pool,
+      limits: function.limits,
+      slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
+      route_cache: function.cache.enabled,
+      disabled: function
+        .disabled
+        .and_then(|status| StatusCode::from_u16(status).ok()),
+    }
+  }
+
+  /// The function's name (also its cache namespace).
+  pub(crate) fn name(&self) -> &str {
+    self.pool.name()
+  }
 }
 
 /// 504 for a request that ran past its function's wall-clock limit.

@@ -1,0 +1,209 @@
+//! The CLI's client of the admin API (`outpost deploy | versions | rollback | split`); part
+//! of the binary, not the library.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+  /// The admin listener's URL.
+  #[arg(long, env = "OUTPOST_ADMIN", default_value = "http://127.0.0.1:9901")]
+  admin: String,
+  /// A file whose first line is the bearer token (else `OUTPOST_TOKEN`).
+  #[arg(long)]
+  token_file: Option<PathBuf>,
+}
+
+/// A connection to one node's admin API.
+pub struct AdminClient {
+  base: String,
+  token: Option<String>,
+  http: reqwest::Client,
+}
+
+impl AdminClient {
+  pub fn new(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let token = match &args.token_file {
+      Some(file) => {
+        let text = std::fs::read_to_string(file)
+          .with_context(|| format!("reading the token file {}", file.display()))?;
+        text.lines().next().map(|line| line.trim().to_string())
+      }
+      None => std::env::var("OUTPOST_TOKEN").ok(),
+    };
+    Ok(AdminClient {
+      base: args.admin.trim_end_matches('/').to_string(),
+      token,
+      http: reqwest::Client::new(),
+    })
+  }
+
+  /// Sends a request and returns the JSON answer; an error status becomes an error with the
+  /// node's message.
+  async fn call(
+    &self,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<reqwest::Body>,
+  ) -> anyhow::Result<Value> {
+    let url = format!("{}{path}", self.base);
+    let mut request = self.http.request(method.clone(), &url);
+    if let Some(token) = &self.token {
+      request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+      request = request.body(body);
+    }
+    let response = request.send().await.with_context(|| {
+      format!("{method} {url} (is the admin listener there? --admin, OUTPOST_ADMIN)")
+    })?;
+    let status = response.status();
+    let value: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+      let message = value["error"].as_str().unwrap_or("no message");
+      bail!("{method} {url}: {status}: {message}");
+    }
+    Ok(value)
+  }
+
+  /// Uploads `dir` as a new version of `name` and serves it.
+  pub async fn deploy(&self, dir: &Path, name: &str) -> anyhow::Result<String> {
+    let bundle = bundle(dir)?;
+    let answer = self
+      .call(
+        reqwest::Method::PUT,
+        &format!("/functions/{name}?activate=true"),
+        Some(bundle.into()),
+      )
+      .await?;
+    let version = answer["version"].as_str().unwrap_or_default();
+    let new = if answer["created"] == true {
+      "new"
+    } else {
+      "already stored"
+    };
+    Ok(format!(
+      "deployed {name} version {version} ({new}), serving 100%"
+    ))
+  }
+
+  async fn version_list(&self, name: &str) -> anyhow::Result<Vec<Value>> {
+    let answer = self
+      .call(
+        reqwest::Method::GET,
+        &format!("/functions/{name}/versions"),
+        None,
+      )
+      .await?;
+    Ok(answer["versions"].as_array().cloned().unwrap_or_default())
+  }
+
+  /// The versions of `name`, oldest first, one per line.
+  pub async fn versions(&self, name: &str) -> anyhow::Result<String> {
+    let mut out = format!(
+      "{:<14} {:>12} {:>6}  entry\n",
+      "version", "created", "weight"
+    );
+    for version in self.version_list(name).await? {
+      out.push_str(&format!(
+        "{:<14} {:>12} {:>5}%  {}\n",
+        version["version"].as_str().unwrap_or_default(),
+        version["created"].as_u64().unwrap_or_default(),
+        version["weight"].as_u64().unwrap_or_default(),
+        version["entry"].as_str().unwrap_or_default(),
+      ));
+    }
+    Ok(out)
+  }
+
+  /// Serves `to`, or without it the version uploaded before the one serving most.
+  pub async fn rollback(&self, name: &str, to: Option<&str>) -> anyhow::Result<String> {
+    let target = match to {
+      Some(to) => to.to_string(),
+      None => {
+        let versions = self.version_list(name).await?;
+        let current = versions
+          .iter()
+          .enumerate()
+          .max_by_key(|(_, v)| v["weight"].as_u64().unwrap_or(0))
+          .filter(|(_, v)| v["weight"].as_u64().unwrap_or(0) > 0)
+          .map(|(index, _)| index)
+          .with_context(|| format!("{name} serves no version; name one with --to"))?;
+        let previous = current
+          .checked_sub(1)
+          .and_then(|index| versions.get(index))
+          .with_context(|| format!("{name} has no version older than the one serving"))?;
+        previous["version"].as_str().unwrap_or_default().to_string()
+      }
+    };
+    let body = serde_json::json!({ "version": target }).to_string();
+    self
+      .call(
+        reqwest::Method::POST,
+        &format!("/functions/{name}/activate"),
+        Some(body.into()),
+      )
+      .await?;
+    Ok(format!("{name} now serves version {target}"))
+  }
+
+  /// Splits traffic by `version=weight` pairs, optionally sticky.
+  pub async fn split(
+    &self,
+    name: &str,
+    weights: &[String],
+    sticky: Option<Value>,
+  ) -> anyhow::Result<String> {
+    let mut versions = serde_json::Map::new();
+    for pair in weights {
+      let (version, weight) = pair
+        .split_once('=')
+        .with_context(|| format!("{pair:?}: give VERSION=WEIGHT, e.g. 3f2a9c1d0b7e=95"))?;
+      let weight: u32 = weight
+        .parse()
+        .with_context(|| format!("{pair:?}: the weight must be a whole number"))?;
+      versions.insert(version.to_string(), weight.into());
+    }
+    let body = serde_json::json!({ "versions": versions, "sticky": sticky }).to_string();
+    let answer = self
+      .call(
+        reqwest::Method::POST,
+        &format!("/functions/{name}/split"),
+        Some(body.into()),
+      )
+      .await?;
+    Ok(format!("{name} now serves {}", answer["versions"]))
+  }
+}
+
+/// The files of `dir` as a tar. Without a `manifest.json` one is made naming the first of
+/// `index.ts`, `index.js`, `index.mjs`, `index.tsx` and `index.jsx` present.
+fn bundle(dir: &Path) -> anyhow::Result<Vec<u8>> {
+  anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+  let mut builder = tar::Builder::new(Vec::new());
+  builder.follow_symlinks(false);
+  builder
+    .append_dir_all(".", dir)
+    .with_context(|| format!("packing {}", dir.display()))?;
+  if !dir.join("manifest.json").is_file() {
+    let entry = ["index.ts", "index.js", "index.mjs", "index.tsx", "index.jsx"]
+      .into_iter()
+      .find(|name| dir.join(name).is_file())
+      .with_context(|| {
+        format!(
+          "{} has no manifest.json and no index.ts/index.js: add a manifest.json like {{\"entry\": \"main.ts\"}}",
+          dir.display()
+        )
+      })?;
+    let manifest = serde_json::json!({ "entry": entry }).to_string();
+    let mut header = tar::Header::new_gnu();
+    header.set_size(manifest.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append_data(&mut header, "manifest.json", manifest.as_bytes())?;
+  }
+  Ok(builder.into_inner()?)
+}

@@ -1,0 +1,800 @@
+//! Functions deployed through the admin API, beside those of `[[functions]]`.
+//!
+//! A deploy uploads a bundle (a tar, optionally gzipped, of module files and a
+//! `manifest.json`) that becomes an immutable version named by the hash of its contents.
+//! Activating sets which versions serve, with weights for a canary split and optionally a
+//! sticky header or cookie. A version's isolates are warmed before traffic moves to it;
+//! requests in flight finish on the version they started on, whose pool is freed after.
+//!
+//! On disk, under `[admin] data_dir`:
+//!
+//! ```text
+//! functions/<name>/versions/<version>/   the bundle's files and version.json
+//! functions/<name>/active.json           what serves: [{version, weight}], sticky
+//! ```
+//!
+//! Every write is crash-safe: a version is written to a temporary directory, each file and
+//! the directory are fsynced, then it is renamed into place and the parent fsynced;
+//! `active.json` is written beside itself, fsynced and renamed over the old one. A version is
+//! always complete before any `active.json` names it, so a node killed at any point restarts
+//! serving exactly what was last activated. Leftover temporary directories are removed at
+//! start.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::config::{Config, FunctionConfig, PoolConfig, RouteCacheConfig};
+use crate::egress::EgressConfig;
+use crate::function_code::{FunctionCode, TranspileCache};
+use crate::isolate::{FunctionSpec, IsolateFactory};
+use crate::limits::{Limits, LimitsConfig};
+use crate::pool::IsolatePool;
+use crate::router::{RoutePattern, Router};
+use crate::server::RoutedFunction;
+
+/// Largest bundle accepted, compressed or not, and largest it may unpack to.
+pub const MAX_BUNDLE_BYTES: usize = 64 << 20;
+
+/// Why a deploy operation failed; each maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+  #[error("{0}")]
+  BadRequest(String),
+  #[error("{0}")]
+  NotFound(String),
+  #[error("{0}")]
+  Conflict(String),
+  /// The version's module does not load.
+  #[error("{0}")]
+  Unloadable(String),
+  #[error("{what}: {source}")]
+  Io {
+    what: String,
+    source: std::io::Error,
+  },
+}
+
+impl DeployError {
+  pub fn status(&self) -> u16 {
+    match self {
+      DeployError::BadRequest(_) => 400,
+      DeployError::NotFound(_) => 404,
+      DeployError::Conflict(_) => 409,
+      DeployError::Unloadable(_) => 422,
+      DeployError::Io { .. } => 500,
+    }
+  }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeployError {
+  let what = what.into();
+  move |source| DeployError::Io { what, source }
+}
+
+/// `manifest.json` at the root of a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+  /// The module to run, a path inside the bundle.
+  pub entry: String,
+  #[serde(default)]
+  pub env: BTreeMap<String, String>,
+  #[serde(default)]
+  pub limits: LimitsConfig,
+  /// Routes as in `[[functions]]`; without them the function is served at `/<name>/`.
+  #[serde(default)]
+  pub routes: Vec<String>,
+}
+
+/// `version.json` inside a stored version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VersionRecord {
+  /// Unix seconds of the upload.
+  created: u64,
+  manifest: Manifest,
+}
+
+/// Which versions serve, as stored in `active.json` and taken by activate/split.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Activation {
+  /// Version → weight (relative; `{v1: 95, v2: 5}`).
+  pub versions: BTreeMap<String, u32>,
+  /// Keeps a client on one version by the value of this header or cookie.
+  #[serde(default)]
+  pub sticky: Option<Sticky>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Sticky {
+  Header(String),
+  Cookie(String),
+}
+
+/// A stored version, as `GET /functions/{name}/versions` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionInfo {
+  pub version: String,
+  pub created: u64,
+  pub entry: String,
+  /// Its weight in the active split (0: not serving).
+  pub weight: u32,
+}
+
+/// One serving version of a deployed function.
+struct LiveVersion {
+  version: String,
+  weight: u32,
+  function: Arc<RoutedFunction>,
+}
+
+/// A deployed function as it serves now.
+struct LiveFunction {
+  name: String,
+  routes: Vec<String>,
+  versions: Vec<LiveVersion>,
+  sticky: Option<Sticky>,
+}
+
+/// The deployed functions and their routes, swapped whole on every change.
+#[derive(Default)]
+struct LiveTable {
+  router: Option<Router>,
+  functions: Vec<Arc<LiveFunction>>,
+}
+
+/// The deployed functions of a node.
+pub struct Deployments {
+  dir: PathBuf,
+  config: Arc<Config>,
+  factory: Arc<IsolateFactory>,
+  transpiler: Arc<TranspileCache>,
+  live: ArcSwap<LiveTable>,
+  /// One change (upload, activation, deletion) at a time.
+  changes: tokio::sync::Mutex<()>,
+}
+
+impl Deployments {
+  /// Opens `dir` (creating it), removes what interrupted writes left, and starts serving
+  /// every function's active versions.
+  pub async fn open(
+    dir: &Path,
+    config: Arc<Config>,
+    factory: Arc<IsolateFactory>,
+    transpiler: Arc<TranspileCache>,
+  ) -> Result<Arc<Deployments>, DeployError> {
+    let functions = dir.join("functions");
+    std::fs::create_dir_all(&functions).map_err(io(format!("creating {}", functions.display())))?;
+    let deployments = Arc::new(Deployments {
+      dir: dir.to_path_buf(),
+      config,
+      factory,
+      transpiler,
+      live: ArcSwap::default(),
+      changes: tokio::sync::Mutex::new(()),
+    });
+    let mut live = Vec::new();
+    for entry in read_dir(&functions)? {
+      let name = entry.file_name().to_string_lossy().into_owned();
+      let function_dir = entry.path();
+      let versions = function_dir.join("versions");
+      for leftover in read_dir(&versions).unwrap_or_default() {
+        if leftover.file_name().to_string_lossy().starts_with(".tmp-") {
+          tracing::info!(path = %leftover.path().display(), "removing an interrupted upload");
+          let _ = std::fs::remove_dir_all(leftover.path());
+        }
+      }
+      let _ = std::fs::remove_file(function_dir.join("active.json.tmp"));
+      let Some(activation) = deployments.stored_activation(&name)? else {
+        continue;
+      };
+      match deployments.start_function(&name, &activation, &[]).await {
+        Ok(function) => live.push(Arc::new(function)),
+        Err(err) => tracing::error!(function = name, error = %err, "deployed function not served"),
+      }
+    }
+    deployments.publish(live)?;
+    Ok(deployments)
+  }
+
+  fn function_dir(&self, name: &str) -> PathBuf {
+    self.dir.join("functions").join(name)
+  }
+
+  fn version_dir(&self, name: &str, version: &str) -> PathBuf {
+    self.function_dir(name).join("versions").join(version)
+  }
+
+  /// The function serving `host` + `path`, and for a split, the version for this request.
+  pub(crate) fn route(
+    &self,
+    host: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+  ) -> Option<Arc<RoutedFunction>> {
+    let table = self.live.load();
+    let index = table.router.as_ref()?.route(host, path)?;
+    let function = table.functions.get(index)?;
+    let total: u64 = function.versions.iter().map(|v| u64::from(v.weight)).sum();
+    if total == 0 {
+      return None;
+    }
+    // A fixed-key hash: a sticky client lands on the same version on every node.
+    let key = function
+      .sticky
+      .as_ref()
+      .and_then(|sticky| sticky_value(sticky, headers))
+      .map(|value| {
+        std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(value)
+      });
+    let mut point = key.unwrap_or_else(rand::random) % total;
+    for version in &function.versions {
+      if point < u64::from(version.weight) {
+        return Some(version.function.clone());
+      }
+      point -= u64::from(version.weight);
+    }
+    None
+  }
+
+  /// Stores a bundle as a version of `name` (a no-op when that exact content is stored).
+  /// Returns the version and whether it is new.
+  pub async fn upload(&self, name: &str, bundle: &[u8]) -> Result<(String, bool), DeployError> {
+    self.check_name(name)?;
+    let files = unpack(bundle)?;
+    let manifest = manifest(&files)?;
+    let version = version_of(&files);
+    let _change = self.changes.lock().await;
+    let target = self.version_dir(name, &version);
+    if target.join("version.json").is_file() {
+      return Ok((version, false));
+    }
+    let versions = self.function_dir(name).join("versions");
+    std::fs::create_dir_all(&versions).map_err(io(format!("creating {}", versions.display())))?;
+    let nanos = SystemTime::now()
+      .duration_since(UNIX_EPOCH)
+      .map_or(0, |d| d.as_nanos());
+    let temporary = versions.join(format!(".tmp-{version}-{nanos}"));
+    let record = VersionRecord {
+      created: unix_now(),
+      manifest,
+    };
+    let record = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    let write = || -> std::io::Result<()> {
+      for (path, contents) in files.iter().chain([&("version.json".to_string(), record)]) {
+        let file = temporary.join(path);
+        if let Some(parent) = file.parent() {
+          std::fs::create_dir_all(parent)?;
+        }
+        write_synced(&file, contents)?;
+      }
+      sync_dirs(&temporary)?;
+      std::fs::rename(&temporary, &target)?;
+      sync_dir(&versions)
+    };
+    if let Err(err) = write() {
+      let _ = std::fs::remove_dir_all(&temporary);
+      return Err(io(format!("storing version {version} of {name}"))(err));
+    }
+    tracing::info!(function = name, version, "version stored");
+    Ok((version, true))
+  }
+
+  /// Makes `activation` what serves `name`: warms the versions that do not serve yet, then
+  /// moves traffic in one step and records it. The versions that stop serving finish their
+  /// requests in flight and are freed.
+  pub async fn activate(&self, name: &str, activation: Activation) -> Result<(), DeployError> {
+    self.check_name(name)?;
+    if activation.versions.is_empty() || activation.versions.values().all(|w| *w == 0) {
+      return Err(DeployError::BadRequest(
+        "name at least one version with a weight above 0".into(),
+      ));
+    }
+    let _change = self.changes.lock().await;
+    for version in activation.versions.keys() {
+      if !self
+        .version_dir(name, version)
+        .join("version.json")
+        .is_file()
+      {
+        return Err(DeployError::NotFound(format!(
+          "function {name:?} has no version {version:?}; GET /functions/{name}/versions lists them"
+        )));
+      }
+    }
+    let current = self.live.load();
+    let reuse: Vec<(String, Arc<RoutedFunction>)> = current
+      .functions
+      .iter()
+      .filter(|f| f.name == name)
+      .flat_map(|f| {
+        f.versions
+          .iter()
+          .map(|v| (v.version.clone(), v.function.clone()))
+      })
+      .collect();
+    let function = self.start_function(name, &activation, &reuse).await?;
+    let state = serde_json::to_vec_pretty(&activation).unwrap_or_default();
+    let function_dir = self.function_dir(name);
+    let temporary = function_dir.join("active.json.tmp");
+    write_synced(&temporary, &state)
+      .and_then(|()| std::fs::rename(&temporary, function_dir.join("active.json")))
+      .and_then(|()| sync_dir(&function_dir))
+      .map_err(io(format!("recording the activation of {name}")))?;
+    let mut functions: Vec<Arc<LiveFunction>> = current
+      .functions
+      .iter()
+      .filter(|f| f.name != name)
+      .cloned()
+      .collect();
+    functions.push(Arc::new(function));
+    self.publish(functions)?;
+    tracing::info!(function = name, versions = ?activation.versions, "activated");
+    Ok(())
+  }
+
+  /// Stops serving `name` and removes its versions.
+  pub async fn delete(&self, name: &str) -> Result<(), DeployError> {
+    self.check_name(name)?;
+    let _change = self.changes.lock().await;
+    let function_dir = self.function_dir(name);
+    if !function_dir.exists() {
+      return Err(DeployError::NotFound(format!(
+        "no deployed function {name:?}"
+      )));
+    }
+    // Unrecorded first, then unrouted, then removed: a crash in between leaves a function
+    // that does not serve, never one that half-serves.
+    let _ = std::fs::remove_file(function_dir.join("active.json"));
+    sync_dir(&function_dir).map_err(io(format!("deleting {name}")))?;
+    let functions = self
+      .live
+      .load()
+      .functions
+      .iter()
+      .filter(|f| f.name != name)
+      .cloned()
+      .collect();
+    self.publish(functions)?;
+    std::fs::remove_dir_all(&function_dir).map_err(io(format!("deleting {name}")))?;
+    tracing::info!(function = name, "deleted");
+    Ok(())
+  }
+
+  /// The stored versions of `name`, oldest first.
+  pub fn versions(&self, name: &str) -> Result<Vec<VersionInfo>, DeployError> {
+    self.check_name(name)?;
+    let versions = self.function_dir(name).join("versions");
+    if !versions.is_dir() {
+      return Err(DeployError::NotFound(format!(
+        "no deployed function {name:?}"
+      )));
+    }
+    let active = self.stored_activation(name)?.unwrap_or(Activation {
+      versions: BTreeMap::new(),
+      sticky: None,
+    });
+    let mut list = Vec::new();
+    for entry in read_dir(&versions)? {
+      let version = entry.file_name().to_string_lossy().into_owned();
+      if version.starts_with(".tmp-") {
+        continue;
+      }
+      let record = read_record(&entry.path())?;
+      list.push(VersionInfo {
+        weight: active.versions.get(&version).copied().unwrap_or(0),
+        version,
+        created: record.created,
+        entry: record.manifest.entry,
+      });
+    }
+    list.sort_by(|a, b| (a.created, &a.version).cmp(&(b.created, &b.version)));
+    Ok(list)
+  }
+
+  /// Every deployed function: name, routes and serving versions with weights.
+  pub fn list(&self) -> Vec<serde_json::Value> {
+    let table = self.live.load();
+    let mut list: Vec<serde_json::Value> = table
+      .functions
+      .iter()
+      .map(|f| {
+        let versions: BTreeMap<&str, u32> = f
+          .versions
+          .iter()
+          .map(|v| (v.version.as_str(), v.weight))
+          .collect();
+        serde_json::json!({
+          "name": f.name,
+          "source": "deployed",
+          "routes": f.routes,
+          "versions": versions,
+          "sticky": f.sticky,
+        })
+      })
+      .collect();
+    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    list
+  }
+
+  /// The pools of every deployed version that serves, for metrics.
+  pub(crate) fn serving(&self) -> Vec<Arc<RoutedFunction>> {
+    let table = self.live.load();
+    table
+      .functions
+      .iter()
+      .flat_map(|f| f.versions.iter().map(|v| v.function.clone()))
+      .collect()
+  }
+
+  fn check_name(&self, name: &str) -> Result<(), DeployError> {
+    let valid = !name.is_empty()
+      && name.len() <= 63
+      && name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+      && !name.starts_with('-');
+    if !valid {
+      return Err(DeployError::BadRequest(format!(
+        "{name:?} is not a function name: use 1 to 63 of a-z, 0-9 and -, not starting with -"
+      )));
+    }
+    if self.config.functions.iter().any(|f| f.name == name) {
+      return Err(DeployError::Conflict(format!(
+        "function {name:?} is defined in the config file, which wins over deployments; deploy under another name"
+      )));
+    }
+    Ok(())
+  }
+
+  fn stored_activation(&self, name: &str) -> Result<Option<Activation>, DeployError> {
+    let path = self.function_dir(name).join("active.json");
+    let text = match std::fs::read(&path) {
+      Ok(text) => text,
+      Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+      Err(err) => return Err(io(format!("reading {}", path.display()))(err)),
+    };
+    serde_json::from_slice(&text)
+      .map(Some)
+      .map_err(|err| DeployError::Io {
+        what: format!("reading {}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, err),
+      })
+  }
+
+  /// Starts (or reuses from `reuse`) a warm pool for every version of `activation`.
+  async fn start_function(
+    &self,
+    name: &str,
+    activation: &Activation,
+    reuse: &[(String, Arc<RoutedFunction>)],
+  ) -> Result<LiveFunction, DeployError> {
+    let mut versions = Vec::new();
+    let mut routes = Vec::new();
+    for (version, weight) in &activation.versions {
+      let dir = self.version_dir(name, version);
+      let record = read_record(&dir)?;
+      routes = if record.manifest.routes.is_empty() {
+        vec![format!("/{name}/")]
+      } else {
+        record.manifest.routes.clone()
+      };
+      let function = match reuse.iter().find(|(v, _)| v == version) {
+        Some((_, function)) => function.clone(),
+        None => self.start_version(name, &dir, &record.manifest).await?,
+      };
+      versions.push(LiveVersion {
+        version: version.clone(),
+        weight: *weight,
+        function,
+      });
+    }
+    Ok(LiveFunction {
+      name: name.to_string(),
+      routes,
+      versions,
+      sticky: activation.sticky.clone(),
+    })
+  }
+
+  async fn start_version(
+    &self,
+    name: &str,
+    dir: &Path,
+    manifest: &Manifest,
+  ) -> Result<Arc<RoutedFunction>, DeployError> {
+    let problems = manifest.limits.problems();
+    if let Some((field, message)) = problems.first() {
+      return Err(DeployError::BadRequest(format!(
+        "manifest limits.{field}: {message}"
+      )));
+    }
+    let routes = route_patterns(name, manifest)?;
+    let function = FunctionConfig {
+      name: name.to_string(),
+      entry: dir.join(&manifest.entry),
+      routes,
+      env: manifest.env.clone(),
+      pool: PoolConfig::default(),
+      egress: EgressConfig::default(),
+      limits: Limits::resolve(&manifest.limits, &self.config.limits),
+      cache: RouteCacheConfig::default(),
+      disabled: None,
+    };
+    let code = FunctionCode::new(name, &function.entry, self.transpiler.clone())
+      .map_err(|err| DeployError::Unloadable(format!("{}: {err}", manifest.entry)))?;
+    let spec = FunctionSpec::new(&self.config, &function, code);
+    let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
+    if let Some(err) = pool.load_error() {
+      return Err(DeployError::Unloadable(format!(
+        "the version's module does not load: {err}"
+      )));
+    }
+    Ok(Arc::new(RoutedFunction::new(pool, &function)))
+  }
+
+  fn publish(&self, functions: Vec<Arc<LiveFunction>>) -> Result<(), DeployError> {
+    let mut routes = Vec::new();
+    for (index, function) in functions.iter().enumerate() {
+      for route in &function.routes {
+        let pattern = RoutePattern::parse(route).map_err(|err| {
+          DeployError::BadRequest(format!("route {route:?} of {}: {err}", function.name))
+        })?;
+        routes.push((pattern, index));
+      }
+    }
+    let router = (!routes.is_empty()).then(|| Router::new(routes));
+    self.live.store(Arc::new(LiveTable { router, functions }));
+    Ok(())
+  }
+}
+
+fn route_patterns(name: &str, manifest: &Manifest) -> Result<Vec<RoutePattern>, DeployError> {
+  let routes = if manifest.routes.is_empty() {
+    vec![format!("/{name}/")]
+  } else {
+    manifest.routes.clone()
+  };
+  routes
+    .iter()
+    .map(|route| {
+      RoutePattern::parse(route)
+        .map_err(|err| DeployError::BadRequest(format!("manifest routes: {route:?}: {err}")))
+    })
+    .collect()
+}
+
+fn sticky_value<'a>(sticky: &Sticky, headers: &'a http::HeaderMap) -> Option<&'a str> {
+  match sticky {
+    Sticky::Header(name) => headers.get(name.as_str())?.to_str().ok(),
+    Sticky::Cookie(name) => headers
+      .get_all(http::header::COOKIE)
+      .iter()
+      .filter_map(|v| v.to_str().ok())
+      .flat_map(|v| v.split(';'))
+      .filter_map(|pair| pair.trim().split_once('='))
+      .find(|(key, _)| key == name)
+      .map(|(_, value)| value),
+  }
+}
+
+fn unix_now() -> u64 {
+  SystemTime::now()
+    .duration_since(UNIX_EPOCH)
+    .map_or(0, |d| d.as_secs())
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>, DeployError> {
+  let entries = match std::fs::read_dir(dir) {
+    Ok(entries) => entries,
+    Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+    Err(err) => return Err(io(format!("reading {}", dir.display()))(err)),
+  };
+  entries
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(io(format!("reading {}", dir.display())))
+}
+
+fn read_record(dir: &Path) -> Result<VersionRecord, DeployError> {
+  let path = dir.join("version.json");
+  let text = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
+  serde_json::from_slice(&text).map_err(|err| DeployError::Io {
+    what: format!("reading {}", path.display()),
+    source: std::io::Error::new(std::io::ErrorKind::InvalidData, err),
+  })
+}
+
+fn write_synced(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+  let mut file = std::fs::File::create(path)?;
+  file.write_all(contents)?;
+  file.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+  std::fs::File::open(dir)?.sync_all()
+}
+
+/// Fsyncs `dir` and every directory below it.
+fn sync_dirs(dir: &Path) -> std::io::Result<()> {
+  for entry in std::fs::read_dir(dir)? {
+    let entry = entry?;
+    if entry.file_type()?.is_dir() {
+      sync_dirs(&entry.path())?;
+    }
+  }
+  sync_dir(dir)
+}
+
+/// The files of a bundle (a tar, gzipped or not), checked: relative paths that stay inside
+/// it, regular files and directories only, within [`MAX_BUNDLE_BYTES`].
+pub fn unpack(bundle: &[u8]) -> Result<Vec<(String, Vec<u8>)>, DeployError> {
+  let bad = |message: String| DeployError::BadRequest(format!("bundle: {message}"));
+  let reader: Box<dyn Read + '_> = if bundle.starts_with(&[0x1f, 0x8b]) {
+    Box::new(flate2::read::GzDecoder::new(bundle))
+  } else {
+    Box::new(bundle)
+  };
+  let mut archive = tar::Archive::new(reader.take(MAX_BUNDLE_BYTES as u64 + 1));
+  let entries = archive
+    .entries()
+    .map_err(|err| bad(format!("not a tar archive: {err}")))?;
+  let mut files = Vec::new();
+  let mut total = 0usize;
+  for entry in entries {
+    let mut entry = entry.map_err(|err| bad(format!("not a tar archive: {err}")))?;
+    let path = entry
+      .path()
+      .map_err(|err| bad(format!("unreadable path: {err}")))?
+      .into_owned();
+    let kind = entry.header().entry_type();
+    if kind.is_dir() {
+      continue;
+    }
+    if !kind.is_file() {
+      return Err(bad(format!(
+        "{} is not a regular file (links and devices are not accepted)",
+        path.display()
+      )));
+    }
+    let safe = !path.as_os_str().is_empty()
+      && path
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !safe {
+      return Err(bad(format!(
+        "{} leaves the bundle: paths must be relative, without ..",
+        path.display()
+      )));
+    }
+    let name: PathBuf = path
+      .components()
+      .filter(|c| *c != Component::CurDir)
+      .collect();
+    let name = name.to_string_lossy().replace('\\', "/");
+    if name == "version.json" || name.starts_with(".tmp-") {
+      return Err(bad(format!("{name} is a name Outpost keeps for itself")));
+    }
+    let mut contents = Vec::new();
+    entry
+      .read_to_end(&mut contents)
+      .map_err(|err| bad(format!("{name}: {err}")))?;
+    total += contents.len();
+    if total > MAX_BUNDLE_BYTES {
+      return Err(bad(format!(
+        "unpacks to more than {} MiB",
+        MAX_BUNDLE_BYTES >> 20
+      )));
+    }
+    files.push((name, contents));
+  }
+  files.sort();
+  files.dedup_by(|a, b| a.0 == b.0);
+  Ok(files)
+}
+
+/// The bundle's `manifest.json`, checked against its files.
+fn manifest(files: &[(String, Vec<u8>)]) -> Result<Manifest, DeployError> {
+  let bad = |message: String| DeployError::BadRequest(format!("bundle: {message}"));
+  let (_, text) = files
+    .iter()
+    .find(|(path, _)| path == "manifest.json")
+    .ok_or_else(|| {
+      bad(
+        "no manifest.json at its root; it names the entry module: {\"entry\": \"index.ts\"}".into(),
+      )
+    })?;
+  let manifest: Manifest =
+    serde_json::from_slice(text).map_err(|err| bad(format!("manifest.json: {err}")))?;
+  let entry = manifest.entry.trim_start_matches("./");
+  if !files.iter().any(|(path, _)| path == entry) {
+    return Err(bad(format!(
+      "manifest.json names entry {:?}, which is not in the bundle",
+      manifest.entry
+    )));
+  }
+  Ok(Manifest {
+    entry: entry.to_string(),
+    ..manifest
+  })
+}
+
+/// The content hash naming a version: its files' paths and contents.
+fn version_of(files: &[(String, Vec<u8>)]) -> String {
+  let mut hash = sha2::Sha256::new();
+  for (path, contents) in files {
+    hash.update((path.len() as u64).to_le_bytes());
+    hash.update(path.as_bytes());
+    hash.update((contents.len() as u64).to_le_bytes());
+    hash.update(contents);
+  }
+  hash.finalize()[..6]
+    .iter()
+    .map(|b| format!("{b:02x}"))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn tar(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, contents) in files {
+      let mut header = tar::Header::new_gnu();
+      header.set_size(contents.len() as u64);
+      header.set_mode(0o644);
+      header.set_entry_type(tar::EntryType::Regular);
+      // set_path refuses "..": write the raw name to test what a hostile archive holds.
+      let name = &mut header.as_old_mut().name;
+      name[..path.len()].copy_from_slice(path.as_bytes());
+      header.set_cksum();
+      builder.append(&header, contents.as_bytes()).unwrap();
+    }
+    builder.into_inner().unwrap()
+  }
+
+  #[test]
+  fn bundles_unpack_and_hash_by_content() {
+    let files = unpack(&tar(&[
+      ("manifest.json", r#"{"entry": "./index.js"}"#),
+      ("./index.js", "export default {}"),
+    ]))
+    .unwrap();
+    assert_eq!(manifest(&files).unwrap().entry, "index.js");
+    let same = unpack(&tar(&[
+      ("index.js", "export default {}"),
+      ("manifest.json", r#"{"entry": "./index.js"}"#),
+    ]))
+    .unwrap();
+    assert_eq!(version_of(&files), version_of(&same));
+    let other = unpack(&tar(&[
+      ("manifest.json", r#"{"entry": "./index.js"}"#),
+      ("index.js", "export default { }"),
+    ]))
+    .unwrap();
+    assert_ne!(version_of(&files), version_of(&other));
+  }
+
+  #[test]
+  fn hostile_or_incomplete_bundles_are_refused_with_the_reason() {
+    let message = |bundle: Vec<u8>| match unpack(&bundle).and_then(|files| manifest(&files)) {
+      Err(DeployError::BadRequest(message)) => message,
+      other => panic!("{other:?}"),
+    };
+    assert!(message(tar(&[("../evil.js", "x")])).contains("leaves the bundle"));
+    assert!(message(tar(&[("/etc/passwd", "x")])).contains("leaves the bundle"));
+    assert!(message(tar(&[("index.js", "x")])).contains("no manifest.json"));
+    assert!(message(tar(&[("manifest.json", r#"{"entry": "main.ts"}"#)])).contains("main.ts"));
+    assert!(message(tar(&[("manifest.json", r#"{"entri": "x"}"#)])).contains("unknown field"));
+    assert!(message(b"not a tar at all, just text that is long enough".repeat(20)).contains("tar"));
+  }
+}

@@ -1,0 +1,365 @@
+//! Versioned deploys through the admin API and the CLI: hot swap under load, rollback,
+//! canary splits, restarts and kill -9 in the middle of a deploy.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::support::{Outpost, functions_config, http1, run_outpost};
+
+/// A node with the deploy API on, keeping deployments in `data` (outside its own temporary
+/// directory, so a second node can be started on them).
+fn node(data: &Path) -> Outpost {
+  Outpost::start(
+    &functions_config(
+      &format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\ndata_dir = \"{}\"",
+        data.display()
+      ),
+      &[("static", "static.js", r#"routes = ["static.test/"]"#)],
+    ),
+    &[(
+      "static.js",
+      "export default { fetch: () => new Response('static') };",
+    )],
+  )
+}
+
+/// A function directory answering `body`.
+fn function_dir(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
+  let dir = root.join(name);
+  std::fs::create_dir_all(&dir).unwrap();
+  std::fs::write(
+    dir.join("index.js"),
+    format!("export default {{ fetch: () => new Response({body:?}) }};"),
+  )
+  .unwrap();
+  dir
+}
+
+/// Runs an `outpost` admin command against `outpost`; returns its output, or panics.
+async fn cli(outpost: &Outpost, args: &[&str]) -> String {
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+  full.extend(["--admin".to_string(), admin]);
+  let cwd = outpost.dir().to_path_buf();
+  let (status, output) = tokio::task::spawn_blocking(move || {
+    let args: Vec<&str> = full.iter().map(String::as_str).collect();
+    run_outpost(&args, &cwd)
+  })
+  .await
+  .unwrap();
+  assert!(status.success(), "outpost {args:?} failed: {output}");
+  output
+}
+
+/// `/api/` until it answers `expected`.
+async fn wait_for(outpost: &Outpost, expected: &str) {
+  outpost
+    .wait_for_text(
+      "/api/",
+      expected,
+      &format!("/api/ never answered {expected:?}"),
+    )
+    .await;
+}
+
+fn version_of(output: &str) -> String {
+  output
+    .split("version ")
+    .nth(1)
+    .and_then(|rest| rest.split_whitespace().next())
+    .unwrap_or_else(|| panic!("no version in {output:?}"))
+    .to_string()
+}
+
+#[tokio::test]
+async fn deploys_and_rollbacks_under_load_fail_no_request() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = Arc::new(node(data.path()));
+  let v1 = function_dir(outpost.dir(), "v1", "v1");
+  let v2 = function_dir(outpost.dir(), "v2", "v2");
+  cli(&outpost, &["deploy", v1.to_str().unwrap(), "--name", "api"]).await;
+  wait_for(&outpost, "v1").await;
+
+  let stop = Arc::new(AtomicBool::new(false));
+  let failures = Arc::new(AtomicUsize::new(0));
+  let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+  let mut load = Vec::new();
+  for _ in 0..4 {
+    let (stop, failures, seen, url) = (
+      stop.clone(),
+      failures.clone(),
+      seen.clone(),
+      outpost.url("/api/"),
+    );
+    load.push(tokio::spawn(async move {
+      let client = http1();
+      while !stop.load(Ordering::Relaxed) {
+        match client.get(&url).send().await {
+          Ok(response) if response.status() == 200 => {
+            let body = response.text().await.unwrap_or_default();
+            let mut seen = seen.lock().unwrap();
+            if seen.last() != Some(&body) {
+              seen.push(body);
+            }
+          }
+          _ => {
+            failures.fetch_add(1, Ordering::Relaxed);
+          }
+        }
+      }
+    }));
+  }
+  tokio::time::sleep(Duration::from_millis(200)).await;
+  let deployed = cli(&outpost, &["deploy", v2.to_str().unwrap(), "--name", "api"]).await;
+  assert!(deployed.contains("(new)"), "{deployed}");
+  wait_for(&outpost, "v2").await;
+  tokio::time::sleep(Duration::from_millis(200)).await;
+  let rolled = cli(&outpost, &["rollback", "api"]).await;
+  assert!(rolled.contains("now serves version"), "{rolled}");
+  wait_for(&outpost, "v1").await;
+  tokio::time::sleep(Duration::from_millis(200)).await;
+  stop.store(true, Ordering::Relaxed);
+  for task in load {
+    task.await.unwrap();
+  }
+  assert_eq!(failures.load(Ordering::Relaxed), 0);
+  let seen = seen.lock().unwrap().clone();
+  assert!(seen.contains(&"v2".to_string()), "{seen:?}");
+  assert_eq!(seen.last().map(String::as_str), Some("v1"), "{seen:?}");
+  // Once traffic moved, it never went back: each switch shows once per load task at most.
+  let switches = seen.windows(2).filter(|w| w[0] != w[1]).count();
+  assert!(switches <= 2 * 4, "{seen:?}");
+
+  let versions = cli(&outpost, &["versions", "api"]).await;
+  assert_eq!(versions.lines().count(), 3, "{versions}");
+  assert!(versions.contains("100%"), "{versions}");
+}
+
+#[tokio::test]
+async fn a_ninety_ten_split_lands_within_tolerance_and_sticky_clients_stay() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let a = version_of(
+    &cli(
+      &outpost,
+      &[
+        "deploy",
+        function_dir(outpost.dir(), "a", "a").to_str().unwrap(),
+        "--name",
+        "api",
+      ],
+    )
+    .await,
+  );
+  let b = version_of(
+    &cli(
+      &outpost,
+      &[
+        "deploy",
+        function_dir(outpost.dir(), "b", "b").to_str().unwrap(),
+        "--name",
+        "api",
+      ],
+    )
+    .await,
+  );
+  cli(
+    &outpost,
+    &["split", "api", &format!("{a}=90"), &format!("{b}=10")],
+  )
+  .await;
+  let client = http1();
+  let mut b_count = 0;
+  for _ in 0..2000 {
+    if client
+      .get(outpost.url("/api/"))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap()
+      == "b"
+    {
+      b_count += 1;
+    }
+  }
+  // 10% of 2000 is 200; the binomial spread is about 13.
+  assert!(
+    (140..=260).contains(&b_count),
+    "{b_count} of 2000 went to b"
+  );
+
+  cli(
+    &outpost,
+    &[
+      "split",
+      "api",
+      &format!("{a}=50"),
+      &format!("{b}=50"),
+      "--sticky-header",
+      "x-user",
+    ],
+  )
+  .await;
+  for user in ["alice", "bob", "carol"] {
+    let mut bodies = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+      let response = client
+        .get(outpost.url("/api/"))
+        .header("x-user", user)
+        .send()
+        .await
+        .unwrap();
+      bodies.insert(response.text().await.unwrap());
+    }
+    assert_eq!(bodies.len(), 1, "{user} saw {bodies:?}");
+  }
+}
+
+/// `outpost` is killed with -9 at several points of a deploy of v2 over a serving v1; each
+/// restart must serve exactly one of the two, list only complete versions, and agree with
+/// itself: the version listed at 100% is the one that answers.
+#[tokio::test]
+async fn kill_nine_during_a_deploy_restarts_consistent() {
+  let data = tempfile::tempdir().unwrap();
+  let work = tempfile::tempdir().unwrap();
+  let v1 = function_dir(work.path(), "v1", "v1");
+  {
+    let outpost = node(data.path());
+    cli(&outpost, &["deploy", v1.to_str().unwrap(), "--name", "api"]).await;
+    wait_for(&outpost, "v1").await;
+  }
+  // Kill points: after fixed delays, and at the moment the upload's temporary directory
+  // appears (mid-write) or the new version's directory appears (stored, not yet active).
+  let points = [
+    KillAt::Delay(50),
+    KillAt::Delay(150),
+    KillAt::Delay(300),
+    KillAt::Delay(600),
+    KillAt::Appears(".tmp-"),
+    KillAt::Appears("stored"),
+    KillAt::Delay(1500),
+  ];
+  let mut outcomes = Vec::new();
+  let mut serving_before = "v1".to_string();
+  for (round, point) in points.into_iter().enumerate() {
+    let outpost = node(data.path());
+    // A bundle with a few MiB of data, so the upload takes a while.
+    let v2 = function_dir(work.path(), &format!("v2-{round}"), &format!("v2-{round}"));
+    std::fs::write(v2.join("padding.bin"), vec![round as u8; 4 << 20]).unwrap();
+    let admin = format!("http://{}", outpost.admin.unwrap());
+    let versions_dir = data.path().join("functions/api/versions");
+    let before = std::fs::read_dir(&versions_dir)
+      .unwrap()
+      .filter_map(Result::ok)
+      .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
+      .count();
+    let mut deploy = std::process::Command::new(crate::support::outpost_bin())
+      .args([
+        "deploy",
+        v2.to_str().unwrap(),
+        "--name",
+        "api",
+        "--admin",
+        &admin,
+      ])
+      .stdout(std::process::Stdio::null())
+      .stderr(std::process::Stdio::null())
+      .spawn()
+      .unwrap();
+    match point {
+      KillAt::Delay(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+      KillAt::Appears(what) => {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+          let names: Vec<String> = std::fs::read_dir(&versions_dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+          let hit = match what {
+            ".tmp-" => names.iter().any(|n| n.starts_with(".tmp-")),
+            _ => names.iter().filter(|n| !n.starts_with(".tmp-")).count() > before,
+          };
+          if hit || std::time::Instant::now() > deadline {
+            break;
+          }
+          std::thread::sleep(Duration::from_micros(200));
+        }
+      }
+    }
+    outpost.signal("KILL");
+    let _ = deploy.wait();
+    drop(outpost);
+
+    let outpost = node(data.path());
+    let answer = outpost.get_text("/api/").await;
+    let versions: serde_json::Value = http1()
+      .get(format!(
+        "http://{}/functions/api/versions",
+        outpost.admin.unwrap()
+      ))
+      .send()
+      .await
+      .unwrap()
+      .json()
+      .await
+      .unwrap();
+    let listed = versions["versions"].as_array().unwrap();
+    outcomes.push((point, answer.clone(), listed.len()));
+    eprintln!(
+      "kill at {point:?}: serving {answer}, {} versions",
+      listed.len()
+    );
+    let serving: Vec<&serde_json::Value> = listed.iter().filter(|v| v["weight"] == 100).collect();
+    assert_eq!(serving.len(), 1, "round {round}: {versions}");
+    assert!(
+      answer == serving_before || answer == format!("v2-{round}"),
+      "round {round}: answered {answer:?}, before the deploy {serving_before:?}"
+    );
+    // Every listed version is complete: each serves when activated.
+    for version in listed {
+      let version = version["version"].as_str().unwrap();
+      cli(&outpost, &["rollback", "api", "--to", version]).await;
+      let body = outpost.get_text("/api/").await;
+      assert!(
+        body == "v1" || body.starts_with("v2-"),
+        "round {round}: {version} answered {body:?}"
+      );
+    }
+    cli(
+      &outpost,
+      &[
+        "rollback",
+        "api",
+        "--to",
+        serving[0]["version"].as_str().unwrap(),
+      ],
+    )
+    .await;
+    let leftovers: Vec<_> = std::fs::read_dir(data.path().join("functions/api/versions"))
+      .unwrap()
+      .filter_map(Result::ok)
+      .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+      .collect();
+    assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
+    serving_before = answer;
+  }
+  // The kill points did land in different places: some deploys were lost, some kept.
+  let kept = outcomes
+    .iter()
+    .filter(|(_, answer, _)| answer.starts_with("v2-"))
+    .count();
+  assert!(kept > 0 && kept < outcomes.len(), "{outcomes:?}");
+}
+
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+  Delay(u64),
+  /// A `.tmp-` directory, or ("stored") one more complete version than before the deploy.
+  Appears(&'static str),
+}
