@@ -192,6 +192,38 @@ async fn a_ninety_ten_split_lands_within_tolerance_and_sticky_clients_stay() {
     (140..=260).contains(&b_count),
     "{b_count} of 2000 went to b"
   );
+  // Usage and metrics are per version (read once the last request is accounted).
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let deadline = std::time::Instant::now() + Duration::from_secs(10);
+  let usage = loop {
+    let usage: serde_json::Value = client
+      .get(format!("{admin}/usage"))
+      .send()
+      .await
+      .unwrap()
+      .json()
+      .await
+      .unwrap();
+    if usage["functions"]["api"]["requests"] == 2000 || std::time::Instant::now() > deadline {
+      break usage;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+  };
+  let per_version = &usage["functions"]["api"]["versions"];
+  assert_eq!(per_version[&b]["requests"], b_count, "{usage}");
+  assert_eq!(per_version[&a]["requests"], 2000 - b_count, "{usage}");
+  let metrics = client
+    .get(format!("{admin}/metrics"))
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+  let line = format!(
+    "outpost_invocations_total{{function=\"api\",outcome=\"ok\",status_class=\"2xx\",version=\"{b}\"}} {b_count}"
+  );
+  assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
 
   cli(
     &outpost,

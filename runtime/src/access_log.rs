@@ -30,6 +30,7 @@ struct IsolateUsage {
 #[derive(Debug, Default)]
 struct Outcome {
   function: Option<String>,
+  version: Option<String>,
   trace_id: Option<String>,
   status: u16,
   /// The `outpost-error` / `outpost-termination` value of a response Outpost made.
@@ -84,9 +85,11 @@ impl AccessRecord {
     self.outcome.lock().expect("access record lock")
   }
 
-  /// The function the request was routed to.
-  pub fn set_function(&self, function: &str) {
-    self.outcome().function = Some(function.to_string());
+  /// The function the request was routed to, and its version when it is a deployed one.
+  pub fn set_function(&self, function: &str, version: Option<&str>) {
+    let mut outcome = self.outcome();
+    outcome.function = Some(function.to_string());
+    outcome.version = version.map(str::to_string);
   }
 
   /// The W3C trace id the request belongs to.
@@ -143,6 +146,7 @@ impl AccessRecord {
       request_id = self.request_id,
       trace_id = outcome.trace_id.as_deref(),
       function = function.unwrap_or(""),
+      version = outcome.version.as_deref(),
       host = self.host,
       method = self.method,
       path = self.path,
@@ -158,6 +162,7 @@ impl AccessRecord {
     );
     self.observers.metrics.record(&Completed {
       function,
+      version: outcome.version.as_deref(),
       status: outcome.status,
       error: outcome.error.as_deref(),
       wall_seconds: wall.as_secs_f64(),
@@ -171,10 +176,12 @@ impl AccessRecord {
         egress_bytes: usage.egress_bytes,
         subrequests: u64::from(usage.subrequests),
       };
-      self
-        .observers
-        .usage
-        .record(function, &cost, SystemTime::now());
+      self.observers.usage.record(
+        function,
+        outcome.version.as_deref(),
+        &cost,
+        SystemTime::now(),
+      );
     }
   }
 }

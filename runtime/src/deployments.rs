@@ -490,7 +490,11 @@ impl Deployments {
       };
       let function = match reuse.iter().find(|(v, _)| v == version) {
         Some((_, function)) => function.clone(),
-        None => self.start_version(name, &dir, &record.manifest).await?,
+        None => {
+          self
+            .start_version(name, version, &dir, &record.manifest)
+            .await?
+        }
       };
       versions.push(LiveVersion {
         version: version.clone(),
@@ -509,6 +513,7 @@ impl Deployments {
   async fn start_version(
     &self,
     name: &str,
+    version: &str,
     dir: &Path,
     manifest: &Manifest,
   ) -> Result<Arc<RoutedFunction>, DeployError> {
@@ -539,7 +544,11 @@ impl Deployments {
         "the version's module does not load: {err}"
       )));
     }
-    Ok(Arc::new(RoutedFunction::new(pool, &function)))
+    Ok(Arc::new(RoutedFunction::new(
+      pool,
+      &function,
+      Some(version.to_string()),
+    )))
   }
 
   fn publish(&self, functions: Vec<Arc<LiveFunction>>) -> Result<(), DeployError> {

@@ -25,6 +25,8 @@ const BUCKETS: [f64; 18] = [
 pub struct Completed<'a> {
   /// `None` when no function was routed (a 404 or a malformed request).
   pub function: Option<&'a str>,
+  /// The deployed version (`None` for functions of the config file).
+  pub version: Option<&'a str>,
   pub status: u16,
   /// What ended the request when it was not the function's own answer: the value of the
   /// `outpost-error` or `outpost-termination` header (`cpu-limit`, `overloaded`, ...).
@@ -110,8 +112,8 @@ impl NodeMetrics {
     NodeMetrics {
       invocations: counter(
         "outpost_invocations_total",
-        "Requests routed to a function, by outcome (ok, or the error kind) and status class",
-        &["function", "outcome", "status_class"],
+        "Requests routed to a function, by version (deployed functions), outcome (ok, or the error kind) and status class",
+        &["function", "version", "outcome", "status_class"],
       ),
       errors: counter(
         "outpost_errors_total",
@@ -183,9 +185,10 @@ impl NodeMetrics {
       _ => "5xx",
     };
     let outcome = request.error.unwrap_or("ok");
+    let version = request.version.unwrap_or("");
     self
       .invocations
-      .with_label_values(&[function, outcome, class])
+      .with_label_values(&[function, version, outcome, class])
       .inc();
     self
       .duration

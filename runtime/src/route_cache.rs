@@ -112,7 +112,7 @@ fn revalidate(
     "GET",
     uri.as_ref().map_or("/", |u| u.path()),
   );
-  access.set_function(call.function.name());
+  access.set_function(call.function.name(), call.function.version());
   let trace = TraceContext::from_headers(&headers);
   access.set_trace_id(trace.trace_id_hex());
   let refresh = FunctionCall {

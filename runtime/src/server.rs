@@ -210,7 +210,7 @@ impl Node {
     let functions = pools
       .into_iter()
       .zip(&config.functions)
-      .map(|(pool, function)| Arc::new(RoutedFunction::new(pool, function)))
+      .map(|(pool, function)| Arc::new(RoutedFunction::new(pool, function, None)))
       .collect();
     // Listen only once the spares exist, so the first new isolate never waits for one.
     factory.spares_settled().await;
@@ -689,7 +689,7 @@ async fn dispatch(
       format!("outpost: no function is routed for {authority}{path}\n"),
     );
   };
-  access.set_function(function.name());
+  access.set_function(function.name(), function.version());
   if let Some(status) = function.disabled {
     return outpost_response(
       status,
@@ -1010,11 +1010,18 @@ pub(crate) struct RoutedFunction {
   pub(crate) route_cache: bool,
   /// The status its routes answer when `[[overrides]]` switch it off on this node.
   disabled: Option<StatusCode>,
+  /// The deployed version this is; `None` for a function of the config file.
+  version: Option<String>,
 }
 
 impl RoutedFunction {
-  pub(crate) fn new(pool: Arc<IsolatePool>, function: &FunctionConfig) -> RoutedFunction {
+  pub(crate) fn new(
+    pool: Arc<IsolatePool>,
+    function: &FunctionConfig,
+    version: Option<String>,
+  ) -> RoutedFunction {
     RoutedFunction {
+      version,
       pool,
       limits: function.limits,
       slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
@@ -1028,6 +1035,11 @@ impl RoutedFunction {
   /// The function's name (also its cache namespace).
   pub(crate) fn name(&self) -> &str {
     self.pool.name()
+  }
+
+  /// The deployed version, if it is one.
+  pub(crate) fn version(&self) -> Option<&str> {
+    self.version.as_deref()
   }
 }
 

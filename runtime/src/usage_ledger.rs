@@ -1,5 +1,5 @@
-//! Usage per function for billing: requests, CPU and wall time, egress bytes and
-//! subrequests, added up per minute and kept for a day. Read as JSON from the admin
+//! Usage per function (and per version, for deployed functions) for billing: requests, CPU
+//! and wall time, egress bytes and subrequests, added up per minute and kept for a day. Read as JSON from the admin
 //! listener (`GET /usage?since=<unix seconds>`).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -55,13 +55,25 @@ pub struct UsageReport {
   pub since: u64,
   /// Unix seconds: now.
   pub until: u64,
-  pub functions: BTreeMap<String, UsageTotals>,
+  pub functions: BTreeMap<String, FunctionUsage>,
 }
+
+/// One function's totals, and for a deployed function, each version's.
+#[derive(Debug, Default, Serialize)]
+pub struct FunctionUsage {
+  #[serde(flatten)]
+  pub totals: UsageTotals,
+  #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+  pub versions: BTreeMap<String, UsageTotals>,
+}
+
+/// Totals per function and version (empty for functions of the config file).
+type MinuteTotals = BTreeMap<(String, String), UsageTotals>;
 
 /// Per-minute totals per function.
 #[derive(Default)]
 pub struct UsageLedger {
-  minutes: Mutex<VecDeque<(u64, BTreeMap<String, UsageTotals>)>>,
+  minutes: Mutex<VecDeque<(u64, MinuteTotals)>>,
 }
 
 fn unix_seconds(time: SystemTime) -> u64 {
@@ -69,8 +81,8 @@ fn unix_seconds(time: SystemTime) -> u64 {
 }
 
 impl UsageLedger {
-  /// Adds one completed request of `function` at `at`.
-  pub fn record(&self, function: &str, cost: &RequestCost, at: SystemTime) {
+  /// Adds one completed request of `function` (`version`) at `at`.
+  pub fn record(&self, function: &str, version: Option<&str>, cost: &RequestCost, at: SystemTime) {
     let minute = unix_seconds(at) / 60;
     let mut minutes = self.minutes.lock().expect("usage lock");
     if minutes.back().is_none_or(|(last, _)| *last < minute) {
@@ -89,7 +101,11 @@ impl UsageLedger {
       .find(|(m, _)| *m <= minute)
       .map(|(_, totals)| totals);
     if let Some(totals) = slot {
-      totals.entry(function.to_string()).or_default().add(cost);
+      let key = (
+        function.to_string(),
+        version.unwrap_or_default().to_string(),
+      );
+      totals.entry(key).or_default().add(cost);
     }
   }
 
@@ -99,10 +115,18 @@ impl UsageLedger {
     let minutes = self.minutes.lock().expect("usage lock");
     let oldest_kept = (unix_seconds(now) / 60).saturating_sub(RETAINED_MINUTES - 1) * 60;
     let since = (since / 60 * 60).max(oldest_kept);
-    let mut functions = BTreeMap::<String, UsageTotals>::new();
+    let mut functions = BTreeMap::<String, FunctionUsage>::new();
     for (_, totals) in minutes.iter().filter(|(m, _)| m * 60 >= since) {
-      for (function, usage) in totals {
-        functions.entry(function.clone()).or_default().merge(usage);
+      for ((function, version), usage) in totals {
+        let entry = functions.entry(function.clone()).or_default();
+        entry.totals.merge(usage);
+        if !version.is_empty() {
+          entry
+            .versions
+            .entry(version.clone())
+            .or_default()
+            .merge(usage);
+        }
       }
     }
     UsageReport {
@@ -130,34 +154,36 @@ mod tests {
   fn totals_per_function_from_the_minute_of_since() {
     let ledger = UsageLedger::default();
     let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    ledger.record("a", &cost(2), t0);
-    ledger.record("b", &cost(5), t0 + Duration::from_secs(10));
-    ledger.record("a", &cost(3), t0 + Duration::from_secs(120));
+    ledger.record("a", None, &cost(2), t0);
+    ledger.record("b", Some("v1"), &cost(5), t0 + Duration::from_secs(10));
+    ledger.record("a", None, &cost(3), t0 + Duration::from_secs(120));
     let now = t0 + Duration::from_secs(130);
 
     let all = ledger.since(0, now);
-    assert_eq!(all.functions["a"].requests, 2);
-    assert_eq!(all.functions["a"].cpu_ms, 5.0);
-    assert_eq!(all.functions["a"].wall_ms, 10.0);
-    assert_eq!(all.functions["a"].egress_bytes, 200);
-    assert_eq!(all.functions["b"].subrequests, 1);
+    assert_eq!(all.functions["a"].totals.requests, 2);
+    assert_eq!(all.functions["a"].totals.cpu_ms, 5.0);
+    assert_eq!(all.functions["a"].totals.wall_ms, 10.0);
+    assert_eq!(all.functions["a"].totals.egress_bytes, 200);
+    assert_eq!(all.functions["b"].totals.subrequests, 1);
+    assert_eq!(all.functions["b"].versions["v1"].requests, 1);
+    assert!(all.functions["a"].versions.is_empty());
 
     // From the minute of t0 + 120 s: only the later request of "a".
     let later = ledger.since(unix_seconds(t0) + 125, now);
     assert_eq!(later.since, (unix_seconds(t0) + 120) / 60 * 60);
     assert_eq!(later.functions.len(), 1);
-    assert_eq!(later.functions["a"].cpu_ms, 3.0);
+    assert_eq!(later.functions["a"].totals.cpu_ms, 3.0);
   }
 
   #[test]
   fn a_day_is_kept() {
     let ledger = UsageLedger::default();
     let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    ledger.record("old", &cost(1), t0);
+    ledger.record("old", None, &cost(1), t0);
     let next_day = t0 + Duration::from_secs(RETAINED_MINUTES * 60);
-    ledger.record("new", &cost(1), next_day);
+    ledger.record("new", None, &cost(1), next_day);
     let report = ledger.since(0, next_day);
     assert!(!report.functions.contains_key("old"), "{report:?}");
-    assert_eq!(report.functions["new"].requests, 1);
+    assert_eq!(report.functions["new"].totals.requests, 1);
   }
 }
