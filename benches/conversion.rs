@@ -93,6 +93,7 @@ fn benches(c: &mut Criterion) {
       ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
     },
     console_bytes: 64 * 1024,
+    secrets: Arc::default(),
   };
   let (sender, receiver) = mpsc::channel(8);
   let mut isolate = BlankIsolate::new(Some(receiver), HEAP, None).unwrap();

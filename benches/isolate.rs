@@ -43,6 +43,7 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
       ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
     },
     console_bytes: 64 * 1024,
+    secrets: Arc::default(),
   }
 }
 

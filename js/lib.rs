@@ -66,7 +66,8 @@ deno_core::extension!(
 );
 
 /// Writes one line of a handler's console output to the server log, tagged with the
-/// function's name and the request id (empty outside a request). Levels follow deno's
+/// function's name and the request id (empty outside a request), with the function's secret
+/// values redacted. Levels follow deno's
 /// Console: 0 debug, 1 log/info, 2 warn, 3 error.
 #[op2(fast)]
 fn op_bootstrap_console(
@@ -79,7 +80,8 @@ fn op_bootstrap_console(
     .try_borrow::<FunctionName>()
     .map_or("<blank>", |f| f.0.as_str());
   let request_id = (!request_id.is_empty()).then_some(request_id);
-  let message = message.strip_suffix('\n').unwrap_or(message);
+  let message = outpost_ext_dispatch::redact(state, message);
+  let message = message.strip_suffix('\n').unwrap_or(&message);
   match level {
     0 => tracing::debug!(target: "outpost::console", function, request_id, "{message}"),
     1 => tracing::info!(target: "outpost::console", function, request_id, "{message}"),

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::{Outpost, functions_config, http1, run_outpost};
 
@@ -85,7 +85,8 @@ async fn deploys_and_rollbacks_under_load_fail_no_request() {
 
   let stop = Arc::new(AtomicBool::new(false));
   let failures = Arc::new(AtomicUsize::new(0));
-  let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+  // (when the request was sent, what answered it)
+  let seen = Arc::new(std::sync::Mutex::new(Vec::<(Instant, String)>::new()));
   let mut load = Vec::new();
   for _ in 0..4 {
     let (stop, failures, seen, url) = (
@@ -97,15 +98,18 @@ async fn deploys_and_rollbacks_under_load_fail_no_request() {
     load.push(tokio::spawn(async move {
       let client = http1();
       while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
         match client.get(&url).send().await {
           Ok(response) if response.status() == 200 => {
             let body = response.text().await.unwrap_or_default();
-            let mut seen = seen.lock().unwrap();
-            if seen.last() != Some(&body) {
-              seen.push(body);
-            }
+            seen.lock().unwrap().push((sent, body));
           }
-          _ => {
+          other => {
+            let what = match other {
+              Ok(response) => format!("{} {:?}", response.status(), response.text().await),
+              Err(err) => format!("{err:?}"),
+            };
+            eprintln!("failed request: {what}");
             failures.fetch_add(1, Ordering::Relaxed);
           }
         }
@@ -114,10 +118,13 @@ async fn deploys_and_rollbacks_under_load_fail_no_request() {
   }
   tokio::time::sleep(Duration::from_millis(200)).await;
   let deployed = cli(&outpost, &["deploy", v2.to_str().unwrap(), "--name", "api"]).await;
+  let v2_serving = Instant::now();
   assert!(deployed.contains("(new)"), "{deployed}");
   wait_for(&outpost, "v2").await;
   tokio::time::sleep(Duration::from_millis(200)).await;
+  let rollback_started = Instant::now();
   let rolled = cli(&outpost, &["rollback", "api"]).await;
+  let v1_serving = Instant::now();
   assert!(rolled.contains("now serves version"), "{rolled}");
   wait_for(&outpost, "v1").await;
   tokio::time::sleep(Duration::from_millis(200)).await;
@@ -126,12 +133,23 @@ async fn deploys_and_rollbacks_under_load_fail_no_request() {
     task.await.unwrap();
   }
   assert_eq!(failures.load(Ordering::Relaxed), 0);
+  // Once an activation has returned, every request sent after it is answered by the new
+  // version: traffic moved in one step and never went back.
   let seen = seen.lock().unwrap().clone();
-  assert!(seen.contains(&"v2".to_string()), "{seen:?}");
-  assert_eq!(seen.last().map(String::as_str), Some("v1"), "{seen:?}");
-  // Once traffic moved, it never went back: each switch shows once per load task at most.
-  let switches = seen.windows(2).filter(|w| w[0] != w[1]).count();
-  assert!(switches <= 2 * 4, "{seen:?}");
+  let answers = |from: Instant, until: Instant| -> std::collections::BTreeSet<String> {
+    seen
+      .iter()
+      .filter(|(sent, _)| *sent >= from && *sent < until)
+      .map(|(_, body)| body.clone())
+      .collect()
+  };
+  let far = Instant::now() + Duration::from_secs(3600);
+  assert_eq!(
+    answers(v2_serving, rollback_started),
+    ["v2".to_string()].into()
+  );
+  assert_eq!(answers(v1_serving, far), ["v1".to_string()].into());
+  assert!(seen.len() > 20, "{} requests", seen.len());
 
   let versions = cli(&outpost, &["versions", "api"]).await;
   assert_eq!(versions.lines().count(), 3, "{versions}");
@@ -394,4 +412,133 @@ enum KillAt {
   Delay(u64),
   /// A `.tmp-` directory, or ("stored") one more complete version than before the deploy.
   Appears(&'static str),
+}
+
+#[tokio::test]
+async fn secrets_reach_env_and_never_the_logs_or_admin_answers() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let dir = outpost.dir().join("secretive");
+  std::fs::create_dir_all(&dir).unwrap();
+  std::fs::write(
+    dir.join("manifest.json"),
+    r#"{"entry": "index.js", "secrets": ["API_KEY"]}"#,
+  )
+  .unwrap();
+  std::fs::write(
+    dir.join("index.js"),
+    r#"export default { async fetch(request, env, ctx) {
+      console.log(`the key is ${env.API_KEY}`);
+      ctx.waitUntil(Promise.reject(new Error(`waitUntil saw ${env.API_KEY}`)));
+      if (new URL(request.url).pathname.endsWith("/throw")) throw new Error(`failed with ${env.API_KEY}`);
+      return new Response(`length ${env.API_KEY.length}`);
+    } };"#,
+  )
+  .unwrap();
+  let deploy = || {
+    let args = [
+      "deploy",
+      dir.to_str().unwrap(),
+      "--name",
+      "api",
+      "--admin",
+      &admin,
+    ]
+    .map(str::to_string);
+    let cwd = outpost.dir().to_path_buf();
+    move || {
+      let args: Vec<&str> = args.iter().map(String::as_str).collect();
+      run_outpost(&args, &cwd)
+    }
+  };
+  // Not set yet: the version is stored but cannot serve.
+  let (status, output) = tokio::task::spawn_blocking(deploy()).await.unwrap();
+  assert!(
+    !status.success() && output.contains("needs secret API_KEY"),
+    "{output}"
+  );
+
+  let client = http1();
+  let first = "s3cr3t-Zeta-9876";
+  let response = client
+    .put(format!("{admin}/functions/api/secrets/API_KEY"))
+    .body(first)
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 200);
+  let answer = response.text().await.unwrap();
+  assert!(!answer.contains(first), "{answer}");
+  let (status, output) = tokio::task::spawn_blocking(deploy()).await.unwrap();
+  assert!(status.success(), "{output}");
+  assert_eq!(outpost.get_text("/api/").await, "length 16");
+  assert_eq!(
+    http1()
+      .get(outpost.url("/api/throw"))
+      .send()
+      .await
+      .unwrap()
+      .status(),
+    500
+  );
+
+  // A new value restarts the serving version with it.
+  let second = "n3w-Value-4321";
+  client
+    .put(format!("{admin}/functions/api/secrets/API_KEY"))
+    .body(second)
+    .send()
+    .await
+    .unwrap();
+  outpost
+    .wait_for_text("/api/", "length 14", "the new secret never served")
+    .await;
+
+  let names = client
+    .get(format!("{admin}/functions/api/secrets"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(
+    names.json::<serde_json::Value>().await.unwrap()["secrets"],
+    serde_json::json!(["API_KEY"])
+  );
+  for path in [
+    "/functions",
+    "/functions/api/versions",
+    "/metrics",
+    "/usage",
+  ] {
+    let text = client
+      .get(format!("{admin}{path}"))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap();
+    assert!(
+      !text.contains(first) && !text.contains(second),
+      "{path}: {text}"
+    );
+  }
+  let logs = outpost.wait_for_log("waitUntil saw [redacted]");
+  assert!(logs.contains("the key is [redacted]"), "{logs}");
+  assert!(logs.contains("failed with [redacted]"), "{logs}");
+  assert!(!logs.contains(first) && !logs.contains(second), "{logs}");
+
+  use std::os::unix::fs::PermissionsExt;
+  let mode = std::fs::metadata(data.path().join("functions/api/secrets.json"))
+    .unwrap()
+    .permissions()
+    .mode();
+  assert_eq!(mode & 0o777, 0o600);
+  let bad = client
+    .put(format!("{admin}/functions/api/secrets/lower-case"))
+    .body("x")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(bad.status(), 400);
 }

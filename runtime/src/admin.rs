@@ -15,7 +15,8 @@
 //!   `GET /functions/{name}/versions`, `POST /functions/{name}/activate` with
 //!   `{"version": "..."}` (also the rollback), `POST /functions/{name}/split` with
 //!   `{"versions": {"a": 95, "b": 5}, "sticky": {"header": "x-user"}}`, and
-//!   `DELETE /functions/{name}`.
+//!   `DELETE /functions/{name}`; `PUT|DELETE /functions/{name}/secrets/{NAME}` (the value is
+//!   the body) and `GET /functions/{name}/secrets` (names only).
 //! - `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 when the node serves
 //!   traffic, 503 while it drains on shutdown. These two need no token (load balancers and
 //!   process supervisors probe them) and say nothing about the node's contents.
@@ -230,6 +231,37 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
         &serde_json::json!({ "name": name, "version": version, "created": created, "active": activate_now }),
       )
     }
+    (Method::PUT, [name, "secrets", key]) => {
+      let body = match read_body(request, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
+      };
+      let Ok(value) = std::str::from_utf8(&body) else {
+        return json(
+          StatusCode::BAD_REQUEST,
+          &serde_json::json!({ "error": "the secret's value must be UTF-8 text" }),
+        );
+      };
+      match deployments.set_secret(name, key, value).await {
+        // The value is never echoed back.
+        Ok(()) => json(
+          StatusCode::OK,
+          &serde_json::json!({ "name": name, "secret": key }),
+        ),
+        Err(err) => error(err),
+      }
+    }
+    (Method::DELETE, [name, "secrets", key]) => match deployments.delete_secret(name, key).await {
+      Ok(()) => json(StatusCode::OK, &serde_json::json!({ "deleted": key })),
+      Err(err) => error(err),
+    },
+    (Method::GET, [name, "secrets"]) => match deployments.secret_names(name) {
+      Ok(names) => json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": name, "secrets": names }),
+      ),
+      Err(err) => error(err),
+    },
     (Method::DELETE, [name]) => match deployments.delete(name).await {
       Ok(()) => json(StatusCode::OK, &serde_json::json!({ "deleted": name })),
       Err(err) => error(err),

@@ -11,7 +11,13 @@
 //! ```text
 //! functions/<name>/versions/<version>/   the bundle's files and version.json
 //! functions/<name>/active.json           what serves: [{version, weight}], sticky
+//! functions/<name>/secrets.json          secret values by name, mode 0600
 //! ```
+//!
+//! Secrets are set one by one through the API and given to the versions whose manifest
+//! names them, as `env.NAME`; setting one restarts the serving versions that use it. Their
+//! values never leave the node: the API lists only names, and what isolates log (console
+//! output, exception stacks) has them redacted.
 //!
 //! Every write is crash-safe: a version is written to a temporary directory, each file and
 //! the directory are fsynced, then it is renamed into place and the parent fsynced;
@@ -92,6 +98,9 @@ pub struct Manifest {
   /// Routes as in `[[functions]]`; without them the function is served at `/<name>/`.
   #[serde(default)]
   pub routes: Vec<String>,
+  /// Names of secrets (set with `PUT /functions/{name}/secrets/{NAME}`) given as `env.NAME`.
+  #[serde(default)]
+  pub secrets: Vec<String>,
 }
 
 /// `version.json` inside a stored version.
@@ -342,6 +351,113 @@ impl Deployments {
     Ok(())
   }
 
+  /// Sets secret `key` of `name`. Serving versions that use it restart with the new value
+  /// (warmed before traffic moves, as on activation).
+  pub async fn set_secret(&self, name: &str, key: &str, value: &str) -> Result<(), DeployError> {
+    self.check_name(name)?;
+    check_secret_name(key)?;
+    {
+      let _change = self.changes.lock().await;
+      let mut secrets = self.secrets(name)?;
+      secrets.insert(key.to_string(), value.to_string());
+      self.store_secrets(name, &secrets)?;
+    }
+    tracing::info!(function = name, secret = key, "secret set");
+    self.restart_users_of(name, key).await
+  }
+
+  /// Removes secret `key` of `name`; versions that need it can no longer start.
+  pub async fn delete_secret(&self, name: &str, key: &str) -> Result<(), DeployError> {
+    self.check_name(name)?;
+    check_secret_name(key)?;
+    let _change = self.changes.lock().await;
+    let mut secrets = self.secrets(name)?;
+    if secrets.remove(key).is_none() {
+      return Err(DeployError::NotFound(format!(
+        "function {name:?} has no secret {key}"
+      )));
+    }
+    self.store_secrets(name, &secrets)?;
+    tracing::info!(function = name, secret = key, "secret deleted");
+    Ok(())
+  }
+
+  /// The names of `name`'s secrets.
+  pub fn secret_names(&self, name: &str) -> Result<Vec<String>, DeployError> {
+    self.check_name(name)?;
+    Ok(self.secrets(name)?.into_keys().collect())
+  }
+
+  fn secrets(&self, name: &str) -> Result<BTreeMap<String, String>, DeployError> {
+    let path = self.function_dir(name).join("secrets.json");
+    match std::fs::read(&path) {
+      Ok(text) => serde_json::from_slice(&text).map_err(|err| DeployError::Io {
+        what: format!("reading {}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, err),
+      }),
+      Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+      Err(err) => Err(io(format!("reading {}", path.display()))(err)),
+    }
+  }
+
+  fn store_secrets(
+    &self,
+    name: &str,
+    secrets: &BTreeMap<String, String>,
+  ) -> Result<(), DeployError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = self.function_dir(name);
+    let what = || format!("storing the secrets of {name}");
+    std::fs::create_dir_all(&dir).map_err(io(what()))?;
+    let temporary = dir.join("secrets.json.tmp");
+    let write = || -> std::io::Result<()> {
+      let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+      file.write_all(&serde_json::to_vec(secrets).unwrap_or_default())?;
+      file.sync_all()?;
+      std::fs::rename(&temporary, dir.join("secrets.json"))?;
+      sync_dir(&dir)
+    };
+    write().map_err(io(what()))
+  }
+
+  /// Restarts the serving versions of `name` whose manifest names secret `key`.
+  async fn restart_users_of(&self, name: &str, key: &str) -> Result<(), DeployError> {
+    let Some(activation) = self.stored_activation(name)? else {
+      return Ok(());
+    };
+    let _change = self.changes.lock().await;
+    let uses = |version: &str| {
+      read_record(&self.version_dir(name, version))
+        .is_ok_and(|record| record.manifest.secrets.iter().any(|s| s == key))
+    };
+    if !activation.versions.keys().any(|v| uses(v)) {
+      return Ok(());
+    }
+    let current = self.live.load();
+    let reuse: Vec<(String, Arc<RoutedFunction>)> = current
+      .functions
+      .iter()
+      .filter(|f| f.name == name)
+      .flat_map(|f| f.versions.iter())
+      .filter(|v| !uses(&v.version))
+      .map(|v| (v.version.clone(), v.function.clone()))
+      .collect();
+    let function = self.start_function(name, &activation, &reuse).await?;
+    let mut functions: Vec<Arc<LiveFunction>> = current
+      .functions
+      .iter()
+      .filter(|f| f.name != name)
+      .cloned()
+      .collect();
+    functions.push(Arc::new(function));
+    self.publish(functions)
+  }
+
   /// Stops serving `name` and removes its versions.
   pub async fn delete(&self, name: &str) -> Result<(), DeployError> {
     self.check_name(name)?;
@@ -535,9 +651,23 @@ impl Deployments {
       cache: RouteCacheConfig::default(),
       disabled: None,
     };
+    let stored = self.secrets(name)?;
+    let mut secrets = BTreeMap::new();
+    for key in &manifest.secrets {
+      let value = stored.get(key).ok_or_else(|| {
+        DeployError::Unloadable(format!(
+          "the manifest needs secret {key}, which is not set: PUT /functions/{name}/secrets/{key}"
+        ))
+      })?;
+      secrets.insert(key.clone(), value.clone());
+    }
     let code = FunctionCode::new(name, &function.entry, self.transpiler.clone())
       .map_err(|err| DeployError::Unloadable(format!("{}: {err}", manifest.entry)))?;
-    let spec = FunctionSpec::new(&self.config, &function, code);
+    let mut spec = FunctionSpec::new(&self.config, &function, code);
+    let mut env = (*spec.env).clone();
+    env.extend(secrets.clone());
+    spec.env = Arc::new(env);
+    spec.secrets = Arc::new(secrets.into_values().collect());
     let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
     if let Some(err) = pool.load_error() {
       return Err(DeployError::Unloadable(format!(
@@ -564,6 +694,23 @@ impl Deployments {
     let router = (!routes.is_empty()).then(|| Router::new(routes));
     self.live.store(Arc::new(LiveTable { router, functions }));
     Ok(())
+  }
+}
+
+/// Secret names are environment variable names: A-Z, 0-9 and _, not starting with a digit.
+fn check_secret_name(key: &str) -> Result<(), DeployError> {
+  let valid = !key.is_empty()
+    && key.len() <= 128
+    && key
+      .bytes()
+      .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    && !key.as_bytes()[0].is_ascii_digit();
+  if valid {
+    Ok(())
+  } else {
+    Err(DeployError::BadRequest(format!(
+      "{key:?} is not a secret name: use A-Z, 0-9 and _, not starting with a digit"
+    )))
   }
 }
 
@@ -723,6 +870,9 @@ fn manifest(files: &[(String, Vec<u8>)]) -> Result<Manifest, DeployError> {
     })?;
   let manifest: Manifest =
     serde_json::from_slice(text).map_err(|err| bad(format!("manifest.json: {err}")))?;
+  for key in &manifest.secrets {
+    check_secret_name(key).map_err(|err| bad(format!("manifest.json secrets: {err}")))?;
+  }
   let entry = manifest.entry.trim_start_matches("./");
   if !files.iter().any(|(path, _)| path == entry) {
     return Err(bad(format!(

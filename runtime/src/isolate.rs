@@ -42,6 +42,8 @@ pub struct FunctionSpec {
   pub limits: Limits,
   /// Console output one request may write (`log.console_bytes_per_request`).
   pub console_bytes: usize,
+  /// Values of the secrets in `env`, redacted from what the isolate logs.
+  pub secrets: Arc<Vec<String>>,
 }
 
 impl FunctionSpec {
@@ -53,6 +55,7 @@ impl FunctionSpec {
       egress: Arc::new(config.egress_policy(function)),
       limits: function.limits,
       console_bytes: config.log.console_bytes_per_request,
+      secrets: Arc::default(),
     }
   }
 }
@@ -514,6 +517,7 @@ impl BlankIsolate {
       state.put(outpost_js::FunctionName(spec.code.name.clone()));
       state.put(CacheNamespace(spec.code.name.as_str().into()));
       state.put(spec.egress.permissions()?);
+      state.put(outpost_ext_dispatch::Redactions(spec.secrets.to_vec()));
     }
     let module = runtime
       .load_main_es_module(spec.code.entry())

@@ -432,6 +432,32 @@ fn op_dispatch_respond(
   Ok(())
 }
 
+/// Secret values of the function an isolate runs, kept in `OpState`: text leaving the
+/// isolate for the server log (console output, exception stacks) has them replaced.
+#[derive(Debug, Default)]
+pub struct Redactions(pub Vec<String>);
+
+impl Redactions {
+  /// `text` with every secret value replaced by `[redacted]`.
+  pub fn apply<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    for secret in self.0.iter().filter(|s| !s.is_empty()) {
+      if text.contains(secret.as_str()) {
+        text = std::borrow::Cow::Owned(text.replace(secret.as_str(), "[redacted]"));
+      }
+    }
+    text
+  }
+}
+
+/// `text` with the secrets of the isolate's function replaced.
+pub fn redact<'a>(state: &OpState, text: &'a str) -> std::borrow::Cow<'a, str> {
+  match state.try_borrow::<Redactions>() {
+    Some(redactions) => redactions.apply(text),
+    None => std::borrow::Cow::Borrowed(text),
+  }
+}
+
 /// Reports that the handler failed for this request.
 #[op2(fast)]
 fn op_dispatch_fail(
@@ -440,6 +466,7 @@ fn op_dispatch_fail(
   not_a_response: bool,
   #[string] detail: String,
 ) -> Result<(), DispatchError> {
+  let detail = redact(state, &detail).into_owned();
   let in_flight = state.borrow_mut::<InFlight>();
   let pending = in_flight
     .pending
