@@ -15,5 +15,6 @@ mod memory;
 mod observability;
 mod pool;
 mod protocols;
+mod reload;
 mod streaming;
 mod support;

@@ -17,6 +17,7 @@
 //!   `{"versions": {"a": 95, "b": 5}, "sticky": {"header": "x-user"}}`, and
 //!   `DELETE /functions/{name}`; `PUT|DELETE /functions/{name}/secrets/{NAME}` (the value is
 //!   the body) and `GET /functions/{name}/secrets` (names only).
+//! - `POST /reload`: re-reads the config file (as SIGHUP does; see `crate::server::reload`).
 //! - `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 when the node serves
 //!   traffic, 503 while it drains on shutdown. These two need no token (load balancers and
 //!   process supervisors probe them) and say nothing about the node's contents.
@@ -124,6 +125,16 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
       response
     }
     (&Method::GET, "/usage") => usage(admin, request.uri().query()),
+    (&Method::POST, "/reload") => match crate::server::reload(&admin.node, "POST /reload").await {
+      Ok(notes) => json(
+        StatusCode::OK,
+        &serde_json::json!({ "reloaded": true, "notes": notes }),
+      ),
+      Err(errors) => json(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({ "reloaded": false, "error": format!("the running configuration stays: {errors}") }),
+      ),
+    },
     (&Method::GET, "/cache/stats") => {
       let stats: serde_json::Map<String, serde_json::Value> = admin
         .node
@@ -139,7 +150,7 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
     }
     (_, path) => json(
       StatusCode::NOT_FOUND,
-      &serde_json::json!({ "error": format!("no admin endpoint {} {path}: the endpoints are POST /cache/purge, GET /cache/stats, /metrics, /usage, /healthz, /readyz and /functions", request.method()) }),
+      &serde_json::json!({ "error": format!("no admin endpoint {} {path}: the endpoints are POST /cache/purge, GET /cache/stats, /metrics, /usage, /healthz, /readyz, /reload and /functions", request.method()) }),
     ),
   }
 }
@@ -198,6 +209,7 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
       let mut list: Vec<serde_json::Value> = admin
         .node
         .configured_names()
+        .into_iter()
         .map(|name| serde_json::json!({ "name": name, "source": "config" }))
         .collect();
       list.extend(deployments.list());

@@ -74,26 +74,18 @@ impl LiveGeo {
     self.0.load()
   }
 
-  /// Reloads from `file` on SIGHUP or when a watched file changes, until `stop`.
+  /// Replaces the settings (a whole-config reload did).
+  pub fn replace(&self, geo: ClientGeo) {
+    self.0.store(Arc::new(geo));
+  }
+
+  /// Reloads from `file` when a watched file (the config, `geo_file`, a database) changes,
+  /// until `stop`. SIGHUP reloads everything, these included (`crate::server`).
   pub async fn watch(self: Arc<Self>, file: PathBuf, stop: CancellationToken) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-      Ok(hangup) => Some(hangup),
-      Err(err) => {
-        tracing::warn!(error = %err, "no SIGHUP handler: geo reloads on file changes only");
-        None
-      }
-    };
     let mut seen = modified(&self.current().watched);
     let mut poll = tokio::time::interval(POLL);
     loop {
-      let signalled = async {
-        match &mut hangup {
-          Some(hangup) => hangup.recv().await,
-          None => std::future::pending().await,
-        }
-      };
       tokio::select! {
-        _ = signalled => self.reload(&file, "SIGHUP"),
         _ = poll.tick() => {
           let now = modified(&self.current().watched);
           if now != seen {

@@ -52,6 +52,7 @@ use crate::router::Router;
 use crate::tls;
 use crate::trace_context::TraceContext;
 use crate::usage_ledger::UsageLedger;
+use arc_swap::ArcSwap;
 
 /// Response header naming the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
@@ -72,8 +73,16 @@ pub struct Node {
 }
 
 pub(crate) struct NodeState {
-  router: Router,
-  functions: Vec<Arc<RoutedFunction>>,
+  /// The `[[functions]]` of the config file and their routes; replaced whole on reload.
+  configured: ArcSwap<ConfiguredFunctions>,
+  /// What reloads need to start functions and rebuild TLS.
+  factory: Arc<IsolateFactory>,
+  transpiler: Arc<TranspileCache>,
+  config_file: Option<std::path::PathBuf>,
+  /// Each TLS listener's address and current certificates.
+  tls: Vec<(SocketAddr, Arc<ArcSwap<rustls::ServerConfig>>)>,
+  /// The `[[listen]]` addresses the node was started with.
+  listen: Vec<SocketAddr>,
   admission: Admission,
   pub(crate) compression: bool,
   max_body_bytes: u64,
@@ -102,20 +111,26 @@ impl NodeState {
     path: &str,
     headers: &http::HeaderMap,
   ) -> Option<Arc<RoutedFunction>> {
-    if let Some(index) = self.router.route(host, path) {
-      return self.functions.get(index).cloned();
+    let configured = self.configured.load();
+    if let Some(index) = configured.router.route(host, path) {
+      return configured.functions.get(index).cloned();
     }
     self.deployments.as_ref()?.route(host, path, headers)
   }
 
   /// The names of the `[[functions]]` of the config file.
-  pub(crate) fn configured_names(&self) -> impl Iterator<Item = &str> {
-    self.functions.iter().map(|f| f.name())
+  pub(crate) fn configured_names(&self) -> Vec<String> {
+    let configured = self.configured.load();
+    configured
+      .functions
+      .iter()
+      .map(|f| f.name().to_string())
+      .collect()
   }
 
   /// Every function that serves: the configured ones and each serving deployed version.
   fn serving(&self) -> Vec<Arc<RoutedFunction>> {
-    let mut serving = self.functions.clone();
+    let mut serving = self.configured.load().functions.clone();
     if let Some(deployments) = &self.deployments {
       serving.extend(deployments.serving());
     }
@@ -151,7 +166,8 @@ impl NodeState {
 
 struct BoundListener {
   listener: TcpListener,
-  tls: Option<TlsAcceptor>,
+  /// The certificates, replaced on reload: each handshake uses those current at its start.
+  tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
   /// Connections start with a PROXY protocol header.
   proxy_protocol: bool,
 }
@@ -190,39 +206,12 @@ impl Node {
         .map_err(|err| Error::Deployments(err.to_string()))?,
       ),
     };
-    let mut starts = Vec::new();
-    for function in &config.functions {
-      let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
-        |source| Error::Entry {
-          function: function.name.clone(),
-          entry: function.entry.display().to_string(),
-          source,
-        },
-      )?;
-      let spec = FunctionSpec::new(config, function, code);
-      starts.push(IsolatePool::start(
-        factory.clone(),
-        spec,
-        function.pool.clone(),
-      ));
-    }
-    let pools = futures::future::join_all(starts).await;
-    let functions = pools
-      .into_iter()
-      .zip(&config.functions)
-      .map(|(pool, function)| Arc::new(RoutedFunction::new(pool, function, None)))
-      .collect();
+    let configured = ConfiguredFunctions::start(config, &factory, &transpiler).await?;
     // Listen only once the spares exist, so the first new isolate never waits for one.
     factory.spares_settled().await;
-    let router = Router::new(
-      config
-        .functions
-        .iter()
-        .enumerate()
-        .flat_map(|(index, f)| f.routes.iter().map(move |r| (r.clone(), index))),
-    );
 
     let mut listeners = Vec::new();
+    let mut tls_listeners = Vec::new();
     for listener in &config.listeners {
       let tls = if listener.tls.is_empty() {
         None
@@ -231,7 +220,9 @@ impl Node {
           address: listener.address,
           source: Box::new(source),
         })?;
-        Some(TlsAcceptor::from(config))
+        let live = Arc::new(ArcSwap::new(config));
+        tls_listeners.push((listener.address, live.clone()));
+        Some(live)
       };
       let bound = TcpListener::bind(listener.address)
         .await
@@ -262,8 +253,12 @@ impl Node {
       admin,
       config_file: config.file.clone(),
       state: Arc::new(NodeState {
-        router,
-        functions,
+        configured: ArcSwap::from_pointee(configured),
+        factory,
+        transpiler,
+        config_file: config.file.clone(),
+        tls: tls_listeners,
+        listen: config.listeners.iter().map(|l| l.address).collect(),
         admission: Admission::new(
           config.server.max_in_flight,
           config.server.queue_depth,
@@ -334,6 +329,7 @@ impl Node {
     }
     if let Some(file) = self.config_file {
       tokio::spawn(self.state.geo.clone().watch(file, stop.clone()));
+      tokio::spawn(reload_on_hangup(self.state.clone(), stop.clone()));
     }
     shutdown.await;
     self.state.draining.store(true, Ordering::Relaxed);
@@ -357,7 +353,7 @@ impl Node {
         "grace period over; closing the remaining connections"
       ),
     }
-    for function in &self.state.functions {
+    for function in self.state.serving() {
       function.pool.close();
     }
     admin_stop.cancel();
@@ -441,7 +437,10 @@ async fn accept_loop(
       () = stop.cancelled() => return,
     };
     let _ = stream.set_nodelay(true);
-    let tls = listener.tls.clone();
+    let tls = listener
+      .tls
+      .as_ref()
+      .map(|tls| TlsAcceptor::from(tls.load_full()));
     let connection = serve_connection(
       stream,
       peer,
@@ -588,7 +587,7 @@ impl Drop for ActiveRequest {
 /// an isolate is evicted at most half a timeout late.
 async fn evict_idle_isolates(state: Arc<NodeState>) {
   let shortest = state
-    .functions
+    .serving()
     .iter()
     .map(|f| f.pool.idle_timeout())
     .min()
@@ -597,7 +596,7 @@ async fn evict_idle_isolates(state: Arc<NodeState>) {
   let mut interval = tokio::time::interval(period);
   loop {
     interval.tick().await;
-    for function in &state.functions {
+    for function in state.serving() {
       function.pool.evict_idle();
     }
   }
@@ -996,6 +995,124 @@ pub(crate) async fn call_function(
         "isolate-stopped",
         format!("outpost: the isolate stopped before answering (request id {request_id})\n"),
       )
+    }
+  }
+}
+
+/// The functions of the config file, routed.
+struct ConfiguredFunctions {
+  router: Router,
+  functions: Vec<Arc<RoutedFunction>>,
+}
+
+impl ConfiguredFunctions {
+  /// Starts every `[[functions]]` entry's pool (pre-warmed) and builds their router.
+  async fn start(
+    config: &Config,
+    factory: &Arc<IsolateFactory>,
+    transpiler: &Arc<TranspileCache>,
+  ) -> Result<ConfiguredFunctions, Error> {
+    let mut starts = Vec::new();
+    for function in &config.functions {
+      let code = FunctionCode::new(&function.name, &function.entry, transpiler.clone()).map_err(
+        |source| Error::Entry {
+          function: function.name.clone(),
+          entry: function.entry.display().to_string(),
+          source,
+        },
+      )?;
+      let spec = FunctionSpec::new(config, function, code);
+      starts.push(IsolatePool::start(
+        factory.clone(),
+        spec,
+        function.pool.clone(),
+      ));
+    }
+    let pools = futures::future::join_all(starts).await;
+    let functions = pools
+      .into_iter()
+      .zip(&config.functions)
+      .map(|(pool, function)| Arc::new(RoutedFunction::new(pool, function, None)))
+      .collect();
+    let router = Router::new(
+      config
+        .functions
+        .iter()
+        .enumerate()
+        .flat_map(|(index, f)| f.routes.iter().map(move |r| (r.clone(), index))),
+    );
+    Ok(ConfiguredFunctions { router, functions })
+  }
+}
+
+/// Re-reads the config file and applies what can change while serving: the functions of
+/// `[[functions]]` (new pools are warmed before they take traffic; requests in flight finish
+/// on the old ones), listeners' certificates (new handshakes use them; open connections keep
+/// theirs) and `[geo]`. Nothing changes unless all of it loads. Returns notes on changes
+/// that need a restart.
+pub(crate) async fn reload(state: &NodeState, trigger: &str) -> Result<Vec<String>, String> {
+  let Some(file) = &state.config_file else {
+    return Err("this node was started without a config file: nothing to reload".into());
+  };
+  let config = Config::load(file).map_err(|errors| errors.to_string())?;
+  let geo = ClientGeo::open(&config).map_err(|err| err.to_string())?;
+  let mut notes = Vec::new();
+  let mut certificates = Vec::new();
+  for (index, (address, live)) in state.tls.iter().enumerate() {
+    let listener = config
+      .listeners
+      .iter()
+      .filter(|l| !l.tls.is_empty())
+      .nth(index)
+      .filter(|l| l.address == *address);
+    match listener {
+      Some(listener) => {
+        let tls = tls::server_config(&listener.tls)
+          .map_err(|err| format!("listener {address}: {err}"))?;
+        certificates.push((live.clone(), tls));
+      }
+      None => notes.push(format!(
+        "TLS listener {address} is not the same in the new config: listener changes apply at restart"
+      )),
+    }
+  }
+  let addresses: Vec<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
+  if addresses != state.listen {
+    notes.push("[[listen]] entries changed: listener changes apply at restart".into());
+  }
+  let configured = ConfiguredFunctions::start(&config, &state.factory, &state.transpiler)
+    .await
+    .map_err(|err| err.to_string())?;
+  for (live, tls) in certificates {
+    live.store(tls);
+  }
+  state.geo.replace(geo);
+  state.configured.store(Arc::new(configured));
+  notes.push(
+    "[server], [cache], [limits] defaults of deployed functions and [admin] apply at restart"
+      .into(),
+  );
+  tracing::info!(trigger, "configuration reloaded");
+  Ok(notes)
+}
+
+/// Reloads on SIGHUP until `stop`.
+async fn reload_on_hangup(state: Arc<NodeState>, stop: CancellationToken) {
+  let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    Ok(hangup) => hangup,
+    Err(err) => {
+      tracing::warn!(error = %err, "no SIGHUP handler: reload with POST /reload");
+      return;
+    }
+  };
+  loop {
+    tokio::select! {
+      _ = hangup.recv() => {
+        if let Err(errors) = reload(&state, "SIGHUP").await {
+          tracing::error!("reload rejected, the running configuration stays:\n{errors}");
+        }
+      }
+      () = stop.cancelled() => return,
     }
   }
 }
