@@ -183,9 +183,11 @@ async fn a_tenant_burning_cpu_does_not_stop_its_neighbour() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_soft_limit_an_isolate_finishes_its_requests_and_is_replaced() {
+  // Not demoted: a SCHED_IDLE isolate spinning by the clock on a machine busy with other
+  // tests can get almost no CPU, and so never reach the soft limit.
   let outpost = Outpost::start(
     &functions_config(
-      "",
+      "[server]\ndemote_long_entries = false",
       &[(
         "soft",
         "soft.js",

@@ -160,30 +160,17 @@ async fn deploys_and_rollbacks_under_load_fail_no_request() {
 async fn a_ninety_ten_split_lands_within_tolerance_and_sticky_clients_stay() {
   let data = tempfile::tempdir().unwrap();
   let outpost = node(data.path());
-  let a = version_of(
-    &cli(
+  let mut versions = Vec::new();
+  for body in ["a", "b"] {
+    let dir = function_dir(outpost.dir(), body, body);
+    let deployed = cli(
       &outpost,
-      &[
-        "deploy",
-        function_dir(outpost.dir(), "a", "a").to_str().unwrap(),
-        "--name",
-        "api",
-      ],
+      &["deploy", dir.to_str().unwrap(), "--name", "api"],
     )
-    .await,
-  );
-  let b = version_of(
-    &cli(
-      &outpost,
-      &[
-        "deploy",
-        function_dir(outpost.dir(), "b", "b").to_str().unwrap(),
-        "--name",
-        "api",
-      ],
-    )
-    .await,
-  );
+    .await;
+    versions.push(version_of(&deployed));
+  }
+  let [a, b] = [&versions[0], &versions[1]];
   cli(
     &outpost,
     &["split", "api", &format!("{a}=90"), &format!("{b}=10")],

@@ -209,6 +209,19 @@ async fn metrics_parse_and_count_the_requests_sent() {
   }
 }
 
+/// The JSON access record of `response`'s request, once written (just after the response:
+/// when the request is complete).
+fn access_record(outpost: &Outpost, response: &reqwest::Response) -> serde_json::Value {
+  let request_id = response.headers()["outpost-request-id"].to_str().unwrap();
+  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
+  let logs = outpost.wait_for_log(&needle);
+  let line = logs
+    .lines()
+    .find(|l| l.contains(&needle) && l.contains("\"target\":\"outpost::access\""))
+    .unwrap_or_else(|| panic!("no access record for {request_id}:\n{logs}"));
+  serde_json::from_str(line).unwrap()
+}
+
 #[tokio::test]
 async fn access_records_are_json_lines_with_request_ids() {
   let outpost = start("[log]\nformat = \"json\"\n");
@@ -220,18 +233,7 @@ async fn access_records_are_json_lines_with_request_ids() {
     .await
     .unwrap();
   assert_eq!(response.status(), 200);
-  let request_id = response.headers()["outpost-request-id"]
-    .to_str()
-    .unwrap()
-    .to_string();
-  // Written once the request is complete, just after the response.
-  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
-  let logs = outpost.wait_for_log(&needle);
-  let line = logs
-    .lines()
-    .find(|l| l.contains(&needle) && l.contains("\"target\":\"outpost::access\""))
-    .unwrap_or_else(|| panic!("no access record for {request_id}:\n{logs}"));
-  let record: serde_json::Value = serde_json::from_str(line).unwrap();
+  let record = access_record(&outpost, &response);
   assert!(record["timestamp"].is_string(), "{record}");
   assert_eq!(record["level"], "INFO");
   assert_eq!(record["function"], "api");
@@ -248,14 +250,7 @@ async fn access_records_are_json_lines_with_request_ids() {
 
   // A request no function answers has a record too, with why.
   let response = get(&outpost, "nowhere.test", "/").await;
-  let request_id = response.headers()["outpost-request-id"]
-    .to_str()
-    .unwrap()
-    .to_string();
-  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
-  let logs = outpost.wait_for_log(&needle);
-  let line = logs.lines().find(|l| l.contains(&needle)).unwrap();
-  let record: serde_json::Value = serde_json::from_str(line).unwrap();
+  let record = access_record(&outpost, &response);
   assert_eq!(record["status"], 404);
   assert_eq!(record["termination"], "no-route");
   assert_eq!(record["function"], "");

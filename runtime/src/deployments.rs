@@ -339,14 +339,7 @@ impl Deployments {
       .and_then(|()| std::fs::rename(&temporary, function_dir.join("active.json")))
       .and_then(|()| sync_dir(&function_dir))
       .map_err(io(format!("recording the activation of {name}")))?;
-    let mut functions: Vec<Arc<LiveFunction>> = current
-      .functions
-      .iter()
-      .filter(|f| f.name != name)
-      .cloned()
-      .collect();
-    functions.push(Arc::new(function));
-    self.publish(functions)?;
+    self.publish_replacing(&current, function)?;
     tracing::info!(function = name, versions = ?activation.versions, "activated");
     Ok(())
   }
@@ -448,14 +441,7 @@ impl Deployments {
       .map(|v| (v.version.clone(), v.function.clone()))
       .collect();
     let function = self.start_function(name, &activation, &reuse).await?;
-    let mut functions: Vec<Arc<LiveFunction>> = current
-      .functions
-      .iter()
-      .filter(|f| f.name != name)
-      .cloned()
-      .collect();
-    functions.push(Arc::new(function));
-    self.publish(functions)
+    self.publish_replacing(&current, function)
   }
 
   /// Stops serving `name` and removes its versions.
@@ -679,6 +665,22 @@ impl Deployments {
       &function,
       Some(version.to_string()),
     )))
+  }
+
+  /// Publishes `current` with `function` in place of its namesake.
+  fn publish_replacing(
+    &self,
+    current: &LiveTable,
+    function: LiveFunction,
+  ) -> Result<(), DeployError> {
+    let mut functions: Vec<Arc<LiveFunction>> = current
+      .functions
+      .iter()
+      .filter(|f| f.name != function.name)
+      .cloned()
+      .collect();
+    functions.push(Arc::new(function));
+    self.publish(functions)
   }
 
   fn publish(&self, functions: Vec<Arc<LiveFunction>>) -> Result<(), DeployError> {
