@@ -529,3 +529,68 @@ async fn secrets_reach_env_and_never_the_logs_or_admin_answers() {
     .unwrap();
   assert_eq!(bad.status(), 400);
 }
+
+/// Off loopback the admin API needs a token: a config without one does not start, and with
+/// one every request but the health checks must carry it.
+#[tokio::test]
+async fn off_loopback_the_admin_api_refuses_requests_without_the_token() {
+  let data = tempfile::tempdir().unwrap();
+  let config = |token: &str| {
+    functions_config(
+      &format!(
+        "[admin]\naddress = \"0.0.0.0:0\"\n{token}data_dir = \"{}\"",
+        data.path().display()
+      ),
+      &[("static", "static.js", r#"routes = ["static.test/"]"#)],
+    )
+  };
+  let dir = tempfile::tempdir().unwrap();
+  std::fs::write(
+    dir.path().join("static.js"),
+    "export default { fetch: () => new Response('s') };",
+  )
+  .unwrap();
+  std::fs::write(dir.path().join("outpost.toml"), config("")).unwrap();
+  let (status, output) = run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+  assert!(
+    !status.success() && output.contains("admin.token"),
+    "{output}"
+  );
+
+  let outpost = Outpost::start(
+    &config("token = \"t0ken\"\n"),
+    &[(
+      "static.js",
+      "export default { fetch: () => new Response('s') };",
+    )],
+  );
+  // Reached over loopback, but bound to every address.
+  let admin = format!("http://127.0.0.1:{}", outpost.admin.unwrap().port());
+  for path in ["/functions", "/metrics", "/usage", "/cache/stats"] {
+    let response = http1().get(format!("{admin}{path}")).send().await.unwrap();
+    assert_eq!(response.status(), 401, "{path}");
+  }
+  let response = http1()
+    .put(format!("{admin}/functions/api"))
+    .body("x")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 401);
+  assert_eq!(
+    http1()
+      .get(format!("{admin}/healthz"))
+      .send()
+      .await
+      .unwrap()
+      .status(),
+    200
+  );
+  let response = http1()
+    .get(format!("{admin}/functions"))
+    .bearer_auth("t0ken")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 200);
+}

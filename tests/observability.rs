@@ -434,3 +434,123 @@ export default {
     assert_eq!(notices, 1, "{logs}");
   }
 }
+
+/// A stand-in OTLP/HTTP collector: keeps every JSON body posted to it.
+async fn collector() -> (
+  std::net::SocketAddr,
+  std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+  use http_body_util::BodyExt;
+  let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+  let address = listener.local_addr().unwrap();
+  let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+  let sink = received.clone();
+  tokio::spawn(async move {
+    while let Ok((stream, _)) = listener.accept().await {
+      let sink = sink.clone();
+      tokio::spawn(async move {
+        let service =
+          hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let sink = sink.clone();
+            async move {
+              let body = request.into_body().collect().await.unwrap().to_bytes();
+              if let Ok(json) = serde_json::from_slice(&body) {
+                sink.lock().unwrap().push(json);
+              }
+              let ok = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+              Ok::<_, std::convert::Infallible>(hyper::Response::new(ok))
+            }
+          });
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+          .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+          .await;
+      });
+    }
+  });
+  (address, received)
+}
+
+#[tokio::test]
+async fn request_spans_reach_an_otlp_collector_with_the_propagated_ids() {
+  let (address, received) = collector().await;
+  let outpost = Outpost::start(
+    &functions_config(
+      &format!(
+        "[egress]\nallow_private = true\n[tracing]\notlp_endpoint = \"http://{address}/v1/traces\""
+      ),
+      &[("traced", "traced.js", r#"routes = ["/"]"#)],
+    ),
+    &[(
+      "traced.js",
+      r#"export default { async fetch(request) {
+        const url = new URL(request.url);
+        if (url.pathname === "/upstream") return new Response(request.headers.get("traceparent"));
+        return fetch(`http://127.0.0.1:${url.port}/upstream`);
+      } };"#,
+    )],
+  );
+  let outbound = http1()
+    .get(outpost.url("/call"))
+    .header(
+      "traceparent",
+      "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+  // The span id Outpost gave its hop, as the upstream saw it.
+  let hop = outbound.split('-').nth(2).unwrap().to_string();
+
+  let deadline = Instant::now() + Duration::from_secs(15);
+  let spans = loop {
+    let spans: Vec<serde_json::Value> = received
+      .lock()
+      .unwrap()
+      .iter()
+      .flat_map(|payload| {
+        payload["resourceSpans"]
+          .as_array()
+          .cloned()
+          .unwrap_or_default()
+      })
+      .flat_map(|resource| {
+        resource["scopeSpans"]
+          .as_array()
+          .cloned()
+          .unwrap_or_default()
+      })
+      .flat_map(|scope| scope["spans"].as_array().cloned().unwrap_or_default())
+      .collect();
+    if spans.len() >= 2 || Instant::now() > deadline {
+      break spans;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+  };
+  let find = |path: &str| {
+    spans
+      .iter()
+      .find(|span| {
+        span["attributes"]
+          .as_array()
+          .into_iter()
+          .flatten()
+          .any(|a| a["key"] == "url.path" && a["value"]["stringValue"] == path)
+      })
+      .unwrap_or_else(|| panic!("no span for {path}: {spans:?}"))
+  };
+  let call = find("/call");
+  assert_eq!(
+    call["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736",
+    "{call}"
+  );
+  assert_eq!(call["parentSpanId"], "00f067aa0ba902b7", "{call}");
+  assert_eq!(call["spanId"], hop.as_str(), "{call}");
+  assert_eq!(call["name"], "outpost request");
+  // The upstream request, served by Outpost too, is the next hop of the same trace.
+  let upstream = find("/upstream");
+  assert_eq!(upstream["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+  assert_eq!(upstream["parentSpanId"], hop.as_str(), "{upstream}");
+}

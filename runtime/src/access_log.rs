@@ -9,13 +9,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use outpost_ext_dispatch::RequestUsage;
 
+use opentelemetry::KeyValue;
+
 use crate::metrics::{Completed, NodeMetrics};
+use crate::otlp::RequestSpan;
+use crate::trace_context::TraceContext;
 use crate::usage_ledger::{RequestCost, UsageLedger};
 
 /// Where completed requests are counted.
 pub struct Observers {
   pub metrics: NodeMetrics,
   pub usage: UsageLedger,
+  /// Exports each request as a span, when `[tracing] otlp_endpoint` is set.
+  pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 /// What the isolate side reports of a request it ran.
@@ -31,7 +37,7 @@ struct IsolateUsage {
 struct Outcome {
   function: Option<String>,
   version: Option<String>,
-  trace_id: Option<String>,
+  trace: Option<TraceContext>,
   status: u16,
   /// The `outpost-error` / `outpost-termination` value of a response Outpost made.
   error: Option<String>,
@@ -49,6 +55,8 @@ pub struct AccessRecord {
   method: String,
   path: String,
   arrived: Instant,
+  /// The same moment by the wall clock, for exported spans.
+  arrived_at: SystemTime,
   /// Request body bytes read so far.
   pub bytes_in: Arc<AtomicU64>,
   outcome: Mutex<Outcome>,
@@ -70,6 +78,7 @@ impl AccessRecord {
       method: method.to_string(),
       path: path.to_string(),
       arrived: Instant::now(),
+      arrived_at: SystemTime::now(),
       bytes_in: Arc::default(),
       outcome: Mutex::default(),
       holders: AtomicU8::new(1),
@@ -92,9 +101,9 @@ impl AccessRecord {
     outcome.version = version.map(str::to_string);
   }
 
-  /// The W3C trace id the request belongs to.
-  pub fn set_trace_id(&self, trace_id: String) {
-    self.outcome().trace_id = Some(trace_id);
+  /// Where the request is in its W3C trace.
+  pub fn set_trace(&self, trace: &TraceContext) {
+    self.outcome().trace = Some(trace.clone());
   }
 
   /// Whether the request was its isolate's first.
@@ -144,7 +153,7 @@ impl AccessRecord {
     tracing::info!(
       target: "outpost::access",
       request_id = self.request_id,
-      trace_id = outcome.trace_id.as_deref(),
+      trace_id = outcome.trace.as_ref().map(TraceContext::trace_id_hex),
       function = function.unwrap_or(""),
       version = outcome.version.as_deref(),
       host = self.host,
@@ -169,6 +178,44 @@ impl AccessRecord {
       cpu_seconds: isolate.map(|u| u.cpu.as_secs_f64()),
       cold: outcome.cold,
     });
+    if let (Some(tracer), Some(trace)) = (&self.observers.tracer, &outcome.trace) {
+      let mut attributes = vec![
+        KeyValue::new("outpost.request_id", self.request_id.clone()),
+        KeyValue::new("http.request.method", self.method.clone()),
+        KeyValue::new("server.address", self.host.clone()),
+        KeyValue::new("url.path", self.path.clone()),
+        KeyValue::new("http.response.status_code", i64::from(outcome.status)),
+      ];
+      let optional = [
+        ("outpost.function", function),
+        ("outpost.version", outcome.version.as_deref()),
+        ("outpost.termination", outcome.error.as_deref()),
+      ];
+      for (key, value) in optional {
+        if let Some(value) = value {
+          attributes.push(KeyValue::new(key, value.to_string()));
+        }
+      }
+      if let Some(usage) = isolate {
+        attributes.push(KeyValue::new(
+          "outpost.cpu_ms",
+          usage.cpu.as_secs_f64() * 1e3,
+        ));
+      }
+      crate::otlp::record(
+        tracer,
+        RequestSpan {
+          trace_id: trace.trace_id,
+          span_id: trace.span_id,
+          parent: trace.parent,
+          flags: trace.flags,
+          start: self.arrived_at,
+          end: self.arrived_at + wall,
+          attributes,
+          name: "outpost request",
+        },
+      );
+    }
     if let (Some(function), Some(usage)) = (function, isolate) {
       let cost = RequestCost {
         cpu: usage.cpu,

@@ -45,6 +45,8 @@ pub struct Config {
   pub log: LogConfig,
   /// The node's default limits (`[limits]`), which deployed functions' limits refine.
   pub limits: LimitsConfig,
+  /// Span export (`[tracing]`).
+  pub tracing: crate::otlp::TracingConfig,
 }
 
 /// The server log (`[log]`): access records, handler console output and the rest.
@@ -339,6 +341,8 @@ struct RawConfig {
   admin: Option<Spanned<AdminConfig>>,
   #[serde(default)]
   log: Option<Spanned<LogConfig>>,
+  #[serde(default)]
+  tracing: Option<Spanned<crate::otlp::TracingConfig>>,
   /// A separate file holding `[node]`, `[geo]`, `[[regions]]` and `[[overrides]]`.
   #[serde(default)]
   geo_file: Option<Spanned<String>>,
@@ -531,6 +535,12 @@ impl Config {
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
     let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
     let log = locate.table(&raw.log, "log", LogConfig::problems, &mut errors);
+    let tracing = locate.table(
+      &raw.tracing,
+      "tracing",
+      crate::otlp::TracingConfig::problems,
+      &mut errors,
+    );
     let mut geo = geo_locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
     if let Some(table) = &raw.geo {
       // Database paths are relative to the file; each must open as a MaxMind DB.
@@ -777,6 +787,7 @@ impl Config {
         geo,
         log,
         limits: node_limits,
+        tracing,
       })
     } else {
       Err(ConfigErrors { errors })
@@ -826,6 +837,7 @@ impl Config {
       geo: GeoConfig::default(),
       log: LogConfig::default(),
       limits: LimitsConfig::default(),
+      tracing: crate::otlp::TracingConfig::default(),
     })
   }
 }

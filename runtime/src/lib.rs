@@ -21,6 +21,7 @@ pub mod isolate;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod otlp;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod route_cache;

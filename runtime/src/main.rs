@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use outpost::config::{Config, LogConfig, LogFormat};
 use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{FunctionSpec, check_function};
+use outpost::otlp::OtlpExport;
 use outpost::server::Node;
 
 use crate::admin_client::{AdminArgs, AdminClient};
@@ -223,12 +224,16 @@ fn load_config(
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
+  // Started outside the runtime (it sends from a thread of its own); dropped after it, which
+  // flushes the spans still batched.
+  let export = OtlpExport::start(&config.tracing).map_err(anyhow::Error::msg)?;
+  let tracer = export.as_ref().map(OtlpExport::tracer);
   let runtime = tokio::runtime::Builder::new_multi_thread()
     .enable_all()
     .build()
     .context("starting the tokio runtime")?;
   runtime.block_on(async {
-    let node = Node::start(&config).await?;
+    let node = Node::start_traced(&config, tracer).await?;
     if let Some(address) = node.admin_address() {
       #[allow(
         clippy::print_stdout,

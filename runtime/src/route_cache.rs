@@ -114,7 +114,7 @@ fn revalidate(
   );
   access.set_function(call.function.name(), call.function.version());
   let trace = TraceContext::from_headers(&headers);
-  access.set_trace_id(trace.trace_id_hex());
+  access.set_trace(&trace);
   let refresh = FunctionCall {
     function: call.function.clone(),
     trace,

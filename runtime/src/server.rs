@@ -182,6 +182,14 @@ pub struct ListenerInfo {
 impl Node {
   /// Loads every function (pre-warming its isolates) and binds every listener.
   pub async fn start(config: &Config) -> Result<Node, Error> {
+    Node::start_traced(config, None).await
+  }
+
+  /// As [`Node::start`], exporting each request as a span with `tracer` (see `crate::otlp`).
+  pub async fn start_traced(
+    config: &Config,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+  ) -> Result<Node, Error> {
     let transpiler = Arc::new(TranspileCache::default());
     // Isolates are created before their function is known, with the largest heap any
     // function may use; smaller limits are checked per function.
@@ -274,6 +282,7 @@ impl Node {
         observers: Arc::new(Observers {
           metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
           usage: UsageLedger::default(),
+          tracer,
         }),
         draining: AtomicBool::new(false),
         deployments,
@@ -740,7 +749,7 @@ async fn dispatch(
     Some(limited.boxed_unsync())
   };
   let trace = TraceContext::from_headers(&headers);
-  access.set_trace_id(trace.trace_id_hex());
+  access.set_trace(&trace);
   let call = FunctionCall {
     function,
     trace,

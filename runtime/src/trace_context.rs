@@ -12,6 +12,8 @@ pub struct TraceContext {
   pub trace_id: [u8; 16],
   /// The span id of this hop: the parent of every outbound `fetch()`.
   pub span_id: [u8; 8],
+  /// The caller's span, when the request continued a trace.
+  pub parent: Option<[u8; 8]>,
   pub flags: u8,
   pub tracestate: Option<String>,
 }
@@ -24,9 +26,10 @@ impl TraceContext {
       .and_then(|v| v.to_str().ok())
       .and_then(parse_traceparent);
     match incoming {
-      Some((trace_id, flags)) => TraceContext {
+      Some((trace_id, parent, flags)) => TraceContext {
         trace_id,
         span_id: new_span_id(),
+        parent: Some(parent),
         flags,
         // tracestate is only meaningful with the traceparent it came with.
         tracestate: headers
@@ -37,6 +40,7 @@ impl TraceContext {
       None => TraceContext {
         trace_id: nonzero(rand::random),
         span_id: new_span_id(),
+        parent: None,
         // A trace Outpost starts is sampled: its records are kept.
         flags: 0x01,
         tracestate: None,
@@ -81,7 +85,7 @@ fn hex(bytes: &[u8]) -> String {
 /// `version-traceid-parentid-flags`, lowercase hex. Version 00 must have exactly four
 /// fields; later versions may append fields, which are ignored. Version ff and all-zero ids
 /// are invalid.
-fn parse_traceparent(value: &str) -> Option<([u8; 16], u8)> {
+fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
   let mut fields = value.trim().split('-');
   let version = fields.next()?;
   let trace_id = fields.next()?;
@@ -97,7 +101,7 @@ fn parse_traceparent(value: &str) -> Option<([u8; 16], u8)> {
   if trace_id.iter().all(|b| *b == 0) || parent_id.iter().all(|b| *b == 0) {
     return None;
   }
-  Some((trace_id, flags))
+  Some((trace_id, parent_id, flags))
 }
 
 /// Exactly `2 * N` lowercase hex digits.
@@ -173,7 +177,7 @@ mod tests {
       assert_eq!(context.flags, 1);
       let outbound = context.outbound_traceparent();
       assert_eq!(
-        parse_traceparent(&outbound).map(|(id, _)| id),
+        parse_traceparent(&outbound).map(|(id, ..)| id),
         Some(context.trace_id)
       );
     }
