@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, functions_config, http1, run_outpost};
+use crate::support::{Outpost, SendForText, functions_config, http1, run_outpost};
 
 /// A node with the deploy API on, keeping deployments in `data` (outside its own temporary
 /// directory, so a second node can be started on them).
@@ -179,16 +179,7 @@ async fn a_ninety_ten_split_lands_within_tolerance_and_sticky_clients_stay() {
   let client = http1();
   let mut b_count = 0;
   for _ in 0..2000 {
-    if client
-      .get(outpost.url("/api/"))
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap()
-      == "b"
-    {
+    if client.get(outpost.url("/api/")).text_of().await == "b" {
       b_count += 1;
     }
   }
@@ -217,14 +208,7 @@ async fn a_ninety_ten_split_lands_within_tolerance_and_sticky_clients_stay() {
   let per_version = &usage["functions"]["api"]["versions"];
   assert_eq!(per_version[&b]["requests"], b_count, "{usage}");
   assert_eq!(per_version[&a]["requests"], 2000 - b_count, "{usage}");
-  let metrics = client
-    .get(format!("{admin}/metrics"))
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+  let metrics = client.get(format!("{admin}/metrics")).text_of().await;
   let line = format!(
     "outpost_invocations_total{{function=\"api\",outcome=\"ok\",status_class=\"2xx\",version=\"{b}\"}} {b_count}"
   );
@@ -497,14 +481,7 @@ async fn secrets_reach_env_and_never_the_logs_or_admin_answers() {
     "/metrics",
     "/usage",
   ] {
-    let text = client
-      .get(format!("{admin}{path}"))
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap();
+    let text = client.get(format!("{admin}{path}")).text_of().await;
     assert!(
       !text.contains(first) && !text.contains(second),
       "{path}: {text}"

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, functions_config, http1};
+use crate::support::{Outpost, SendForText, functions_config, http1};
 
 const HANDLERS: &[(&str, &str)] = &[
   (
@@ -331,12 +331,8 @@ async fn readyz_turns_unready_while_draining_and_healthz_needs_no_token() {
     let metrics = http1()
       .get(format!("http://{}/metrics", outpost.admin.unwrap()))
       .bearer_auth("s3cret")
-      .send()
-      .await
-      .unwrap()
-      .text()
-      .await
-      .unwrap();
+      .text_of()
+      .await;
     if metrics.contains("outpost_requests_in_flight 1") {
       break;
     }
@@ -495,12 +491,8 @@ async fn request_spans_reach_an_otlp_collector_with_the_propagated_ids() {
       "traceparent",
       "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .text_of()
+    .await;
   // The span id Outpost gave its hop, as the upstream saw it.
   let hop = outbound.split('-').nth(2).unwrap().to_string();
 

@@ -324,3 +324,14 @@ impl TestCa {
     reqwest::Certificate::from_der(self.issuer.der()).unwrap()
   }
 }
+
+/// Sends a request and reads its body as text, failing the test on any error.
+pub trait SendForText {
+  async fn text_of(self) -> String;
+}
+
+impl SendForText for reqwest::RequestBuilder {
+  async fn text_of(self) -> String {
+    self.send().await.unwrap().text().await.unwrap()
+  }
+}
