@@ -108,6 +108,9 @@ pub struct Manifest {
 struct VersionRecord {
   /// Unix seconds of the upload.
   created: u64,
+  /// Nanoseconds past `created`: orders uploads made within one second.
+  #[serde(default)]
+  created_ns: u32,
   manifest: Manifest,
 }
 
@@ -133,7 +136,10 @@ pub enum Sticky {
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionInfo {
   pub version: String,
+  /// Unix seconds of the upload.
   pub created: u64,
+  #[serde(skip)]
+  created_ns: u32,
   pub entry: String,
   /// Its weight in the active split (0: not serving).
   pub weight: u32,
@@ -269,12 +275,13 @@ impl Deployments {
     }
     let versions = self.function_dir(name).join("versions");
     std::fs::create_dir_all(&versions).map_err(io(format!("creating {}", versions.display())))?;
-    let nanos = SystemTime::now()
+    let uploaded = SystemTime::now()
       .duration_since(UNIX_EPOCH)
-      .map_or(0, |d| d.as_nanos());
-    let temporary = versions.join(format!(".tmp-{version}-{nanos}"));
+      .unwrap_or_default();
+    let temporary = versions.join(format!(".tmp-{version}-{}", uploaded.as_nanos()));
     let record = VersionRecord {
-      created: unix_now(),
+      created: uploaded.as_secs(),
+      created_ns: uploaded.subsec_nanos(),
       manifest,
     };
     let record = serde_json::to_vec_pretty(&record).unwrap_or_default();
@@ -496,10 +503,11 @@ impl Deployments {
         weight: active.versions.get(&version).copied().unwrap_or(0),
         version,
         created: record.created,
+        created_ns: record.created_ns,
         entry: record.manifest.entry,
       });
     }
-    list.sort_by(|a, b| (a.created, &a.version).cmp(&(b.created, &b.version)));
+    list.sort_by_key(|v| (v.created, v.created_ns));
     Ok(list)
   }
 
@@ -743,12 +751,6 @@ fn sticky_value<'a>(sticky: &Sticky, headers: &'a http::HeaderMap) -> Option<&'a
       .find(|(key, _)| key == name)
       .map(|(_, value)| value),
   }
-}
-
-fn unix_now() -> u64 {
-  SystemTime::now()
-    .duration_since(UNIX_EPOCH)
-    .map_or(0, |d| d.as_secs())
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>, DeployError> {
