@@ -7,19 +7,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod spec;
+
+use spec::{HEAP, bench_spec};
+
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use deno_core::PollEventLoopOptions;
 use deno_core::convert::ByteString;
 use http_body_util::BodyExt;
-use outpost::function_code::{FunctionCode, TranspileCache};
-use outpost::isolate::{BlankIsolate, FunctionSpec};
-use outpost::limits::{Limits, LimitsConfig};
+use outpost::isolate::BlankIsolate;
 use outpost_ext_dispatch::{DispatchRequest, RequestUsage};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-
-const HEAP: usize = 128 * 1024 * 1024;
 
 const HANDLER: &str = r#"
 export default {
@@ -82,19 +82,7 @@ fn benches(c: &mut Criterion) {
   let dir = tempfile::tempdir().unwrap();
   let path = dir.path().join("echo.js");
   std::fs::write(&path, HANDLER).unwrap();
-  let code = FunctionCode::new("bench", &path, Arc::new(TranspileCache::default())).unwrap();
-  let spec = FunctionSpec {
-    code: Arc::new(code),
-    env: Arc::default(),
-    egress: Arc::default(),
-    limits: Limits {
-      cpu: Duration::from_secs(10),
-      memory: HEAP,
-      ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
-    },
-    console_bytes: 64 * 1024,
-    secrets: Arc::default(),
-  };
+  let spec = bench_spec(&path);
   let (sender, receiver) = mpsc::channel(8);
   let mut isolate = BlankIsolate::new(Some(receiver), HEAP, None).unwrap();
   // Kept alive (not polled): the serve loop runs inside the event loop.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod spec;
 mod timing;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -14,37 +15,21 @@ use deno_core::PollEventLoopOptions;
 use outpost::config::{CacheConfig, ServerConfig};
 use outpost::cpu::{CpuGuard, CpuWatchdog};
 use outpost::edge_cache::SharedCache;
-use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{BlankIsolate, FunctionSpec, IsolateFactory};
-use outpost::limits::{Limits, LimitsConfig};
 use outpost_ext_dispatch::{DispatchRequest, RequestUsage};
+use spec::{HEAP, bench_spec};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-
-/// Heap limit of the benchmarked isolates: Outpost's default.
-const HEAP: usize = 128 * 1024 * 1024;
 
 const JS_HANDLER: &str =
   "export default { fetch: (r) => new Response('hello from ' + new URL(r.url).pathname) };";
 const TS_HANDLER: &str = "export default { fetch: (r: Request): Response => new Response(`hello from ${new URL(r.url).pathname}`) };";
 
 fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> FunctionSpec {
-  // A fresh file and transpile cache each time: the function has never been seen.
+  // A fresh file each time: the function has never been seen.
   let path = dir.join(format!("{index}-{file}"));
   std::fs::write(&path, source).unwrap();
-  let code = FunctionCode::new("bench", &path, Arc::new(TranspileCache::default())).unwrap();
-  FunctionSpec {
-    code: Arc::new(code),
-    env: Arc::default(),
-    egress: Arc::default(),
-    limits: Limits {
-      cpu: Duration::from_secs(10),
-      memory: HEAP,
-      ..Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
-    },
-    console_bytes: 64 * 1024,
-    secrets: Arc::default(),
-  }
+  bench_spec(&path)
 }
 
 /// A pre-warmed blank isolate and its request channel.

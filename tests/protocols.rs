@@ -4,7 +4,7 @@ use std::io::Read;
 
 use reqwest::Version;
 
-use crate::support::{Outpost, TestCa, http1};
+use crate::support::{Outpost, TestCa, http1, peer_certificate};
 
 const ECHO_PROTOCOL: &str = r#"export default {
   fetch(request) {
@@ -58,15 +58,6 @@ fn tls_client(ca: &TestCa, outpost: &Outpost) -> reqwest::ClientBuilder {
     .resolve("a.test", address)
     .resolve("b.test", address)
     .resolve("www.b.test", address)
-}
-
-fn peer_certificate(response: &reqwest::Response) -> Vec<u8> {
-  response
-    .extensions()
-    .get::<reqwest::tls::TlsInfo>()
-    .and_then(|info| info.peer_certificate())
-    .expect("TLS info")
-    .to_vec()
 }
 
 #[tokio::test]

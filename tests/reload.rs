@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, TestCa, http1};
+use crate::support::{Outpost, TestCa, http1, peer_certificate};
 
 fn config(cert: &std::path::Path, key: &std::path::Path, entry: &str) -> String {
   format!(
@@ -25,15 +25,6 @@ routes = ["/"]
   )
 }
 
-fn served_certificate(response: &reqwest::Response) -> Vec<u8> {
-  response
-    .extensions()
-    .get::<reqwest::tls::TlsInfo>()
-    .and_then(|info| info.peer_certificate())
-    .expect("TLS info")
-    .to_vec()
-}
-
 fn client(ca: &TestCa, outpost: &Outpost) -> reqwest::Client {
   reqwest::Client::builder()
     .tls_certs_only([ca.root()])
@@ -50,10 +41,7 @@ async fn get(client: &reqwest::Client, outpost: &Outpost) -> (Vec<u8>, String) {
     .send()
     .await
     .unwrap();
-  (
-    served_certificate(&response),
-    response.text().await.unwrap(),
-  )
+  (peer_certificate(&response), response.text().await.unwrap())
 }
 
 #[tokio::test]

@@ -335,3 +335,13 @@ impl SendForText for reqwest::RequestBuilder {
     self.send().await.unwrap().text().await.unwrap()
   }
 }
+
+/// The certificate the server presented (the client must be built with `tls_info(true)`).
+pub fn peer_certificate(response: &reqwest::Response) -> Vec<u8> {
+  response
+    .extensions()
+    .get::<reqwest::tls::TlsInfo>()
+    .and_then(|info| info.peer_certificate())
+    .expect("TLS info")
+    .to_vec()
+}
