@@ -6,6 +6,84 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+/// The commands that talk to a node's admin API.
+#[derive(Debug, clap::Subcommand)]
+pub enum AdminCommand {
+  /// Upload a function's directory as a new version and serve it.
+  Deploy {
+    /// The directory: its modules and a manifest.json (made when missing).
+    dir: PathBuf,
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// List a deployed function's versions and their weights.
+  Versions {
+    name: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// Serve an earlier version again: the one before the current, or --to VERSION.
+  Rollback {
+    name: String,
+    #[arg(long)]
+    to: Option<String>,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// Split traffic between versions: `outpost split api a1b2c3=95 d4e5f6=5`.
+  Split {
+    name: String,
+    #[arg(required = true)]
+    weights: Vec<String>,
+    /// Keep each client on one version by this request header.
+    #[arg(long, conflicts_with = "sticky_cookie")]
+    sticky_header: Option<String>,
+    /// Keep each client on one version by this cookie.
+    #[arg(long)]
+    sticky_cookie: Option<String>,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+}
+
+/// Runs `command` against the admin API; returns what to print.
+pub fn run(command: &AdminCommand) -> anyhow::Result<String> {
+  let admin = match command {
+    AdminCommand::Deploy { admin, .. }
+    | AdminCommand::Versions { admin, .. }
+    | AdminCommand::Rollback { admin, .. }
+    | AdminCommand::Split { admin, .. } => admin,
+  };
+  let run = async {
+    let client = AdminClient::new(admin)?;
+    match command {
+      AdminCommand::Deploy { dir, name, .. } => client.deploy(dir, name).await,
+      AdminCommand::Versions { name, .. } => client.versions(name).await,
+      AdminCommand::Rollback { name, to, .. } => client.rollback(name, to.as_deref()).await,
+      AdminCommand::Split {
+        name,
+        weights,
+        sticky_header,
+        sticky_cookie,
+        ..
+      } => {
+        let sticky = match (sticky_header, sticky_cookie) {
+          (Some(header), _) => Some(serde_json::json!({ "header": header })),
+          (None, Some(cookie)) => Some(serde_json::json!({ "cookie": cookie })),
+          (None, None) => None,
+        };
+        client.split(name, weights, sticky).await
+      }
+    }
+  };
+  tokio::runtime::Builder::new_current_thread()
+    .enable_all()
+    .build()?
+    .block_on(run)
+}
+
 /// Where the admin API is and how to authenticate to it.
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {

@@ -17,7 +17,7 @@ use outpost::isolate::{FunctionSpec, check_function};
 use outpost::otlp::OtlpExport;
 use outpost::server::Node;
 
-use crate::admin_client::{AdminArgs, AdminClient};
+use crate::admin_client::AdminCommand;
 
 #[derive(Parser)]
 #[command(
@@ -49,43 +49,8 @@ enum Command {
     config: Option<PathBuf>,
     handler: Option<PathBuf>,
   },
-  /// Upload a function's directory as a new version and serve it.
-  Deploy {
-    /// The directory: its modules and a manifest.json (made when missing).
-    dir: PathBuf,
-    #[arg(long)]
-    name: String,
-    #[command(flatten)]
-    admin: AdminArgs,
-  },
-  /// List a deployed function's versions and their weights.
-  Versions {
-    name: String,
-    #[command(flatten)]
-    admin: AdminArgs,
-  },
-  /// Serve an earlier version again: the one before the current, or --to VERSION.
-  Rollback {
-    name: String,
-    #[arg(long)]
-    to: Option<String>,
-    #[command(flatten)]
-    admin: AdminArgs,
-  },
-  /// Split traffic between versions: `outpost split api a1b2c3=95 d4e5f6=5`.
-  Split {
-    name: String,
-    #[arg(required = true)]
-    weights: Vec<String>,
-    /// Keep each client on one version by this request header.
-    #[arg(long, conflicts_with = "sticky_cookie")]
-    sticky_header: Option<String>,
-    /// Keep each client on one version by this cookie.
-    #[arg(long)]
-    sticky_cookie: Option<String>,
-    #[command(flatten)]
-    admin: AdminArgs,
-  },
+  #[command(flatten)]
+  Admin(AdminCommand),
 }
 
 /// Starts the server log as `[log]` says; `OUTPOST_LOG` overrides the level.
@@ -108,22 +73,43 @@ fn init_log(log: &LogConfig) {
 }
 
 fn main() -> ExitCode {
-  let cli = Cli::parse();
-  if let Some(result) = admin_command(&cli.command) {
-    return match result {
-      Ok(output) => {
-        #[allow(clippy::print_stdout, reason = "the command's output")]
-        {
-          println!("{}", output.trim_end());
-        }
-        ExitCode::SUCCESS
+  let result = match Cli::parse().command {
+    Command::Admin(command) => admin_client::run(&command).map(|output| {
+      #[allow(clippy::print_stdout, reason = "the command's output")]
+      {
+        println!("{}", output.trim_end());
       }
-      Err(err) => {
-        eprintln!("error: {err:#}");
-        ExitCode::FAILURE
-      }
-    };
+    }),
+    Command::Serve {
+      config,
+      handler,
+      listen,
+    } => {
+      prepare_engine();
+      load_config(config, handler, listen).and_then(|config| {
+        init_log(&config.log);
+        serve(config)
+      })
+    }
+    Command::Check { config, handler } => {
+      prepare_engine();
+      load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|config| {
+        init_log(&config.log);
+        check(&config)
+      })
+    }
+  };
+  match result {
+    Ok(()) => ExitCode::SUCCESS,
+    Err(err) => {
+      eprintln!("error: {err:#}");
+      ExitCode::FAILURE
+    }
   }
+}
+
+/// Readies the process to run isolates: clears the proxy environment and starts V8.
+fn prepare_engine() {
   // Outbound fetch reads proxy settings from the process environment; tenants must not
   // inherit the operator's proxy.
   for var in [
@@ -140,74 +126,6 @@ fn main() -> ExitCode {
     unsafe { std::env::remove_var(var) };
   }
   outpost::init_v8();
-  let result = match cli.command {
-    Command::Serve {
-      config,
-      handler,
-      listen,
-    } => load_config(config, handler, listen).and_then(|config| {
-      init_log(&config.log);
-      serve(config)
-    }),
-    Command::Deploy { .. }
-    | Command::Versions { .. }
-    | Command::Rollback { .. }
-    | Command::Split { .. } => unreachable!("admin commands are handled above"),
-    Command::Check { config, handler } => {
-      load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|config| {
-        init_log(&config.log);
-        check(&config)
-      })
-    }
-  };
-  match result {
-    Ok(()) => ExitCode::SUCCESS,
-    Err(err) => {
-      eprintln!("error: {err:#}");
-      ExitCode::FAILURE
-    }
-  }
-}
-
-/// Runs an admin API command; `None` for the commands that are not one.
-fn admin_command(command: &Command) -> Option<anyhow::Result<String>> {
-  let admin = match command {
-    Command::Deploy { admin, .. }
-    | Command::Versions { admin, .. }
-    | Command::Rollback { admin, .. }
-    | Command::Split { admin, .. } => admin,
-    Command::Serve { .. } | Command::Check { .. } => return None,
-  };
-  let run = async {
-    let client = AdminClient::new(admin)?;
-    match command {
-      Command::Deploy { dir, name, .. } => client.deploy(dir, name).await,
-      Command::Versions { name, .. } => client.versions(name).await,
-      Command::Rollback { name, to, .. } => client.rollback(name, to.as_deref()).await,
-      Command::Split {
-        name,
-        weights,
-        sticky_header,
-        sticky_cookie,
-        ..
-      } => {
-        let sticky = match (sticky_header, sticky_cookie) {
-          (Some(header), _) => Some(serde_json::json!({ "header": header })),
-          (None, Some(cookie)) => Some(serde_json::json!({ "cookie": cookie })),
-          (None, None) => None,
-        };
-        client.split(name, weights, sticky).await
-      }
-      Command::Serve { .. } | Command::Check { .. } => unreachable!("not an admin command"),
-    }
-  };
-  let runtime = tokio::runtime::Builder::new_current_thread()
-    .enable_all()
-    .build();
-  Some(match runtime {
-    Ok(runtime) => runtime.block_on(run),
-    Err(err) => Err(err.into()),
-  })
 }
 
 fn load_config(
