@@ -85,6 +85,11 @@ impl AccessRecord {
     })
   }
 
+  /// When the request arrived; its wall time runs from here.
+  pub fn arrived(&self) -> Instant {
+    self.arrived
+  }
+
   /// The request id.
   pub fn request_id(&self) -> &str {
     &self.request_id

@@ -167,6 +167,17 @@ struct LiveTable {
   functions: Vec<Arc<LiveFunction>>,
 }
 
+impl LiveTable {
+  /// The serving versions of `name`.
+  fn versions_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a LiveVersion> + 'a {
+    self
+      .functions
+      .iter()
+      .filter(move |f| f.name == name)
+      .flat_map(|f| f.versions.iter())
+  }
+}
+
 /// The deployed functions of a node.
 pub struct Deployments {
   dir: PathBuf,
@@ -329,14 +340,8 @@ impl Deployments {
     }
     let current = self.live.load();
     let reuse: Vec<(String, Arc<RoutedFunction>)> = current
-      .functions
-      .iter()
-      .filter(|f| f.name == name)
-      .flat_map(|f| {
-        f.versions
-          .iter()
-          .map(|v| (v.version.clone(), v.function.clone()))
-      })
+      .versions_of(name)
+      .map(|v| (v.version.clone(), v.function.clone()))
       .collect();
     let function = self.start_function(name, &activation, &reuse).await?;
     let state = serde_json::to_vec_pretty(&activation).unwrap_or_default();
@@ -440,10 +445,7 @@ impl Deployments {
     }
     let current = self.live.load();
     let reuse: Vec<(String, Arc<RoutedFunction>)> = current
-      .functions
-      .iter()
-      .filter(|f| f.name == name)
-      .flat_map(|f| f.versions.iter())
+      .versions_of(name)
       .filter(|v| !uses(&v.version))
       .map(|v| (v.version.clone(), v.function.clone()))
       .collect();
@@ -593,11 +595,7 @@ impl Deployments {
     for (version, weight) in &activation.versions {
       let dir = self.version_dir(name, version);
       let record = read_record(&dir)?;
-      routes = if record.manifest.routes.is_empty() {
-        vec![format!("/{name}/")]
-      } else {
-        record.manifest.routes.clone()
-      };
+      routes = served_routes(name, &record.manifest);
       let function = match reuse.iter().find(|(v, _)| v == version) {
         Some((_, function)) => function.clone(),
         None => {
@@ -724,13 +722,17 @@ fn check_secret_name(key: &str) -> Result<(), DeployError> {
   }
 }
 
-fn route_patterns(name: &str, manifest: &Manifest) -> Result<Vec<RoutePattern>, DeployError> {
-  let routes = if manifest.routes.is_empty() {
+/// The manifest's routes, or without any, `/<name>/`.
+fn served_routes(name: &str, manifest: &Manifest) -> Vec<String> {
+  if manifest.routes.is_empty() {
     vec![format!("/{name}/")]
   } else {
     manifest.routes.clone()
-  };
-  routes
+  }
+}
+
+fn route_patterns(name: &str, manifest: &Manifest) -> Result<Vec<RoutePattern>, DeployError> {
+  served_routes(name, manifest)
     .iter()
     .map(|route| {
       RoutePattern::parse(route)

@@ -125,7 +125,6 @@ fn revalidate(
     body: None,
     body_exceeded: Arc::new(AtomicBool::new(false)),
     access: access.clone(),
-    arrived: tokio::time::Instant::now(),
     active: Arc::new(ConnectionActivity::new()).begin(),
     cf: call.cf.clone(),
   };

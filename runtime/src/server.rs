@@ -139,21 +139,23 @@ impl NodeState {
 
   /// What a metrics scrape reads from the node now.
   pub(crate) fn reading(&self) -> NodeReading {
+    // Isolates per function name: the versions of a deployed function add up.
+    let mut isolates = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    let mut in_flight = 0;
+    for function in self.serving() {
+      let (idle, busy) = function.pool.isolate_counts();
+      let counts = isolates.entry(function.name().to_string()).or_default();
+      counts.0 += idle;
+      counts.1 += busy;
+      in_flight += function.pool.in_flight();
+    }
     NodeReading {
-      isolates: self.serving().iter().fold(Vec::new(), |mut counts, f| {
-        let (idle, busy) = f.pool.isolate_counts();
-        match counts.iter_mut().find(|(name, _, _)| name == f.name()) {
-          // Versions of one deployed function add up.
-          Some((_, i, b)) => {
-            *i += idle;
-            *b += busy;
-          }
-          None => counts.push((f.name().to_string(), idle, busy)),
-        }
-        counts
-      }),
+      isolates: isolates
+        .into_iter()
+        .map(|(name, (idle, busy))| (name, idle, busy))
+        .collect(),
       queued: self.admission.waiting(),
-      in_flight: self.serving().iter().map(|f| f.pool.in_flight()).sum(),
+      in_flight,
       cache: self
         .cache
         .stats()
@@ -619,25 +621,26 @@ async fn handle_request(
   active: ActiveRequest,
 ) -> Response<Body> {
   let request_id = state.request_ids.next();
-  let host = request
+  // The host the client named: the :authority (HTTP/2, absolute-form) or the Host header.
+  let authority = request
     .uri()
     .authority()
-    .map(|a| a.as_str())
+    .map(|a| a.as_str().to_string())
     .or_else(|| {
       request
         .headers()
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-    })
-    .unwrap_or("");
+        .map(str::to_string)
+    });
   let access = AccessRecord::new(
     state.observers.clone(),
     &request_id,
-    host,
+    authority.as_deref().unwrap_or(""),
     request.method().as_str(),
     request.uri().path(),
   );
-  let mut response = dispatch(state, request, origin, &access, active).await;
+  let mut response = dispatch(state, request, authority, origin, &access, active).await;
   access.respond(response.status().as_u16(), outpost_error(&response));
   if let Ok(value) = HeaderValue::from_str(&request_id) {
     response.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -665,23 +668,12 @@ struct Origin {
 async fn dispatch(
   state: &Arc<NodeState>,
   request: Request<Incoming>,
+  authority: Option<String>,
   origin: Origin,
   access: &Arc<AccessRecord>,
   active: ActiveRequest,
 ) -> Response<Body> {
   let scheme = origin.scheme;
-  let arrived = tokio::time::Instant::now();
-  let authority = request
-    .uri()
-    .authority()
-    .map(|a| a.as_str().to_string())
-    .or_else(|| {
-      request
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-    });
   let Some(authority) = authority else {
     return outpost_response(
       StatusCode::BAD_REQUEST,
@@ -760,7 +752,6 @@ async fn dispatch(
     body,
     body_exceeded,
     access: access.clone(),
-    arrived,
     active,
     cf,
   };
@@ -789,7 +780,6 @@ pub(crate) struct FunctionCall {
   pub(crate) body_exceeded: Arc<AtomicBool>,
   /// The request's access record; its id is the request id.
   pub(crate) access: Arc<AccessRecord>,
-  pub(crate) arrived: tokio::time::Instant,
   pub(crate) active: ActiveRequest,
   /// `request.cf` fields.
   pub(crate) cf: Vec<(&'static str, String)>,
@@ -826,7 +816,6 @@ pub(crate) async fn call_function(
     body,
     body_exceeded,
     access,
-    arrived,
     active,
     cf,
   } = call;
@@ -862,7 +851,7 @@ pub(crate) async fn call_function(
   let (reply, replied) = oneshot::channel();
   let usage = UsageRecorder {
     usage: Arc::new(access.usage()),
-    arrived,
+    arrived: access.arrived(),
   };
   let dispatched = pool.dispatch(DispatchRequest {
     method,
@@ -1262,7 +1251,7 @@ fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> R
 /// response body bytes sent.
 struct UsageRecorder {
   usage: Arc<RequestUsage>,
-  arrived: tokio::time::Instant,
+  arrived: std::time::Instant,
 }
 
 impl Drop for UsageRecorder {
