@@ -99,9 +99,9 @@ struct Completion {
   message: Option<String>,
 }
 
-/// Runs `test` from `root` on the calling thread (which gets its own tokio runtime), giving
-/// it `timeout` of wall time.
-pub fn run(root: &Path, test: &TestFile, timeout: Duration) -> FileResult {
+/// Runs `test` from `root` with `testharness` (the text of `resources/testharness.js`) on the
+/// calling thread (which gets its own tokio runtime), giving it `timeout` of wall time.
+pub fn run(root: &Path, testharness: &str, test: &TestFile, timeout: Duration) -> FileResult {
   let started = Instant::now();
   let mut result = FileResult {
     suite: test.suite,
@@ -118,7 +118,10 @@ pub fn run(root: &Path, test: &TestFile, timeout: Duration) -> FileResult {
     .enable_all()
     .build();
   result.harness = match tokio {
-    Ok(tokio) => tokio.block_on(run_in_isolate(root, test, timeout, &mut result.subtests)),
+    Ok(tokio) => {
+      let running = run_in_isolate(root, testharness, test, timeout, &mut result.subtests);
+      tokio.block_on(running)
+    }
     Err(err) => HarnessOutcome::Error(format!("cannot start a tokio runtime: {err}")),
   };
   result.elapsed = started.elapsed();
@@ -127,6 +130,7 @@ pub fn run(root: &Path, test: &TestFile, timeout: Duration) -> FileResult {
 
 async fn run_in_isolate(
   root: &Path,
+  testharness: &str,
   test: &TestFile,
   timeout: Duration,
   subtests: &mut Vec<Subtest>,
@@ -155,7 +159,7 @@ async fn run_in_isolate(
   });
   let spun = || HarnessOutcome::Timeout(format!("terminated after {deadline:?} without yielding"));
 
-  let mut outcome = match load_scripts(root, test, runtime) {
+  let mut outcome = match load_scripts(root, testharness, test, runtime) {
     Ok(()) => HarnessOutcome::Ok,
     Err(err) => HarnessOutcome::Error(err),
   };
@@ -192,8 +196,12 @@ async fn run_in_isolate(
 /// Runs the glue, the harness, the META scripts and the test, then tells the harness that
 /// everything is loaded (the `install` event a service worker gets, since an isolate's
 /// global scope is a `ServiceWorkerGlobalScope`). Returns the first script error.
-fn load_scripts(root: &Path, test: &TestFile, runtime: &mut JsRuntime) -> Result<(), String> {
-  let source = suite::read(root, &test.path).map_err(|err| err.to_string())?;
+fn load_scripts(
+  root: &Path,
+  testharness: &str,
+  test: &TestFile,
+  runtime: &mut JsRuntime,
+) -> Result<(), String> {
   // A helper that cannot be read is an error of the file, but the harness still loads so
   // that the subtests that do not need it report.
   let mut first_error = None;
@@ -207,10 +215,9 @@ fn load_scripts(root: &Path, test: &TestFile, runtime: &mut JsRuntime) -> Result
     }
   }
   let mut sources: Vec<&str> = helpers.iter().map(|(_, s)| s.as_str()).collect();
-  sources.push(&source);
+  sources.push(&test.source);
   let fixtures = suite::fixtures(root, &test.path, &sources).map_err(|err| err.to_string())?;
   let config = serde_json::json!({ "url": test.url(), "fixtures": fixtures });
-  let harness = suite::read(root, "resources/testharness.js").map_err(|err| err.to_string())?;
   let mut scripts = vec![
     (
       "[wpt-config]".to_string(),
@@ -227,10 +234,10 @@ fn load_scripts(root: &Path, test: &TestFile, runtime: &mut JsRuntime) -> Result
       format!("globalThis.META_TITLE = {};", json(title)),
     ));
   }
-  scripts.push(("/resources/testharness.js".into(), harness));
+  scripts.push(("/resources/testharness.js".into(), testharness.to_string()));
   scripts.push(("[wpt]/02_reporter.js".into(), REPORTER_JS.to_string()));
   scripts.extend(helpers.into_iter().map(|(path, s)| (format!("/{path}"), s)));
-  scripts.push((format!("/{}", test.path), source));
+  scripts.push((format!("/{}", test.path), test.source.clone()));
   for (name, source) in scripts {
     if let Err(err) = runtime.execute_script(format!("{}{name}", suite::ORIGIN), source) {
       first_error.get_or_insert_with(|| first_line(&err.to_string()));

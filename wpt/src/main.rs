@@ -83,9 +83,9 @@ fn run(args: &Args) -> Result<ExitCode, WptError> {
     .clone()
     .unwrap_or_else(|| project_dir().join("../../shared/wpt"));
   let root = root.canonicalize().unwrap_or(root);
-  if !root.join("resources/testharness.js").is_file() {
+  let Ok(testharness) = suite::read(&root, "resources/testharness.js") else {
     return Err(WptError::NotWpt(root));
-  }
+  };
   let suites = selected_suites(&args.suites)?;
   if args.markdown.is_some() && (suites.len() != SUITES.len() || !args.filters.is_empty()) {
     return Err(WptError::PartialTable);
@@ -109,7 +109,7 @@ fn run(args: &Args) -> Result<ExitCode, WptError> {
     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     .max(1);
   let started = Instant::now();
-  let results = run_all(&root, &tests, jobs, args, &expectations);
+  let results = run_all(&root, &testharness, &tests, jobs, args, &expectations);
 
   let mut out = std::io::stdout().lock();
   let mut rows = Vec::new();
@@ -209,6 +209,7 @@ fn selected_suites(wanted: &[String]) -> Result<Vec<(&'static str, &'static str)
 /// Returns the results in the order of `tests`.
 fn run_all(
   root: &Path,
+  testharness: &str,
   tests: &[TestFile],
   jobs: usize,
   args: &Args,
@@ -229,7 +230,7 @@ fn run_all(
           let factor = if test.long { 6 } else { 1 };
           let timeout = Duration::from_secs(args.timeout * factor);
           if done
-            .send((index, harness::run(root, test, timeout)))
+            .send((index, harness::run(root, testharness, test, timeout)))
             .is_err()
           {
             break;

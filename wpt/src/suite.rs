@@ -44,6 +44,8 @@ pub struct TestFile {
   /// Whether the file's `global=` list has a scope like ours (a worker or a shell); files
   /// written for `window` only are skipped.
   pub runs_here: bool,
+  /// The file's text, read once when it was found.
+  pub source: String,
 }
 
 /// The test files of `suite` under `root`, sorted by path. A suite whose folder is missing
@@ -56,7 +58,7 @@ pub fn discover(root: &Path, suite: &'static str, folder: &str) -> Result<Vec<Te
     .into_iter()
     .map(|path| {
       let source = read(root, &path)?;
-      Ok(TestFile::parse(suite, path, &source))
+      Ok(TestFile::parse(suite, path, source))
     })
     .collect()
 }
@@ -101,7 +103,7 @@ pub fn read(root: &Path, path: &str) -> Result<String, WptError> {
 
 impl TestFile {
   /// Reads the `// META: key=value` lines at the top of `source`.
-  pub fn parse(suite: &'static str, path: String, source: &str) -> TestFile {
+  pub fn parse(suite: &'static str, path: String, source: String) -> TestFile {
     let mut file = TestFile {
       suite,
       scripts: Vec::new(),
@@ -109,6 +111,7 @@ impl TestFile {
       title: None,
       runs_here: true,
       path,
+      source: String::new(),
     };
     let metas = source
       .lines()
@@ -129,6 +132,7 @@ impl TestFile {
         _ => {}
       }
     }
+    file.source = source;
     file
   }
 
