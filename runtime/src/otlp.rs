@@ -137,9 +137,8 @@ pub fn record(tracer: &SdkTracer, span: RequestSpan) {
     .with_start_time(span.start)
     .with_attributes(span.attributes);
   ASSIGNED.with(|ids| ids.set(Some((span.trace_id, span.span_id))));
-  let built = tracer.build_with_context(builder, &parent);
+  let mut built = tracer.build_with_context(builder, &parent);
   ASSIGNED.with(|ids| ids.set(None));
-  let mut built = built;
   opentelemetry::trace::Span::end_with_timestamp(&mut built, span.end);
 }
 

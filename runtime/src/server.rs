@@ -67,8 +67,6 @@ pub struct Node {
   listeners: Vec<BoundListener>,
   /// The admin listener and its token, when `[admin]` is configured.
   admin: Option<(TcpListener, Option<String>)>,
-  /// The config file, re-read when the geo settings are reloaded.
-  config_file: Option<std::path::PathBuf>,
   server: ServerConfig,
 }
 
@@ -78,6 +76,7 @@ pub(crate) struct NodeState {
   /// What reloads need to start functions and rebuild TLS.
   factory: Arc<IsolateFactory>,
   transpiler: Arc<TranspileCache>,
+  /// The config file, re-read on reload (and for `[geo]` when its files change).
   config_file: Option<std::path::PathBuf>,
   /// Each TLS listener's address and current certificates.
   tls: Vec<(SocketAddr, Arc<ArcSwap<rustls::ServerConfig>>)>,
@@ -261,7 +260,6 @@ impl Node {
     };
     Ok(Node {
       admin,
-      config_file: config.file.clone(),
       state: Arc::new(NodeState {
         configured: ArcSwap::from_pointee(configured),
         factory,
@@ -338,7 +336,7 @@ impl Node {
       });
       tokio::spawn(admin::serve(listener, admin, admin_stop.clone()));
     }
-    if let Some(file) = self.config_file {
+    if let Some(file) = self.state.config_file.clone() {
       tokio::spawn(self.state.geo.clone().watch(file, stop.clone()));
       tokio::spawn(reload_on_hangup(self.state.clone(), stop.clone()));
     }
