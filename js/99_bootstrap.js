@@ -24,6 +24,8 @@ import {
 import { Cache, caches, CacheStorage } from "ext:outpost_cache/01_cache.js";
 
 const {
+  ArrayPrototypeFilter,
+  ArrayPrototypeJoin,
   Error,
   FunctionPrototypeCall,
   ObjectDefineProperty,
@@ -32,11 +34,13 @@ const {
   ObjectSetPrototypeOf,
   PromisePrototypeThen,
   PromiseReject,
+  RegExpPrototypeTest,
   SafeSet,
   SetPrototypeAdd,
   SetPrototypeDelete,
   StringPrototypeCharCodeAt,
   StringPrototypeIncludes,
+  StringPrototypeSplit,
   Symbol,
   TypeError,
 } = primordials;
@@ -177,12 +181,33 @@ function utf8Length(text) {
   return length;
 }
 
+// Log lines carry no terminal colour codes, whatever is printed.
+consoleMod.setNoColorFns(() => true, () => true);
+
+/** A stack frame in one of Outpost's or Deno's own scripts. */
+const INTERNAL_FRAME = /^\s+at (?:.* \()?ext:[^)]*\)?$/;
+
+/**
+ * `text` without stack frames of Outpost's and Deno's own scripts (`ext:` specifiers): a
+ * handler's author can do nothing with them.
+ */
+function withoutInternalFrames(text) {
+  if (!StringPrototypeIncludes(text, "ext:")) return text;
+  const lines = StringPrototypeSplit(text, "\n");
+  const kept = ArrayPrototypeFilter(
+    lines,
+    (line) => !RegExpPrototypeTest(INTERNAL_FRAME, line),
+  );
+  return ArrayPrototypeJoin(kept, "\n");
+}
+
 /**
  * Handler console output goes to the server log with the function and, inside a request,
  * the request id. A request may write `log.console_bytes_per_request` bytes; past that its
  * output is dropped, with one warning saying so.
  */
-const console = new consoleMod.Console((message, level) => {
+const console = new consoleMod.Console((text, level) => {
+  const message = withoutInternalFrames(text);
   const scope = currentScope();
   if (scope === undefined) {
     op_bootstrap_console(level, "", message);
@@ -287,9 +312,9 @@ event.saveGlobalThisReference(globalThis);
 /** Renders a thrown value for the server log: the stack when there is one. */
 function describeError(error) {
   if (ObjectPrototypeIsPrototypeOf(Error.prototype, error) && error.stack) {
-    return error.stack;
+    return withoutInternalFrames(error.stack);
   }
-  return consoleMod.inspect(error);
+  return withoutInternalFrames(consoleMod.inspect(error));
 }
 
 /**

@@ -364,3 +364,59 @@ async fn stale_responses_are_served_while_revalidating_and_when_the_function_fai
   .await;
   assert_eq!((status, body.as_str()), (200, "{\"purged\":2}\n"));
 }
+
+/// Route-cache HITs are billed like any response: their bytes are in the access record and
+/// in `/usage`. A HEAD is answered from the stored GET without entering JS.
+#[tokio::test]
+async fn hits_count_their_egress_and_head_is_answered_from_the_cache() {
+  let outpost = route_cached("");
+  assert_eq!(
+    cached_get(&outpost, "/e", &[]).await,
+    ("MISS".into(), "200 calls=1".into())
+  );
+  let hit = http1().get(outpost.url("/e")).send().await.unwrap();
+  assert_eq!(hit.headers()["outpost-cache"], "HIT");
+  let id = hit.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  assert_eq!(hit.text().await.unwrap(), "calls=1");
+  let logs = outpost.wait_for_log(&format!("request_id=\"{id}\""));
+  let record = logs
+    .lines()
+    .find(|l| l.contains(&format!("request_id=\"{id}\"")) && l.contains("outpost::access"))
+    .unwrap();
+  assert!(record.contains("bytes_out=7"), "{record}");
+
+  let head = http1().head(outpost.url("/e")).send().await.unwrap();
+  assert_eq!(head.status(), 200);
+  assert_eq!(head.headers()["outpost-cache"], "HIT");
+  assert_eq!(head.headers()["content-length"], "7");
+  assert_eq!(head.bytes().await.unwrap().len(), 0);
+  // Neither the HIT nor the HEAD entered JS.
+  assert_eq!(
+    cached_get(&outpost, "/e?other", &[]).await,
+    ("MISS".into(), "200 calls=2".into())
+  );
+
+  // The MISS, the HIT and the last MISS sent 7 bytes each; the HEAD none.
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+  loop {
+    let usage: serde_json::Value = http1()
+      .get(format!("{admin}/usage"))
+      .send()
+      .await
+      .unwrap()
+      .json()
+      .await
+      .unwrap();
+    let origin = &usage["functions"]["origin"];
+    if origin["requests"] == 4 {
+      assert_eq!(origin["egress_bytes"], 21, "{usage}");
+      break;
+    }
+    assert!(std::time::Instant::now() < deadline, "{usage}");
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+  }
+}

@@ -98,3 +98,116 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
   let refused = http1().get(status.1.url("/")).send().await;
   assert!(refused.is_err(), "the listener is closed after shutdown");
 }
+
+/// Without a config file, SIGHUP re-reads the handler file; the process never dies of it.
+#[tokio::test]
+async fn sighup_reloads_a_single_handler_and_never_kills_the_process() {
+  let mut outpost = Outpost::start_handler(
+    "handler.js",
+    "export default { fetch: () => new Response('one') };",
+  );
+  assert_eq!(outpost.get_text("/").await, "one");
+  std::fs::write(
+    outpost.dir().join("handler.js"),
+    "export default { fetch: () => new Response('two') };",
+  )
+  .unwrap();
+  outpost.signal("HUP");
+  outpost.wait_for_log("configuration reloaded");
+  assert_eq!(outpost.get_text("/").await, "two");
+  // A broken save is refused; the handler that serves stays.
+  std::fs::write(outpost.dir().join("handler.js"), "export default {").unwrap();
+  outpost.signal("HUP");
+  outpost.wait_for_log("reload rejected");
+  assert_eq!(outpost.get_text("/").await, "two");
+  assert!(outpost.try_exit().is_none(), "the process is still running");
+}
+
+/// Every problem of a config file in one run, each at its key: type errors, unknown keys,
+/// values out of range, certificates that do not load; and imports that name no file say
+/// where they are and what was probably meant.
+#[test]
+fn check_reports_every_problem_at_its_key_in_one_run() {
+  let dir = tempfile::tempdir().unwrap();
+  write_files(
+    dir.path(),
+    &[
+      (
+        "outpost.toml",
+        r#"[server]
+compression = true
+max_header_bytes = 100
+shutdown_grace_s = "soon"
+
+[log]
+format = "xml"
+
+[[listen]]
+address = "127.0.0.1:0"
+tls = [ { cert = "bad.pem", key = "bad.key" } ]
+
+[[functions]]
+name = "api"
+entry = "api.ts"
+routes = ["/"]
+limits = { cpu_ms = "fast" }
+colour = "blue"
+
+[[functions]]
+name = "other"
+entry = "other.js"
+routes = ["/other"]
+"#,
+      ),
+      ("bad.pem", "not a certificate"),
+      ("bad.key", "not a key"),
+      (
+        "api.ts",
+        "import { helper } from \"./helper\";\nexport default { fetch: () => new Response(helper()) };",
+      ),
+      ("helper.ts", "export const helper = () => 'h';"),
+      (
+        "other.js",
+        "import \"./gone.js\";\nexport default { fetch: () => new Response('o') };",
+      ),
+    ],
+  );
+  let (status, output) = run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success(), "{output}");
+  for expected in [
+    "outpost.toml:4:20: server.shutdown_grace_s: invalid type: string \"soon\"",
+    "outpost.toml:7:10: log.format: unknown variant `xml`",
+    "outpost.toml:17:21: functions[0].limits.cpu_ms: invalid type: string \"fast\"",
+    "outpost.toml:18:1: functions[0].colour: unknown field `colour`",
+    "outpost.toml:3:20: server.max_header_bytes: 100 is below the minimum of 8192 bytes",
+    "outpost.toml:11:18: listen[0].tls[0].cert: bad.pem: cannot read certificates",
+  ] {
+    assert!(
+      output.contains(expected),
+      "{expected:?} missing from:\n{output}"
+    );
+  }
+  assert!(!output.contains("<toml>"), "{output}");
+
+  // The config fixed, the imports are what is left.
+  write_files(
+    dir.path(),
+    &[(
+      "outpost.toml",
+      "[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"api\"\nentry = \"api.ts\"\nroutes = [\"/\"]\n\n[[functions]]\nname = \"other\"\nentry = \"other.js\"\nroutes = [\"/other\"]\n",
+    )],
+  );
+  let (status, output) = run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success(), "{output}");
+  assert!(
+    output.contains("did you mean \"./helper.ts\"? Imports name the file with its extension")
+      && output.contains("api.ts:1:"),
+    "{output}"
+  );
+  assert!(
+    output.contains("gone.js")
+      && output.contains("(imported at file://")
+      && output.contains("other.js:1:"),
+    "{output}"
+  );
+}

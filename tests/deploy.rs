@@ -54,6 +54,22 @@ async fn cli(outpost: &Outpost, args: &[&str]) -> String {
   output
 }
 
+/// Runs an `outpost` admin command that must fail; returns its output.
+async fn cli_fails(outpost: &Outpost, args: &[&str]) -> String {
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+  full.extend(["--admin".to_string(), admin]);
+  let cwd = outpost.dir().to_path_buf();
+  let (status, output) = tokio::task::spawn_blocking(move || {
+    let args: Vec<&str> = full.iter().map(String::as_str).collect();
+    run_outpost(&args, &cwd)
+  })
+  .await
+  .unwrap();
+  assert!(!status.success(), "outpost {args:?} succeeded: {output}");
+  output
+}
+
 /// `/api/` until it answers `expected`.
 async fn wait_for(outpost: &Outpost, expected: &str) {
   outpost
@@ -570,4 +586,181 @@ async fn off_loopback_the_admin_api_refuses_requests_without_the_token() {
     .await
     .unwrap();
   assert_eq!(response.status(), 200);
+}
+
+/// An upload whose module does not load is refused and not kept: it is not listed, and a
+/// rollback goes back to the version that served before, never to it.
+#[tokio::test]
+async fn a_refused_upload_is_not_kept_and_rollback_returns_to_what_served() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let v1 = function_dir(outpost.dir(), "v1", "v1");
+  let v2 = function_dir(outpost.dir(), "v2", "v2");
+  let broken = outpost.dir().join("broken");
+  std::fs::create_dir_all(&broken).unwrap();
+  std::fs::write(
+    broken.join("index.js"),
+    "export default { fetch() { return new Response('x'; } };",
+  )
+  .unwrap();
+  cli(&outpost, &["deploy", v1.to_str().unwrap(), "--name", "api"]).await;
+  cli(&outpost, &["deploy", v2.to_str().unwrap(), "--name", "api"]).await;
+  wait_for(&outpost, "v2").await;
+  let refused = cli_fails(
+    &outpost,
+    &["deploy", broken.to_str().unwrap(), "--name", "api"],
+  )
+  .await;
+  assert!(
+    refused.contains("422") && refused.contains("does not load"),
+    "{refused}"
+  );
+  // Not stored: a plain upload (no activation) is refused the same way.
+  let response = http1()
+    .put(format!("http://{}/functions/api", outpost.admin.unwrap()))
+    .body(bundle_of(&broken))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 422);
+  let versions = cli(&outpost, &["versions", "api"]).await;
+  assert_eq!(
+    versions.lines().count(),
+    3,
+    "header, v1 and v2 only:\n{versions}"
+  );
+  assert!(versions.contains("GMT"), "times are readable: {versions}");
+  assert_eq!(outpost.get_text("/api/").await, "v2");
+
+  let rolled = cli(&outpost, &["rollback", "api"]).await;
+  assert!(rolled.contains("now serves version"), "{rolled}");
+  wait_for(&outpost, "v1").await;
+  // Again: back to what served before, v2.
+  cli(&outpost, &["rollback", "api"]).await;
+  wait_for(&outpost, "v2").await;
+}
+
+/// The tar `outpost deploy` would upload for `dir` (an index.js and a manifest naming it).
+fn bundle_of(dir: &Path) -> Vec<u8> {
+  let mut builder = tar::Builder::new(Vec::new());
+  builder.append_dir_all(".", dir).unwrap();
+  let manifest = br#"{"entry": "index.js"}"#;
+  let mut header = tar::Header::new_gnu();
+  header.set_size(manifest.len() as u64);
+  header.set_mode(0o644);
+  header.set_cksum();
+  builder
+    .append_data(&mut header, "manifest.json", &manifest[..])
+    .unwrap();
+  builder.into_inner().unwrap()
+}
+
+/// Split weights are percentages: they must add up to 100.
+#[tokio::test]
+async fn split_weights_must_add_up_to_one_hundred() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let mut versions = Vec::new();
+  for body in ["a", "b"] {
+    let dir = function_dir(outpost.dir(), body, body);
+    let deployed = cli(
+      &outpost,
+      &["deploy", dir.to_str().unwrap(), "--name", "api"],
+    )
+    .await;
+    versions.push(version_of(&deployed));
+  }
+  let [a, b] = [&versions[0], &versions[1]];
+  for weights in [
+    vec![format!("{a}=60"), format!("{b}=50")],
+    vec![format!("{a}=101")],
+  ] {
+    let mut args = vec!["split", "api"];
+    args.extend(weights.iter().map(String::as_str));
+    let output = cli_fails(&outpost, &args).await;
+    assert!(output.contains("must add up to 100"), "{output}");
+  }
+  let output = cli(
+    &outpost,
+    &["split", "api", &format!("{a}=70"), &format!("{b}=30")],
+  )
+  .await;
+  assert!(
+    output.contains(&format!("version {a} 70%")) && output.contains(&format!("version {b} 30%")),
+    "{output}"
+  );
+}
+
+/// A deployed route that a configured route takes entirely is reported with the deploy: the
+/// version would serve nothing through it.
+#[tokio::test]
+async fn a_deploy_whose_route_a_configured_route_shadows_is_warned_about() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let dir = function_dir(outpost.dir(), "hidden", "hidden");
+  std::fs::write(
+    dir.join("manifest.json"),
+    r#"{"entry": "index.js", "routes": ["static.test/docs/", "other.test/"]}"#,
+  )
+  .unwrap();
+  let output = cli(
+    &outpost,
+    &["deploy", dir.to_str().unwrap(), "--name", "docs"],
+  )
+  .await;
+  let warnings: Vec<&str> = output
+    .lines()
+    .filter(|l| l.starts_with("warning:"))
+    .collect();
+  assert_eq!(warnings.len(), 1, "{output}");
+  assert!(
+    warnings[0].contains("\"static.test/docs/\" is shadowed by route \"static.test/\" of configured function \"static\""),
+    "{output}"
+  );
+  // The route no configured route covers serves.
+  let response = http1()
+    .get(outpost.url("/"))
+    .header("host", "other.test")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.text().await.unwrap(), "hidden");
+}
+
+/// One rule for function names, config file and deploy API alike, with one error text.
+#[tokio::test]
+async fn function_names_follow_one_rule_in_the_config_and_the_deploy_api() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let long = "a".repeat(64);
+  for name in ["my_fn", long.as_str(), "-api"] {
+    let response = http1()
+      .put(format!(
+        "http://{}/functions/{name}",
+        outpost.admin.unwrap()
+      ))
+      .body("x")
+      .send()
+      .await
+      .unwrap();
+    assert_eq!(response.status(), 400, "{name}");
+    let error = response.text().await.unwrap();
+    assert!(
+      error.contains("is not a valid function name: use 1 to 63 of a-z, 0-9 and -"),
+      "{error}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.js"), "export default {};").unwrap();
+    std::fs::write(
+      dir.path().join("outpost.toml"),
+      functions_config("", &[(name, "f.js", r#"routes = ["/"]"#)]),
+    )
+    .unwrap();
+    let (status, output) = run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+    assert!(!status.success());
+    assert!(
+      output.contains("is not a valid function name: use 1 to 63 of a-z, 0-9 and -"),
+      "{output}"
+    );
+  }
 }

@@ -202,19 +202,50 @@ async fn syntax_error_in_one_function_leaves_the_others_serving() {
     ],
   );
   let body = unavailable(&outpost, "/broken").await;
+  // The client learns which request failed, not the server's paths or source.
   assert!(
-    body.contains("broken.ts:3:"),
-    "the error names file:line:col: {body}"
+    body.contains("function \"broken\" is unavailable (request id "),
+    "{body}"
   );
+  assert!(
+    !body.contains("broken.ts") && !body.contains(outpost.dir().to_str().unwrap()),
+    "{body}"
+  );
+  // The log has the details, at file:line:col.
+  let logs = outpost.wait_for_log("function failed to load");
+  assert!(logs.contains("broken.ts:3:"), "{logs}");
   assert_eq!(outpost.get_text("/").await, "fine");
 }
 
-/// GETs `path`, expects Outpost's 503 for a function that cannot serve, and returns the body.
+/// GETs `path`, expects Outpost's 503 for a function that cannot serve, and returns the body
+/// after checking that it names the request id of the response.
 async fn unavailable(outpost: &Outpost, path: &str) -> String {
   let response = http1().get(outpost.url(path)).send().await.unwrap();
   assert_eq!(response.status(), 503);
   assert_eq!(response.headers()["outpost-error"], "function-unavailable");
-  response.text().await.unwrap()
+  let id = response.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  let body = response.text().await.unwrap();
+  assert!(body.contains(&format!("(request id {id})")), "{body}");
+  body
+}
+
+#[tokio::test]
+async fn error_details_put_the_load_error_into_the_body_for_development() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[server]\nerror_details = true",
+      &[("broken", "broken.js", r#"routes = ["/"]"#)],
+    ),
+    &[(
+      "broken.js",
+      "export default {\n  fetch() { return new Response(\"x\";\n}\n};\n",
+    )],
+  );
+  let body = unavailable(&outpost, "/").await;
+  assert!(body.contains("broken.js:2:"), "{body}");
 }
 
 #[tokio::test]
@@ -412,12 +443,12 @@ async fn a_module_that_never_finishes_loading_is_stopped_and_reported() {
       ),
     ],
   );
-  let body = unavailable(&outpost, "/spins").await;
-  assert!(body.contains("did not finish loading within 1s"), "{body}");
-  let body = unavailable(&outpost, "/waits").await;
+  unavailable(&outpost, "/spins").await;
+  unavailable(&outpost, "/waits").await;
+  let logs = outpost.wait_for_log("did not finish loading within 1s");
   assert!(
-    body.contains("Top-level await promise never resolved") && body.contains("waits.js:1:1"),
-    "{body}"
+    logs.contains("Top-level await promise never resolved") && logs.contains("waits.js:1:1"),
+    "{logs}"
   );
   assert_eq!(outpost.get_text("/").await, "fine");
 }

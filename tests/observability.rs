@@ -546,3 +546,117 @@ async fn request_spans_reach_an_otlp_collector_with_the_propagated_ids() {
   assert_eq!(upstream["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
   assert_eq!(upstream["parentSpanId"], hop.as_str(), "{upstream}");
 }
+
+/// With `[log] format = "json"`, stdout is one JSON object per line and nothing else: the
+/// listening announcements included, and no event nests JSON inside a string.
+#[tokio::test]
+async fn the_json_log_is_json_lines_only_on_stdout() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = Outpost::start(
+    &functions_config(
+      &format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[log]\nformat = \"json\"\n",
+        data.path().display()
+      ),
+      &[("api", "api.js", r#"routes = ["api.test/"]"#)],
+    ),
+    HANDLERS,
+  );
+  // A deploy logs an activation with the versions it serves.
+  let dir = outpost.dir().join("deployed");
+  std::fs::create_dir_all(&dir).unwrap();
+  std::fs::write(
+    dir.join("index.js"),
+    "export default { fetch() { console.log('two\\nlines'); return new Response('d'); } };",
+  )
+  .unwrap();
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let output = tokio::task::spawn_blocking({
+    let cwd = outpost.dir().to_path_buf();
+    let dir = dir.display().to_string();
+    move || crate::support::run_outpost(&["deploy", &dir, "--name", "dep", "--admin", &admin], &cwd)
+  })
+  .await
+  .unwrap();
+  assert!(output.0.success(), "{}", output.1);
+  assert_eq!(http1().get(outpost.url("/dep/")).text_of().await, "d");
+  assert_eq!(get(&outpost, "api.test", "/").await.status(), 200);
+  let logs = outpost.wait_for_log("\"message\":\"activated\"");
+  outpost.wait_for_log("two\\nlines");
+  let stdout = outpost.stdout();
+  let mut messages = Vec::new();
+  for line in stdout.lines() {
+    let event: serde_json::Value = serde_json::from_str(line)
+      .unwrap_or_else(|err| panic!("not a JSON line ({err}): {line:?}\n{logs}"));
+    assert!(event.is_object(), "{line}");
+    for (key, value) in event.as_object().unwrap() {
+      if let Some(text) = value.as_str() {
+        assert!(
+          serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).is_err(),
+          "{key} nests JSON: {line}"
+        );
+      }
+    }
+    messages.push(event["message"].as_str().unwrap_or_default().to_string());
+  }
+  for expected in [
+    "outpost listening",
+    "outpost admin listening",
+    "activated",
+    "access",
+  ] {
+    assert!(
+      messages.iter().any(|m| m == expected),
+      "{expected}: {messages:?}"
+    );
+  }
+  let activated = stdout
+    .lines()
+    .find(|l| l.contains("\"message\":\"activated\""))
+    .unwrap();
+  assert!(activated.contains("=100\""), "{activated}");
+}
+
+/// Console output in the log has no terminal colour codes and no frames of Outpost's own
+/// scripts, and one call is one line, whatever it prints.
+#[tokio::test]
+async fn console_output_is_plain_one_line_per_call_without_internal_frames() {
+  let outpost = Outpost::start_handler(
+    "plain.js",
+    r#"export default {
+  async fetch(request) {
+    console.log({ answer: 42, nested: { list: [1, "two"] } });
+    console.log("first line\nsecond line");
+    console.error(new Error("visible"));
+    try {
+      new Request("not a url");
+    } catch (error) {
+      console.error(error);
+    }
+    return new Response("logged");
+  },
+};"#,
+  );
+  assert_eq!(outpost.get_text("/").await, "logged");
+  let logs = outpost.wait_for_log("outpost::access");
+  let console: Vec<&str> = logs
+    .lines()
+    .filter(|l| l.contains("outpost::console"))
+    .collect();
+  assert_eq!(console.len(), 4, "one line per call:\n{logs}");
+  assert!(!logs.contains('\u{1b}'), "no escape codes:\n{logs}");
+  assert!(
+    console[0].contains("{ answer: 42, nested: { list: [ 1, \"two\" ] } }"),
+    "{logs}"
+  );
+  assert!(console[1].contains("first line\\nsecond line"), "{logs}");
+  assert!(
+    console[2].contains("Error: visible\\n    at Object.fetch (file://"),
+    "{logs}"
+  );
+  assert!(console[3].contains("TypeError"), "{logs}");
+  assert!(
+    !logs.contains("ext:"),
+    "internal frames are hidden:\n{logs}"
+  );
+}

@@ -267,3 +267,104 @@ fn a_client_that_never_finishes_the_tls_handshake_is_cut_off() {
     "expected the server to close the connection, read {read:?}"
   );
 }
+
+/// A HEAD gets the head a GET gets, `content-length` included, and no body, on every
+/// protocol. (hyper's HTTP/2 server sends the body anyway; h2 and nghttp2 clients then reset
+/// the stream with PROTOCOL_ERROR.)
+#[tokio::test]
+async fn head_gets_the_length_and_no_body_on_every_protocol() {
+  let ca = TestCa::new();
+  let (outpost, _, _) = tls_server(&ca);
+  let port = outpost.https[0].port();
+  let h2c = reqwest::Client::builder()
+    .http2_prior_knowledge()
+    .build()
+    .unwrap();
+  let h2_tls = tls_client(&ca, &outpost).build().unwrap();
+  let cases = [
+    (http1(), outpost.url("/"), Version::HTTP_11, "via http: "),
+    (h2c, outpost.url("/"), Version::HTTP_2, "via http: "),
+    (
+      h2_tls,
+      format!("https://a.test:{port}/"),
+      Version::HTTP_2,
+      "via https: ",
+    ),
+  ];
+  for (client, url, version, body) in cases {
+    let get = client.get(&url).send().await.unwrap();
+    assert_eq!(get.text().await.unwrap(), body);
+    let head = client.head(&url).send().await.unwrap();
+    assert_eq!(head.version(), version);
+    assert_eq!(head.status(), 200, "{url} {version:?}");
+    assert_eq!(
+      head.headers()["content-length"],
+      body.len().to_string().as_str(),
+      "{url} {version:?}"
+    );
+    assert!(head.headers().contains_key("outpost-request-id"));
+    assert_eq!(head.bytes().await.unwrap().len(), 0, "{url} {version:?}");
+  }
+}
+
+/// `server.max_headers` is one limit for HTTP/1.1 and h2; a refused request gets an access
+/// record with a request id either way.
+#[tokio::test]
+async fn the_header_count_limit_is_the_same_on_both_protocols_and_refusals_are_recorded() {
+  let counter = r#"export default { fetch(request) { return new Response(String([...request.headers].length)); } };"#;
+  let many = |request: reqwest::RequestBuilder| {
+    (0..150).fold(request, |request, i| request.header(format!("x-h{i}"), "v"))
+  };
+  let h2c = || {
+    reqwest::Client::builder()
+      .http2_prior_knowledge()
+      .build()
+      .unwrap()
+  };
+  // The default: at most 100 lines.
+  let strict = Outpost::start(
+    &crate::support::functions_config("", &[("count", "count.js", r#"routes = ["/"]"#)]),
+    &[("count.js", counter)],
+  );
+  let h1 = many(http1().get(strict.url("/"))).send().await.unwrap();
+  assert_eq!(h1.status(), 431);
+  let h2 = many(h2c().get(strict.url("/"))).send().await.unwrap();
+  assert_eq!(h2.status(), 431);
+  assert_eq!(h2.headers()["outpost-error"], "too-many-headers");
+  let h2_id = h2.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  assert!(h2.text().await.unwrap().contains("server.max_headers"));
+  strict.wait_for_log(&format!("request_id=\"{h2_id}\""));
+  let logs = strict.wait_for_log("termination=\"headers-too-large\"");
+  let refusals: Vec<&str> = logs
+    .lines()
+    .filter(|l| l.contains("outpost::access") && l.contains("status=431"))
+    .collect();
+  assert_eq!(refusals.len(), 2, "one access record each:\n{logs}");
+  assert!(
+    refusals.iter().all(|l| l.contains("request_id=\"")),
+    "{refusals:?}"
+  );
+  assert!(
+    refusals
+      .iter()
+      .any(|l| l.contains("termination=\"headers-too-large\"")),
+    "the HTTP/1.1 refusal is recorded: {refusals:?}"
+  );
+  // Raised: 150 lines pass on both protocols.
+  let lenient = Outpost::start(
+    &crate::support::functions_config(
+      "[server]\nmax_headers = 200",
+      &[("count", "count.js", r#"routes = ["/"]"#)],
+    ),
+    &[("count.js", counter)],
+  );
+  for client in [http1(), h2c()] {
+    let response = many(client.get(lenient.url("/"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: usize = response.text().await.unwrap().parse().unwrap();
+    assert!(seen >= 150, "{seen}");
+  }
+}

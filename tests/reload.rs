@@ -141,3 +141,91 @@ async fn reload_applies_function_changes_and_rejects_a_broken_config() {
     tokio::time::sleep(Duration::from_millis(20)).await;
   }
 }
+
+/// A reload whose functions include one that does not load is refused whole, by POST
+/// /reload and SIGHUP alike: the pool that serves keeps serving, with no failed request, and
+/// the node stays ready. Requests in flight across a good reload finish on the version they
+/// started on.
+#[tokio::test]
+async fn a_reload_with_a_function_that_does_not_load_keeps_the_old_pool_serving() {
+  let config = |entry: &str| {
+    crate::support::functions_config(
+      "[admin]\naddress = \"127.0.0.1:0\"",
+      &[("site", entry, r#"routes = ["/"]"#)],
+    )
+  };
+  let slow = |body: &str| {
+    format!(
+      "export default {{ async fetch(request) {{ if (new URL(request.url).pathname === '/slow') await new Promise((r) => setTimeout(r, 800)); return new Response('{body}'); }} }};"
+    )
+  };
+  let (v1, v2) = (slow("v1"), slow("v2"));
+  let outpost = Outpost::start(
+    &config("v1.js"),
+    &[
+      ("v1.js", &v1),
+      ("v2.js", &v2),
+      (
+        "broken.js",
+        "export default { fetch() { return new Response('x'; } };",
+      ),
+    ],
+  );
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let config_file = outpost.dir().join("outpost.toml");
+  let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+  let load: Vec<_> = (0..3)
+    .map(|_| {
+      let (stop, url) = (stop.clone(), outpost.url("/"));
+      tokio::spawn(async move {
+        let client = http1();
+        let mut bodies = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+          let response = client.get(&url).send().await.unwrap();
+          assert_eq!(response.status(), 200);
+          bodies.push(response.text().await.unwrap());
+        }
+        bodies
+      })
+    })
+    .collect();
+
+  std::fs::write(&config_file, config("broken.js")).unwrap();
+  let response = http1()
+    .post(format!("{admin}/reload"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 400);
+  let answer: serde_json::Value = response.json().await.unwrap();
+  let error = answer["error"].as_str().unwrap();
+  assert!(
+    error.contains("function \"site\" does not load") && error.contains("broken.js:1:"),
+    "{answer}"
+  );
+  outpost.signal("HUP");
+  outpost.wait_for_log("reload rejected, the running configuration stays");
+  let ready = http1().get(format!("{admin}/readyz")).send().await.unwrap();
+  assert_eq!(ready.status(), 200);
+
+  // A request in flight when a good reload lands finishes on v1; later ones get v2.
+  let in_flight = tokio::spawn({
+    let url = outpost.url("/slow");
+    async move { http1().get(url).send().await.unwrap().text().await.unwrap() }
+  });
+  tokio::time::sleep(Duration::from_millis(200)).await;
+  std::fs::write(&config_file, config("v2.js")).unwrap();
+  let response = http1()
+    .post(format!("{admin}/reload"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 200);
+  assert_eq!(in_flight.await.unwrap(), "v1");
+  outpost.wait_for_text("/", "v2", "v2 never served").await;
+  stop.store(true, std::sync::atomic::Ordering::Relaxed);
+  for task in load {
+    let bodies = task.await.unwrap();
+    assert!(bodies.iter().all(|b| b == "v1" || b == "v2"), "{bodies:?}");
+  }
+}

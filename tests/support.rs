@@ -18,6 +18,8 @@ pub struct Outpost {
   /// The admin listener's address, when `[admin]` is configured.
   pub admin: Option<SocketAddr>,
   logs: Arc<Mutex<String>>,
+  /// What the process wrote to stdout alone.
+  stdout: Arc<Mutex<String>>,
 }
 
 /// Files of a test project: (relative path, contents).
@@ -105,14 +107,18 @@ impl Outpost {
     let (tx, rx) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     let sink = logs.clone();
+    let stdout_text = Arc::new(Mutex::new(String::new()));
+    let stdout_sink = stdout_text.clone();
     // Stdout carries the listening addresses, and the log when it is JSON: read to the end.
     std::thread::spawn(move || {
       for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         let _ = tx.send(line.clone());
-        let mut logs = sink.lock().unwrap();
-        logs.push_str(&line);
-        logs.push('\n');
+        for text in [&sink, &stdout_sink] {
+          let mut text = text.lock().unwrap();
+          text.push_str(&line);
+          text.push('\n');
+        }
       }
     });
     let (mut http, mut https, mut admin) = (Vec::new(), Vec::new(), None);
@@ -125,6 +131,14 @@ impl Outpost {
           logs.lock().unwrap()
         )
       });
+      // With the JSON log the announcement is a log event: {"message": ..., "url": ...}.
+      let line = match serde_json::from_str::<serde_json::Value>(&line) {
+        Ok(event) => match (event["message"].as_str(), event["url"].as_str()) {
+          (Some(message), Some(url)) => format!("{message} on {url}"),
+          _ => continue,
+        },
+        Err(_) => line,
+      };
       if let Some(address) = line.strip_prefix("outpost admin listening on http://") {
         admin = Some(address.parse().unwrap());
         continue;
@@ -145,6 +159,7 @@ impl Outpost {
       https,
       admin,
       logs,
+      stdout: stdout_text,
     }
   }
 
@@ -184,6 +199,11 @@ impl Outpost {
     self.logs.lock().unwrap().clone()
   }
 
+  /// What the server wrote to stdout so far.
+  pub fn stdout(&self) -> String {
+    self.stdout.lock().unwrap().clone()
+  }
+
   /// The directory the server was started in (its config file is `outpost.toml`).
   pub fn dir(&self) -> &Path {
     self.dir.path()
@@ -211,6 +231,11 @@ impl Outpost {
       .status()
       .unwrap();
     assert!(status.success());
+  }
+
+  /// The exit status, if the process has exited.
+  pub fn try_exit(&mut self) -> Option<ExitStatus> {
+    self.child.try_wait().unwrap()
   }
 
   /// Waits for the process to exit on its own.

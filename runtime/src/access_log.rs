@@ -1,13 +1,19 @@
 //! One access record per request (tracing target `outpost::access`, at info), written when
-//! the request is complete: after its response body has been sent and after the isolate
-//! has charged the CPU time of the entry that answered it. The same moment feeds the
-//! Prometheus metrics and the usage ledger, so the three always agree.
+//! the request is complete: after its response body has been sent (or dropped) and after
+//! the isolate has charged the CPU time of the entry that answered it. The same moment
+//! feeds the Prometheus metrics and the usage ledger, so the three always agree. Every
+//! response, whoever made it (a function, the route cache, Outpost itself), goes out
+//! through a [`MeteredBody`] that counts its bytes for the record.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use outpost_ext_dispatch::RequestUsage;
+use bytes::Bytes;
+use http_body::Frame;
+use outpost_ext_dispatch::{Body, BoxError, RequestUsage};
 
 use opentelemetry::KeyValue;
 
@@ -28,8 +34,7 @@ pub struct Observers {
 #[derive(Debug, Clone, Copy)]
 struct IsolateUsage {
   cpu: Duration,
-  wall: Duration,
-  egress_bytes: u64,
+  heap_peak: usize,
   subrequests: u32,
 }
 
@@ -59,6 +64,10 @@ pub struct AccessRecord {
   arrived_at: SystemTime,
   /// Request body bytes read so far.
   pub bytes_in: Arc<AtomicU64>,
+  /// Response body bytes sent so far.
+  bytes_out: AtomicU64,
+  /// Nanoseconds from arrival to the end of the response body (0 until then).
+  wall_ns: AtomicU64,
   outcome: Mutex<Outcome>,
   holders: AtomicU8,
 }
@@ -80,14 +89,11 @@ impl AccessRecord {
       arrived: Instant::now(),
       arrived_at: SystemTime::now(),
       bytes_in: Arc::default(),
+      bytes_out: AtomicU64::new(0),
+      wall_ns: AtomicU64::new(0),
       outcome: Mutex::default(),
       holders: AtomicU8::new(1),
     })
-  }
-
-  /// When the request arrived; its wall time runs from here.
-  pub fn arrived(&self) -> Instant {
-    self.arrived
   }
 
   /// The request id.
@@ -125,8 +131,7 @@ impl AccessRecord {
       Box::new(move |usage: &RequestUsage| {
         record.outcome().isolate = Some(IsolateUsage {
           cpu: usage.cpu(),
-          wall: usage.wall(),
-          egress_bytes: usage.egress_bytes(),
+          heap_peak: usage.heap_peak(),
           subrequests: usage.subrequests(),
         });
         record.release();
@@ -134,14 +139,19 @@ impl AccessRecord {
     )
   }
 
-  /// The server's part: the response's status and, for responses Outpost made, why.
-  pub fn respond(&self, status: u16, error: Option<&str>) {
+  /// The server's part: the response's status and, for responses Outpost made, why. The
+  /// returned body (the response's, metered) completes the record once it has been sent or
+  /// dropped.
+  pub fn respond(self: &Arc<Self>, status: u16, error: Option<&str>, body: Body) -> MeteredBody {
     {
       let mut outcome = self.outcome();
       outcome.status = status;
       outcome.error = error.map(str::to_string);
     }
-    self.release();
+    MeteredBody {
+      inner: body,
+      record: self.clone(),
+    }
   }
 
   fn release(&self) {
@@ -153,7 +163,8 @@ impl AccessRecord {
   fn write(&self) {
     let outcome = self.outcome();
     let isolate = outcome.isolate;
-    let wall = isolate.map_or_else(|| self.arrived.elapsed(), |usage| usage.wall);
+    let wall = Duration::from_nanos(self.wall_ns.load(Ordering::Relaxed));
+    let bytes_out = self.bytes_out.load(Ordering::Relaxed);
     let function = outcome.function.as_deref();
     tracing::info!(
       target: "outpost::access",
@@ -169,8 +180,9 @@ impl AccessRecord {
       cpu_ms = isolate.map(|u| u.cpu.as_secs_f64() * 1e3),
       cold = outcome.cold,
       bytes_in = self.bytes_in.load(Ordering::Relaxed),
-      bytes_out = isolate.map_or(0, |u| u.egress_bytes),
+      bytes_out,
       subrequests = isolate.map_or(0, |u| u.subrequests),
+      heap_peak_bytes = isolate.map(|u| u.heap_peak),
       termination = outcome.error.as_deref(),
       "access"
     );
@@ -221,12 +233,14 @@ impl AccessRecord {
         },
       );
     }
-    if let (Some(function), Some(usage)) = (function, isolate) {
+    // Every request routed to a function counts, those answered from the route cache
+    // without entering JS included (their egress is billed like any other).
+    if let Some(function) = function {
       let cost = RequestCost {
-        cpu: usage.cpu,
+        cpu: isolate.map_or(Duration::ZERO, |usage| usage.cpu),
         wall,
-        egress_bytes: usage.egress_bytes,
-        subrequests: u64::from(usage.subrequests),
+        egress_bytes: bytes_out,
+        subrequests: isolate.map_or(0, |usage| u64::from(usage.subrequests)),
       };
       self.observers.usage.record(
         function,
@@ -235,5 +249,53 @@ impl AccessRecord {
         SystemTime::now(),
       );
     }
+  }
+}
+
+/// A response body on its way to the client: counts the bytes sent for the request's
+/// record, and completes the record (with the wall-clock time) when dropped, that is once
+/// the body has been sent or the client has gone.
+pub struct MeteredBody {
+  inner: Body,
+  record: Arc<AccessRecord>,
+}
+
+impl http_body::Body for MeteredBody {
+  type Data = Bytes;
+  type Error = BoxError;
+
+  fn poll_frame(
+    mut self: Pin<&mut Self>,
+    cx: &mut Context<'_>,
+  ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    let frame = Pin::new(&mut self.inner).poll_frame(cx);
+    if let Poll::Ready(Some(Ok(frame))) = &frame
+      && let Some(data) = frame.data_ref()
+    {
+      self
+        .record
+        .bytes_out
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+    frame
+  }
+
+  fn is_end_stream(&self) -> bool {
+    self.inner.is_end_stream()
+  }
+
+  fn size_hint(&self) -> http_body::SizeHint {
+    self.inner.size_hint()
+  }
+}
+
+impl Drop for MeteredBody {
+  fn drop(&mut self) {
+    let wall = self.record.arrived.elapsed();
+    self.record.wall_ns.store(
+      u64::try_from(wall.as_nanos()).unwrap_or(u64::MAX).max(1),
+      Ordering::Relaxed,
+    );
+    self.record.release();
   }
 }

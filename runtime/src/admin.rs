@@ -13,8 +13,9 @@
 //! - Deployments (with `[admin] data_dir`, see `crate::deployments`): `PUT /functions/{name}`
 //!   with a bundle (`?activate=true` to serve it at once), `GET /functions`,
 //!   `GET /functions/{name}/versions`, `POST /functions/{name}/activate` with
-//!   `{"version": "..."}` (also the rollback), `POST /functions/{name}/split` with
-//!   `{"versions": {"a": 95, "b": 5}, "sticky": {"header": "x-user"}}`, and
+//!   `{"version": "..."}`, `POST /functions/{name}/rollback` (to what served before, or
+//!   `{"to": "..."}`), `POST /functions/{name}/split` with
+//!   `{"versions": {"a": 95, "b": 5}, "sticky": {"header": "x-user"}}` (percentages), and
 //!   `DELETE /functions/{name}`; `PUT|DELETE /functions/{name}/secrets/{NAME}` (the value is
 //!   the body) and `GET /functions/{name}/secrets` (names only).
 //! - `POST /reload`: re-reads the config file (as SIGHUP does; see `crate::server::reload`).
@@ -182,7 +183,12 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes
   };
   let namespace = request.function.map(|f| CacheNamespace(f.into()));
   let purged = admin.node.cache.purge(namespace.as_ref(), &purge);
-  tracing::info!(?purge, function = ?namespace.map(|n| n.0), purged, "cache purge");
+  tracing::info!(
+    purge = %purge,
+    function = namespace.as_ref().map(|n| n.0.as_ref()),
+    purged,
+    "cache purge"
+  );
   json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
 }
 
@@ -224,6 +230,7 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
         Ok(stored) => stored,
         Err(err) => return error(err),
       };
+      let mut warnings = Vec::new();
       if activate_now {
         let activation = Activation {
           versions: [(version.clone(), 100)].into(),
@@ -232,6 +239,7 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
         if let Err(err) = deployments.activate(name, activation).await {
           return error(err);
         }
+        warnings = admin.node.shadowed_routes(name);
       }
       let status = if created {
         StatusCode::CREATED
@@ -240,8 +248,39 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
       };
       json(
         status,
-        &serde_json::json!({ "name": name, "version": version, "created": created, "active": activate_now }),
+        &serde_json::json!({ "name": name, "version": version, "created": created, "active": activate_now, "warnings": warnings }),
       )
+    }
+    (Method::POST, [name, "rollback"]) => {
+      let body = match read_body(request, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
+      };
+      #[derive(Deserialize)]
+      #[serde(deny_unknown_fields)]
+      struct Rollback {
+        to: Option<String>,
+      }
+      let to = if body.is_empty() {
+        None
+      } else {
+        match serde_json::from_slice::<Rollback>(&body) {
+          Ok(rollback) => rollback.to,
+          Err(err) => {
+            return json(
+              StatusCode::BAD_REQUEST,
+              &serde_json::json!({ "error": format!("the body must be empty or {{\"to\": \"VERSION\"}}: {err}") }),
+            );
+          }
+        }
+      };
+      match deployments.rollback(name, to.as_deref()).await {
+        Ok(activation) => json(
+          StatusCode::OK,
+          &serde_json::json!({ "name": name, "versions": activation.versions, "warnings": admin.node.shadowed_routes(name) }),
+        ),
+        Err(err) => error(err),
+      }
     }
     (Method::PUT, [name, "secrets", key]) => {
       let body = match read_body(request, MAX_BODY_BYTES).await {
@@ -322,14 +361,14 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
       match deployments.activate(name, activation).await {
         Ok(()) => json(
           StatusCode::OK,
-          &serde_json::json!({ "name": name, "versions": versions }),
+          &serde_json::json!({ "name": name, "versions": versions, "warnings": admin.node.shadowed_routes(name) }),
         ),
         Err(err) => error(err),
       }
     }
     (method, _) => json(
       StatusCode::NOT_FOUND,
-      &serde_json::json!({ "error": format!("no admin endpoint {method} /functions{rest}: see GET /functions, PUT|DELETE /functions/NAME, GET /functions/NAME/versions, POST /functions/NAME/activate|split") }),
+      &serde_json::json!({ "error": format!("no admin endpoint {method} /functions{rest}: see GET /functions, PUT|DELETE /functions/NAME, GET /functions/NAME/versions, POST /functions/NAME/activate|split|rollback, PUT|DELETE /functions/NAME/secrets/KEY") }),
     ),
   }
 }

@@ -24,9 +24,11 @@ pub enum AdminCommand {
     #[command(flatten)]
     admin: AdminArgs,
   },
-  /// Serve an earlier version again: the one before the current, or --to VERSION.
+  /// Serve again what served before the current activation, or --to VERSION.
   Rollback {
+    /// The deployed function.
     name: String,
+    /// The version to serve (100%) instead of the previous activation.
     #[arg(long)]
     to: Option<String>,
     #[command(flatten)]
@@ -164,7 +166,8 @@ impl AdminClient {
       "already stored"
     };
     Ok(format!(
-      "deployed {name} version {version} ({new}), serving 100%"
+      "deployed {name} version {version} ({new}), serving 100%{}",
+      warnings(&answer)
     ))
   }
 
@@ -182,14 +185,15 @@ impl AdminClient {
   /// The versions of `name`, oldest first, one per line.
   pub async fn versions(&self, name: &str) -> anyhow::Result<String> {
     let mut out = format!(
-      "{:<14} {:>12} {:>6}  entry\n",
-      "version", "created", "weight"
+      "{:<14} {:<29} {:<29} {:>6}  entry\n",
+      "version", "uploaded", "last served", "weight"
     );
     for version in self.version_list(name).await? {
       out.push_str(&format!(
-        "{:<14} {:>12} {:>5}%  {}\n",
+        "{:<14} {:<29} {:<29} {:>5}%  {}\n",
         version["version"].as_str().unwrap_or_default(),
-        version["created"].as_u64().unwrap_or_default(),
+        human_time(version["created"].as_u64()),
+        human_time(version["last_served"].as_u64()),
         version["weight"].as_u64().unwrap_or_default(),
         version["entry"].as_str().unwrap_or_default(),
       ));
@@ -197,35 +201,24 @@ impl AdminClient {
     Ok(out)
   }
 
-  /// Serves `to`, or without it the version uploaded before the one serving most.
+  /// Serves `to`, or without it what served before the current activation.
   pub async fn rollback(&self, name: &str, to: Option<&str>) -> anyhow::Result<String> {
-    let target = match to {
-      Some(to) => to.to_string(),
-      None => {
-        let versions = self.version_list(name).await?;
-        let current = versions
-          .iter()
-          .enumerate()
-          .max_by_key(|(_, v)| v["weight"].as_u64().unwrap_or(0))
-          .filter(|(_, v)| v["weight"].as_u64().unwrap_or(0) > 0)
-          .map(|(index, _)| index)
-          .with_context(|| format!("{name} serves no version; name one with --to"))?;
-        let previous = current
-          .checked_sub(1)
-          .and_then(|index| versions.get(index))
-          .with_context(|| format!("{name} has no version older than the one serving"))?;
-        previous["version"].as_str().unwrap_or_default().to_string()
-      }
+    let body = match to {
+      Some(to) => serde_json::json!({ "to": to }).to_string(),
+      None => String::new(),
     };
-    let body = serde_json::json!({ "version": target }).to_string();
-    self
+    let answer = self
       .call(
         reqwest::Method::POST,
-        &format!("/functions/{name}/activate"),
+        &format!("/functions/{name}/rollback"),
         Some(body.into()),
       )
       .await?;
-    Ok(format!("{name} now serves version {target}"))
+    Ok(format!(
+      "{name} now serves {}{}",
+      shares(&answer["versions"]),
+      warnings(&answer)
+    ))
   }
 
   /// Splits traffic by `version=weight` pairs, optionally sticky.
@@ -253,8 +246,47 @@ impl AdminClient {
         Some(body.into()),
       )
       .await?;
-    Ok(format!("{name} now serves {}", answer["versions"]))
+    Ok(format!(
+      "{name} now serves {}{}",
+      shares(&answer["versions"]),
+      warnings(&answer)
+    ))
   }
+}
+
+/// `version a1b2 95%, version c3d4 5%` from a `{"version": weight}` object.
+fn shares(versions: &Value) -> String {
+  versions
+    .as_object()
+    .map(|versions| {
+      versions
+        .iter()
+        .map(|(version, weight)| format!("version {version} {}%", weight.as_u64().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+    })
+    .unwrap_or_default()
+}
+
+/// The answer's warnings, one `warning:` line each (with a leading newline), or nothing.
+fn warnings(answer: &Value) -> String {
+  answer["warnings"]
+    .as_array()
+    .into_iter()
+    .flatten()
+    .filter_map(Value::as_str)
+    .map(|warning| format!("\nwarning: {warning}"))
+    .collect()
+}
+
+/// Unix seconds as `Mon, 07 Dec 2026 18:31:42 GMT`, or `-`.
+fn human_time(seconds: Option<u64>) -> String {
+  seconds.map_or_else(
+    || "-".to_string(),
+    |seconds| {
+      httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+    },
+  )
 }
 
 /// The files of `dir` as a tar. Without a `manifest.json` one is made naming the first of

@@ -11,8 +11,12 @@
 //! ```text
 //! functions/<name>/versions/<version>/   the bundle's files and version.json
 //! functions/<name>/active.json           what serves: [{version, weight}], sticky
+//! functions/<name>/history.json          the activations that served, newest last
 //! functions/<name>/secrets.json          secret values by name, mode 0600
 //! ```
+//!
+//! A version is stored only once its module has loaded (in an isolate that is then let
+//! go), so every stored version is one a rollback can go back to.
 //!
 //! Secrets are set one by one through the API and given to the versions whose manifest
 //! names them, as `env.NAME`; setting one restarts the serving versions that use it. Their
@@ -143,7 +147,21 @@ pub struct VersionInfo {
   pub entry: String,
   /// Its weight in the active split (0: not serving).
   pub weight: u32,
+  /// Unix seconds of the latest activation that served it, if any did.
+  pub last_served: Option<u64>,
 }
+
+/// One activation that served, as `history.json` keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Served {
+  /// Unix seconds and nanoseconds of the activation.
+  at: u64,
+  at_ns: u32,
+  activation: Activation,
+}
+
+/// Activations kept in `history.json`.
+const HISTORY_KEPT: usize = 32;
 
 /// One serving version of a deployed function.
 struct LiveVersion {
@@ -278,6 +296,12 @@ impl Deployments {
     self.check_name(name)?;
     let files = unpack(bundle)?;
     let manifest = manifest(&files)?;
+    route_patterns(name, &manifest)?;
+    if let Some((field, message)) = manifest.limits.problems().first() {
+      return Err(DeployError::BadRequest(format!(
+        "bundle: manifest.json limits.{field}: {message}"
+      )));
+    }
     let version = version_of(&files);
     let _change = self.changes.lock().await;
     let target = self.version_dir(name, &version);
@@ -293,7 +317,7 @@ impl Deployments {
     let record = VersionRecord {
       created: uploaded.as_secs(),
       created_ns: uploaded.subsec_nanos(),
-      manifest,
+      manifest: manifest.clone(),
     };
     let record = serde_json::to_vec_pretty(&record).unwrap_or_default();
     let write = || -> std::io::Result<()> {
@@ -304,11 +328,22 @@ impl Deployments {
         }
         write_synced(&file, contents)?;
       }
-      sync_dirs(&temporary)?;
+      sync_dirs(&temporary)
+    };
+    if let Err(err) = write() {
+      let _ = std::fs::remove_dir_all(&temporary);
+      return Err(io(format!("storing version {version} of {name}"))(err));
+    }
+    // Refused uploads are not kept: a stored version is one that loads.
+    if let Err(err) = self.check_loads(name, &temporary, &manifest).await {
+      let _ = std::fs::remove_dir_all(&temporary);
+      return Err(err);
+    }
+    let place = || -> std::io::Result<()> {
       std::fs::rename(&temporary, &target)?;
       sync_dir(&versions)
     };
-    if let Err(err) = write() {
+    if let Err(err) = place() {
       let _ = std::fs::remove_dir_all(&temporary);
       return Err(io(format!("storing version {version} of {name}"))(err));
     }
@@ -325,6 +360,12 @@ impl Deployments {
       return Err(DeployError::BadRequest(
         "name at least one version with a weight above 0".into(),
       ));
+    }
+    let total: u64 = activation.versions.values().map(|w| u64::from(*w)).sum();
+    if total != 100 {
+      return Err(DeployError::BadRequest(format!(
+        "the weights are percentages and must add up to 100; these add up to {total}"
+      )));
     }
     let _change = self.changes.lock().await;
     for version in activation.versions.keys() {
@@ -351,9 +392,85 @@ impl Deployments {
       .and_then(|()| std::fs::rename(&temporary, function_dir.join("active.json")))
       .and_then(|()| sync_dir(&function_dir))
       .map_err(io(format!("recording the activation of {name}")))?;
+    self.record_served(name, &activation)?;
     self.publish_replacing(&current, function)?;
-    tracing::info!(function = name, versions = ?activation.versions, "activated");
+    tracing::info!(
+      function = name,
+      versions = weights_text(&activation.versions),
+      "activated"
+    );
     Ok(())
+  }
+
+  /// Serves again what served before the current activation (the whole split, as it was),
+  /// or with `to`, that version alone. Returns what serves now.
+  pub async fn rollback(&self, name: &str, to: Option<&str>) -> Result<Activation, DeployError> {
+    self.check_name(name)?;
+    let activation = match to {
+      Some(version) => Activation {
+        versions: [(version.to_string(), 100)].into(),
+        sticky: None,
+      },
+      None => {
+        let current = self.stored_activation(name)?.map(|a| a.versions);
+        self
+          .history(name)?
+          .into_iter()
+          .rev()
+          .map(|served| served.activation)
+          .find(|activation| Some(&activation.versions) != current.as_ref())
+          .ok_or_else(|| {
+            DeployError::NotFound(format!(
+              "function {name:?} has served no other version to go back to; name one with --to"
+            ))
+          })?
+      }
+    };
+    self.activate(name, activation.clone()).await?;
+    Ok(activation)
+  }
+
+  fn history(&self, name: &str) -> Result<Vec<Served>, DeployError> {
+    let path = self.function_dir(name).join("history.json");
+    match std::fs::read(&path) {
+      Ok(text) => serde_json::from_slice(&text).map_err(|err| DeployError::Io {
+        what: format!("reading {}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, err),
+      }),
+      Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+      Err(err) => Err(io(format!("reading {}", path.display()))(err)),
+    }
+  }
+
+  /// Appends `activation` to the function's history (crash-safe, as `active.json`).
+  fn record_served(&self, name: &str, activation: &Activation) -> Result<(), DeployError> {
+    let mut history = self.history(name)?;
+    let now = SystemTime::now()
+      .duration_since(UNIX_EPOCH)
+      .unwrap_or_default();
+    history.push(Served {
+      at: now.as_secs(),
+      at_ns: now.subsec_nanos(),
+      activation: activation.clone(),
+    });
+    let excess = history.len().saturating_sub(HISTORY_KEPT);
+    history.drain(..excess);
+    let function_dir = self.function_dir(name);
+    let temporary = function_dir.join("history.json.tmp");
+    write_synced(
+      &temporary,
+      &serde_json::to_vec_pretty(&history).unwrap_or_default(),
+    )
+    .and_then(|()| std::fs::rename(&temporary, function_dir.join("history.json")))
+    .and_then(|()| sync_dir(&function_dir))
+    .map_err(io(format!("recording the history of {name}")))
+  }
+
+  /// The routes a deployed function serves, when it is deployed.
+  pub fn routes_of(&self, name: &str) -> Option<Vec<String>> {
+    let table = self.live.load();
+    let function = table.functions.iter().find(|f| f.name == name)?;
+    Some(function.routes.clone())
   }
 
   /// Sets secret `key` of `name`. Serving versions that use it restart with the new value
@@ -494,6 +611,7 @@ impl Deployments {
       versions: BTreeMap::new(),
       sticky: None,
     });
+    let history = self.history(name)?;
     let mut list = Vec::new();
     for entry in read_dir(&versions)? {
       let version = entry.file_name().to_string_lossy().into_owned();
@@ -501,12 +619,24 @@ impl Deployments {
         continue;
       }
       let record = read_record(&entry.path())?;
+      let last_served = history
+        .iter()
+        .rev()
+        .find(|served| {
+          served
+            .activation
+            .versions
+            .get(&version)
+            .is_some_and(|w| *w > 0)
+        })
+        .map(|served| served.at);
       list.push(VersionInfo {
         weight: active.versions.get(&version).copied().unwrap_or(0),
         version,
         created: record.created,
         created_ns: record.created_ns,
         entry: record.manifest.entry,
+        last_served,
       });
     }
     list.sort_by_key(|v| (v.created, v.created_ns));
@@ -549,17 +679,7 @@ impl Deployments {
   }
 
   fn check_name(&self, name: &str) -> Result<(), DeployError> {
-    let valid = !name.is_empty()
-      && name.len() <= 63
-      && name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-      && !name.starts_with('-');
-    if !valid {
-      return Err(DeployError::BadRequest(format!(
-        "{name:?} is not a function name: use 1 to 63 of a-z, 0-9 and -, not starting with -"
-      )));
-    }
+    crate::config::check_function_name(name).map_err(DeployError::BadRequest)?;
     if self.config.functions.iter().any(|f| f.name == name) {
       return Err(DeployError::Conflict(format!(
         "function {name:?} is defined in the config file, which wins over deployments; deploy under another name"
@@ -625,12 +745,63 @@ impl Deployments {
     dir: &Path,
     manifest: &Manifest,
   ) -> Result<Arc<RoutedFunction>, DeployError> {
-    let problems = manifest.limits.problems();
-    if let Some((field, message)) = problems.first() {
-      return Err(DeployError::BadRequest(format!(
-        "manifest limits.{field}: {message}"
+    let stored = self.secrets(name)?;
+    let mut secrets = BTreeMap::new();
+    for key in &manifest.secrets {
+      let value = stored.get(key).ok_or_else(|| {
+        DeployError::Unloadable(format!(
+          "the manifest needs secret {key}, which is not set: PUT /functions/{name}/secrets/{key}"
+        ))
+      })?;
+      secrets.insert(key.clone(), value.clone());
+    }
+    let (function, spec) = self.version_spec(name, dir, manifest, secrets)?;
+    let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
+    if let Some(err) = pool.load_error() {
+      return Err(DeployError::Unloadable(format!(
+        "the version's module does not load: {err}"
       )));
     }
+    Ok(Arc::new(RoutedFunction::new(
+      pool,
+      &function,
+      Some(version.to_string()),
+    )))
+  }
+
+  /// Loads the version in `dir` once, in an isolate that is then let go: its module must
+  /// load and have a handler. Module top-level code has no `env`, so secrets that are not
+  /// set yet do not matter here.
+  async fn check_loads(
+    &self,
+    name: &str,
+    dir: &Path,
+    manifest: &Manifest,
+  ) -> Result<(), DeployError> {
+    let secrets = manifest
+      .secrets
+      .iter()
+      .map(|key| (key.clone(), String::new()))
+      .collect();
+    let (function, spec) = self.version_spec(name, dir, manifest, secrets)?;
+    let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
+    pool.close();
+    match pool.load_error() {
+      Some(err) => Err(DeployError::Unloadable(format!(
+        "the version's module does not load: {err}"
+      ))),
+      None => Ok(()),
+    }
+  }
+
+  /// What a version in `dir` runs as, with `secrets` added to its `env`.
+  fn version_spec(
+    &self,
+    name: &str,
+    dir: &Path,
+    manifest: &Manifest,
+    secrets: BTreeMap<String, String>,
+  ) -> Result<(FunctionConfig, FunctionSpec), DeployError> {
     let routes = route_patterns(name, manifest)?;
     let function = FunctionConfig {
       name: name.to_string(),
@@ -643,34 +814,14 @@ impl Deployments {
       cache: RouteCacheConfig::default(),
       disabled: None,
     };
-    let stored = self.secrets(name)?;
-    let mut secrets = BTreeMap::new();
-    for key in &manifest.secrets {
-      let value = stored.get(key).ok_or_else(|| {
-        DeployError::Unloadable(format!(
-          "the manifest needs secret {key}, which is not set: PUT /functions/{name}/secrets/{key}"
-        ))
-      })?;
-      secrets.insert(key.clone(), value.clone());
-    }
     let code = FunctionCode::new(name, &function.entry, self.transpiler.clone())
       .map_err(|err| DeployError::Unloadable(format!("{}: {err}", manifest.entry)))?;
     let mut spec = FunctionSpec::new(&self.config, &function, code);
     let mut env = (*spec.env).clone();
     env.extend(secrets.clone());
     spec.env = Arc::new(env);
-    spec.secrets = Arc::new(secrets.into_values().collect());
-    let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
-    if let Some(err) = pool.load_error() {
-      return Err(DeployError::Unloadable(format!(
-        "the version's module does not load: {err}"
-      )));
-    }
-    Ok(Arc::new(RoutedFunction::new(
-      pool,
-      &function,
-      Some(version.to_string()),
-    )))
+    spec.secrets = Arc::new(secrets.into_values().filter(|v| !v.is_empty()).collect());
+    Ok((function, spec))
   }
 
   /// Publishes `current` with `function` in place of its namesake.
@@ -703,6 +854,15 @@ impl Deployments {
     self.live.store(Arc::new(LiveTable { router, functions }));
     Ok(())
   }
+}
+
+/// `version=weight` pairs for the log: `a1b2c3=95 d4e5f6=5`.
+fn weights_text(versions: &BTreeMap<String, u32>) -> String {
+  versions
+    .iter()
+    .map(|(version, weight)| format!("{version}={weight}"))
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 /// Secret names are environment variable names: A-Z, 0-9 and _, not starting with a digit.

@@ -185,6 +185,16 @@ pub enum Purge {
   Tag(String),
 }
 
+impl std::fmt::Display for Purge {
+  fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    match self {
+      Purge::Url(url) => write!(f, "url {url}"),
+      Purge::Prefix(prefix) => write!(f, "prefix {prefix}"),
+      Purge::Tag(tag) => write!(f, "tag {tag}"),
+    }
+  }
+}
+
 /// The shared cache.
 pub struct SharedCache {
   entries: moka::sync::Cache<EntryKey, Variants>,

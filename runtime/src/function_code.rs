@@ -16,7 +16,7 @@ use deno_core::{
   ModuleLoadOptions, ModuleLoadReferrer, ModuleLoadResponse, ModuleLoader, ModuleSource,
   ModuleSourceCode, ModuleSpecifier, ModuleType, RequestedModuleType, ResolutionKind,
 };
-use deno_error::JsErrorBox;
+use deno_error::{JsErrorBox, JsErrorClass as _};
 use sha2::{Digest, Sha256};
 
 /// Transpiled modules by the hash of their media type and source text, shared by all
@@ -205,14 +205,43 @@ impl FunctionCode {
     {
       return Err(outside());
     }
-    let path = std::fs::canonicalize(&path)
-      .map_err(|err| JsErrorBox::generic(format!("cannot import {specifier}: {err}")))?;
+    let path = std::fs::canonicalize(&path).map_err(|err| {
+      JsErrorBox::generic(format!(
+        "cannot import {specifier}: {err}{}",
+        extension_hint(&path)
+      ))
+    })?;
     if path.starts_with(&self.root) {
       Ok(path)
     } else {
       Err(outside())
     }
   }
+}
+
+/// For an import without a file extension that names no file, the file it probably meant:
+/// `; did you mean "./lib.ts"? Imports name the file with its extension`.
+fn extension_hint(path: &Path) -> String {
+  if path.extension().is_some() {
+    return String::new();
+  }
+  let Some(stem) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+    return String::new();
+  };
+  let candidates = [".ts", ".js", ".tsx", ".jsx", ".mts", ".mjs"]
+    .iter()
+    .map(|extension| format!("{stem}{extension}"))
+    .chain(
+      ["index.ts", "index.js"]
+        .iter()
+        .map(|index| format!("{stem}/{index}")),
+    );
+  for candidate in candidates {
+    if path.with_file_name(&candidate).is_file() {
+      return format!("; did you mean \"./{candidate}\"? Imports name the file with its extension");
+    }
+  }
+  "; imports name the file with its extension (\"./lib.ts\")".into()
 }
 
 /// The `ModuleLoader` of an isolate. A blank isolate has no code yet; it serves modules of
@@ -260,12 +289,26 @@ impl ModuleLoader for FunctionModuleLoader {
   fn load(
     &self,
     specifier: &ModuleSpecifier,
-    _referrer: Option<&ModuleLoadReferrer>,
+    referrer: Option<&ModuleLoadReferrer>,
     options: ModuleLoadOptions,
   ) -> ModuleLoadResponse {
     let loaded = self
       .code()
       .and_then(|code| code.load(specifier, &options.requested_module_type))
+      .map_err(|err| match referrer {
+        // Which import asked for it, at file:line:col.
+        Some(referrer) => JsErrorBox::new(
+          err.get_class(),
+          format!(
+            "{} (imported at {}:{}:{})",
+            err.get_message(),
+            referrer.specifier,
+            referrer.line_number,
+            referrer.column_number
+          ),
+        ),
+        None => err,
+      })
       .map(|module| {
         ModuleSource::new(
           module.module_type.clone(),

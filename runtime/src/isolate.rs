@@ -440,6 +440,7 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start, h
       soft_cpu_limit: spec.limits.soft_cpu,
       heap: &isolate.heap,
       heap_check,
+      isolate_heap: max_heap,
     };
     if let Err(err) = drive_event_loop(&mut isolate.runtime, serving, limits).await {
       tracing::error!(function = %spec.code.name, error = %err, "isolate event loop failed");
@@ -505,7 +506,7 @@ impl BlankIsolate {
 
   /// Loads and evaluates the function's module and starts the JS serve loop. Returns the
   /// serve loop's promise future, which settles when the isolate is done.
-  pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<ServeFuture, Error> {
+  pub async fn start_function(&mut self, spec: &FunctionSpec) -> Result<Serving, Error> {
     self
       .loader
       .assign(spec.code.clone())
@@ -546,18 +547,50 @@ impl BlankIsolate {
         v8::Global::new(scope, v8::Local::<v8::Value>::from(console_bytes)),
       ]
     };
-    let mut serving = Box::pin(runtime.call_with_args(&self.serve, &arguments));
-    // serve() throws synchronously when the module has no handler.
-    if let std::task::Poll::Ready(Err(err)) = futures::poll!(&mut serving) {
-      return Err(Error::FunctionLoad(err.to_string()));
-    }
-    Ok(serving)
+    // Called directly rather than through deno_core's call future: that future parks a
+    // waker in a promise callback which is freed only when the promise settles, so every
+    // isolate discarded with its serve loop still running would leak it (and with it the
+    // tokio runtime handle the waker points to).
+    deno_core::scope!(scope, runtime);
+    v8::tc_scope!(let scope, scope);
+    let serve = v8::Local::new(scope, &self.serve);
+    let arguments: Vec<v8::Local<v8::Value>> =
+      arguments.iter().map(|a| v8::Local::new(scope, a)).collect();
+    let this = v8::undefined(scope).into();
+    let Some(returned) = serve.call(scope, this, &arguments) else {
+      // serve() throws synchronously when the module has no handler.
+      let exception = scope
+        .exception()
+        .unwrap_or_else(|| v8::undefined(scope).into());
+      let error = deno_core::error::JsError::from_v8_exception(scope, exception);
+      return Err(Error::FunctionLoad(error.to_string()));
+    };
+    let promise = v8::Local::<v8::Promise>::try_from(returned)
+      .map_err(|_| Error::IsolateCreate("serve() did not return a promise".into()))?;
+    Ok(Serving(v8::Global::new(scope, promise)))
   }
 }
 
-pub type ServeFuture = std::pin::Pin<
-  Box<dyn Future<Output = Result<v8::Global<v8::Value>, Box<deno_core::error::JsError>>>>,
->;
+/// The JS serve loop's promise: settled once the isolate is done.
+pub struct Serving(v8::Global<v8::Promise>);
+
+impl Serving {
+  /// `None` while the serve loop runs; then whether it ended cleanly.
+  fn settled(&self, runtime: &mut JsRuntime) -> Option<Result<(), String>> {
+    deno_core::scope!(scope, runtime);
+    let promise = v8::Local::new(scope, &self.0);
+    match promise.state() {
+      v8::PromiseState::Pending => None,
+      v8::PromiseState::Fulfilled => Some(Ok(())),
+      v8::PromiseState::Rejected => {
+        let reason = promise.result(scope);
+        Some(Err(
+          deno_core::error::JsError::from_v8_exception(scope, reason).to_string(),
+        ))
+      }
+    }
+  }
+}
 
 /// Drives the isolate until its serve loop has finished. Once the function is loaded, every
 /// entry into JS on this thread happens inside `poll_event_loop`; this is the seam where
@@ -570,11 +603,13 @@ struct EntryLimits<'a> {
   heap: &'a HeapGuard,
   /// A heap limit below the isolate's own, checked after every entry.
   heap_check: Option<usize>,
+  /// The heap limit the isolate was created with.
+  isolate_heap: usize,
 }
 
 async fn drive_event_loop(
   runtime: &mut JsRuntime,
-  mut serving: ServeFuture,
+  serving: Serving,
   limits: EntryLimits<'_>,
 ) -> Result<(), String> {
   let EntryLimits {
@@ -583,6 +618,7 @@ async fn drive_event_loop(
     soft_cpu_limit,
     heap,
     heap_check,
+    isolate_heap,
   } = limits;
   let options = PollEventLoopOptions::default();
   let op_state = runtime.op_state();
@@ -611,11 +647,13 @@ async fn drive_event_loop(
     if cpu.terminated_for_cpu().is_some() {
       return std::task::Poll::Ready(Err("terminated: CPU limit".to_string()));
     }
+    // The isolate's own limit, once V8's was raised past it for a refused ArrayBuffer.
+    let heap_check = heap_check.or(heap.raised().then_some(isolate_heap));
     if heap_check.is_some_and(|limit| heap.check(runtime, limit)) || heap.exceeded() {
       return std::task::Poll::Ready(Err("terminated: memory limit".to_string()));
     }
-    if let std::task::Poll::Ready(result) = serving.as_mut().poll(cx) {
-      return std::task::Poll::Ready(result.map(drop).map_err(|e| e.to_string()));
+    if let Some(result) = serving.settled(runtime) {
+      return std::task::Poll::Ready(result);
     }
     match polled {
       std::task::Poll::Ready(Err(err)) => std::task::Poll::Ready(Err(err.to_string())),

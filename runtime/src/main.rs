@@ -4,10 +4,12 @@
 mod admin_client;
 
 use std::io::IsTerminal;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing_subscriber::field::MakeExt as _;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -59,7 +61,22 @@ fn init_log(log: &LogConfig) {
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
   let builder = tracing_subscriber::fmt().with_env_filter(filter);
   match log.format {
+    // One event per line: line breaks inside a message (a console.log of a stack, say) are
+    // written as `\n`, as the JSON format escapes them.
     LogFormat::Text => builder
+      .fmt_fields(
+        tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+          let text = format!("{value:?}")
+            .replace('\r', "\\r")
+            .replace('\n', "\\n");
+          if field.name() == "message" {
+            write!(writer, "{text}")
+          } else {
+            write!(writer, "{}={text}", field.name())
+          }
+        })
+        .delimited(" "),
+      )
       .with_writer(std::io::stderr)
       .with_ansi(std::io::stderr().is_terminal())
       .init(),
@@ -150,32 +167,45 @@ fn serve(config: Config) -> anyhow::Result<()> {
     .enable_all()
     .build()
     .context("starting the tokio runtime")?;
+  let json = config.log.format == LogFormat::Json;
   runtime.block_on(async {
     let node = Node::start_traced(&config, tracer).await?;
     if let Some(address) = node.admin_address() {
-      #[allow(
-        clippy::print_stdout,
-        reason = "the listening addresses are the command's output"
-      )]
-      {
-        println!("outpost admin listening on http://{address}");
-      }
+      announce(
+        json,
+        "outpost admin listening",
+        &format!("http://{address}"),
+      );
     }
     for listener in node.listeners() {
       let scheme = if listener.tls { "https" } else { "http" };
-      #[allow(
-        clippy::print_stdout,
-        reason = "the listening addresses are the command's output"
-      )]
-      {
-        println!("outpost listening on {scheme}://{}", listener.address);
-      }
+      announce(
+        json,
+        "outpost listening",
+        &format!("{scheme}://{}", listener.address),
+      );
     }
     node.run(shutdown_signal()).await;
     anyhow::Ok(())
   })?;
   // Isolate threads still finishing waitUntil work end with the process.
   Ok(())
+}
+
+/// Says where the node listens: `{what} on {url}` on stdout, or with the JSON log, a log
+/// event (one JSON object on stdout, as every other line there) with the URL as `url`.
+fn announce(json: bool, what: &str, url: &str) {
+  if json {
+    tracing::info!(target: "outpost::server", url, "{what}");
+  } else {
+    #[allow(
+      clippy::print_stdout,
+      reason = "the listening addresses are the command's output"
+    )]
+    {
+      println!("{what} on {url}");
+    }
+  }
 }
 
 async fn shutdown_signal() {

@@ -21,26 +21,54 @@ use deno_core::{JsRuntime, v8};
 /// Memory state of one isolate, shared with the server side.
 pub struct HeapGuard {
   exceeded: AtomicBool,
+  /// Set once the near-heap-limit callback has raised V8's limit for a refused ArrayBuffer
+  /// (see [`HeapGuard::install`]): from then on the heap is checked after every entry.
+  raised: AtomicBool,
   buffers: Arc<ArrayBufferBudget>,
 }
 
 impl HeapGuard {
   /// Installs the near-heap-limit callback on `runtime`, whose ArrayBuffers are counted by
   /// `buffers`.
+  ///
+  /// V8 calls it in two cases. Near the heap limit, it must raise the limit or V8 aborts the
+  /// process: the isolate is marked, terminated and given room to unwind. And as the last
+  /// resort of an allocation that failed, which is also what an ArrayBuffer the budget
+  /// refused goes through (`Heap::AllocateExternalBackingStore` →
+  /// `CollectAllAvailableGarbage`): then the heap itself is fine, and the allocation must
+  /// fail with a `RangeError` the handler can catch, as in browsers and Workers. A call
+  /// right after a refusal is taken for the second case: the limit is raised a little (so
+  /// that, were it the first case after all, V8 does not abort; the next call then
+  /// terminates), up to twice the initial one, and the heap is held to the isolate's limit
+  /// by the check after every entry instead.
   pub fn install(runtime: &mut JsRuntime, buffers: Arc<ArrayBufferBudget>) -> Arc<HeapGuard> {
     let guard = Arc::new(HeapGuard {
       exceeded: AtomicBool::new(false),
+      raised: AtomicBool::new(false),
       buffers,
     });
     let marked = guard.clone();
     let isolate = runtime.v8_isolate().thread_safe_handle();
-    runtime.add_near_heap_limit_callback(move |current, _initial| {
+    runtime.add_near_heap_limit_callback(move |current, initial| {
+      let headroom = (initial / 64).max(4 << 20);
+      if marked.buffers.refused.swap(false, Ordering::AcqRel)
+        && current.saturating_add(headroom) <= initial.saturating_mul(2)
+      {
+        marked.raised.store(true, Ordering::Release);
+        return current + headroom;
+      }
       marked.exceeded.store(true, Ordering::Release);
       isolate.terminate_execution();
       // Room for the JS to unwind; the isolate is dropped right after.
       current.saturating_mul(2)
     });
     guard
+  }
+
+  /// Whether V8's heap limit was raised past the isolate's own for a refused ArrayBuffer:
+  /// the heap must then be checked after every entry into JS.
+  pub fn raised(&self) -> bool {
+    self.raised.load(Ordering::Acquire)
   }
 
   /// Whether the isolate was terminated for using more memory than allowed.
@@ -71,6 +99,8 @@ impl HeapGuard {
 pub struct ArrayBufferBudget {
   used: AtomicUsize,
   limit: usize,
+  /// Whether the latest allocation was refused; taken by the near-heap-limit callback.
+  refused: AtomicBool,
 }
 
 impl ArrayBufferBudget {
@@ -78,6 +108,7 @@ impl ArrayBufferBudget {
     Arc::new(ArrayBufferBudget {
       used: AtomicUsize::new(0),
       limit,
+      refused: AtomicBool::new(false),
     })
   }
 
@@ -100,12 +131,15 @@ impl ArrayBufferBudget {
   }
 
   fn reserve(&self, len: usize) -> bool {
-    self
+    let reserved = self
       .used
       .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
         used.checked_add(len).filter(|total| *total <= self.limit)
       })
-      .is_ok()
+      .is_ok();
+    // Whether the latest allocation was refused.
+    self.refused.store(!reserved, Ordering::Release);
+    reserved
   }
 
   fn release(&self, len: usize) {

@@ -28,8 +28,10 @@ pub struct IsolatePool {
 }
 
 impl IsolatePool {
-  /// Creates the pool and starts its pre-warmed isolates. A load error is recorded (and
-  /// logged) rather than returned: the function answers 503 and the others keep serving.
+  /// Creates the pool and starts its pre-warmed isolates; with `prewarm = 0` the module is
+  /// still loaded once, in an isolate that is then let go, so that a module that does not
+  /// load is known before traffic comes. A load error is recorded (and logged) rather than
+  /// returned: see [`IsolatePool::load_error`].
   pub async fn start(
     factory: Arc<IsolateFactory>,
     spec: FunctionSpec,
@@ -44,8 +46,11 @@ impl IsolatePool {
       growth: tokio::sync::Mutex::new(()),
     });
     // Failures are logged by add_isolate; a load error is kept for the requests to come.
-    let starts = (0..pool.config.prewarm).map(|_| pool.add_isolate());
+    let starts = (0..pool.config.prewarm.max(1)).map(|_| pool.add_isolate());
     futures::future::join_all(starts).await;
+    if pool.config.prewarm == 0 {
+      pool.close();
+    }
     pool
   }
 

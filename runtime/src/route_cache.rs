@@ -30,30 +30,34 @@ use crate::trace_context::TraceContext;
 /// Response header saying how route caching answered.
 pub const CACHE_HEADER: &str = "outpost-cache";
 
-/// Answers a GET to a function with route caching on.
+/// Answers a GET or HEAD to a function with route caching on. A HEAD is answered from the
+/// stored GET response (its head; the body is dropped on the way out); when nothing fresh is
+/// stored it goes to the function, and nothing is stored from it.
 pub(crate) async fn serve(state: &Arc<NodeState>, call: FunctionCall) -> Response<Body> {
   let namespace = CacheNamespace(call.function.name().into());
-  let request = call.cache_request();
+  let mut request = call.cache_request();
+  let is_head = request.method == Method::HEAD;
+  request.method = Method::GET;
   let encoding = call.encoding;
   match state
     .cache
     .lookup_in(&namespace, CacheStore::Route, &request)
   {
-    Lookup::Fresh(found) => cached(state, found, "HIT", encoding),
+    Lookup::Fresh(found) => cached(state, found, "HIT", encoding, is_head),
     Lookup::StaleWhileRevalidate(found) => {
       revalidate(state, &call, namespace, request);
-      cached(state, found, "STALE", encoding)
+      cached(state, found, "STALE", encoding, is_head)
     }
     Lookup::Miss { if_error } => {
-      let store = ResponseStore {
+      let store = (!is_head).then(|| ResponseStore {
         cache: state.cache.clone(),
         namespace,
         request,
-      };
-      let response = call_function(state, call, Some(store)).await;
+      });
+      let response = call_function(state, call, store).await;
       match if_error {
         Some(stale) if response.status().is_server_error() => {
-          cached(state, stale, "STALE", encoding)
+          cached(state, stale, "STALE", encoding, is_head)
         }
         _ => response,
       }
@@ -67,13 +71,14 @@ fn cached(
   found: CachedResponse,
   how: &'static str,
   encoding: Option<compression::Encoding>,
+  is_head: bool,
 ) -> Response<Body> {
   let mut response = Response::from_parts(found.head, full_body(found.body));
   response
     .headers_mut()
     .insert(CACHE_HEADER, HeaderValue::from_static(how));
   if state.compression {
-    compression::compress_response(&mut response, encoding, false);
+    compression::compress_response(&mut response, encoding, is_head);
   }
   response
 }
@@ -136,9 +141,11 @@ fn revalidate(
   let state = state.clone();
   tokio::spawn(async move {
     let response = call_function(&state, refresh, Some(store)).await;
-    access.respond(response.status().as_u16(), outpost_error(&response));
+    let status = response.status().as_u16();
+    let error = outpost_error(&response).map(str::to_string);
+    let body = access.respond(status, error.as_deref(), response.into_body());
     // Reading the body to its end is what stores it.
-    if let Err(err) = response.into_body().collect().await {
+    if let Err(err) = body.collect().await {
       tracing::warn!(url = key, error = %err, "background revalidation failed");
     }
     state

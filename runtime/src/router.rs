@@ -57,15 +57,48 @@ impl RoutePattern {
   }
 
   fn matches(&self, host: &str, path: &str) -> bool {
-    let host_ok = match &self.host {
+    self.matches_host(host) && self.matches_path(path)
+  }
+
+  fn matches_host(&self, host: &str) -> bool {
+    match &self.host {
       HostPattern::Any => true,
       HostPattern::Exact(h) => h == host,
       HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
-    };
-    host_ok
-      && path.starts_with(&self.path)
+    }
+  }
+
+  fn matches_path(&self, path: &str) -> bool {
+    path.starts_with(&self.path)
       && (self.path.ends_with('/')
         || matches!(path.as_bytes().get(self.path.len()), None | Some(b'/')))
+  }
+
+  /// How many of the requests `other` matches this route also matches: all of them, some,
+  /// or none. (Where this route is looked at first, that is what it takes from `other`.)
+  pub fn overlap(&self, other: &RoutePattern) -> Overlap {
+    use HostPattern::{Any, Exact, Wildcard};
+    let host_covers = match (&self.host, &other.host) {
+      (Any, _) => true,
+      (Wildcard(mine), Wildcard(theirs)) => theirs.ends_with(mine.as_str()),
+      (Wildcard(_), Exact(host)) => self.matches_host(host),
+      (Exact(mine), Exact(theirs)) => mine == theirs,
+      (Wildcard(_) | Exact(_), Any) | (Exact(_), Wildcard(_)) => false,
+    };
+    let hosts_meet = host_covers
+      || match (&self.host, &other.host) {
+        (_, Any) => true,
+        (Exact(host), Wildcard(_)) => other.matches_host(host),
+        (Wildcard(mine), Wildcard(theirs)) => mine.ends_with(theirs.as_str()),
+        _ => false,
+      };
+    let path_covers = self.matches_path(&other.path);
+    let paths_meet = path_covers || other.matches_path(&self.path);
+    match (host_covers && path_covers, hosts_meet && paths_meet) {
+      (true, _) => Overlap::All,
+      (false, true) => Overlap::Some,
+      (false, false) => Overlap::None,
+    }
   }
 
   /// Orders routes from most to least specific.
@@ -76,6 +109,25 @@ impl RoutePattern {
       HostPattern::Any => (0, 0),
     };
     (host_rank, host_len, self.path.len())
+  }
+}
+
+/// See [`RoutePattern::overlap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+  All,
+  Some,
+  None,
+}
+
+impl std::fmt::Display for RoutePattern {
+  fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    match &self.host {
+      HostPattern::Any => {}
+      HostPattern::Exact(host) => f.write_str(host)?,
+      HostPattern::Wildcard(suffix) => write!(f, "*{suffix}")?,
+    }
+    f.write_str(&self.path)
   }
 }
 
@@ -108,6 +160,11 @@ impl Router {
     let mut routes: Vec<_> = routes.into_iter().collect();
     routes.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
     Router { routes }
+  }
+
+  /// Every route with the index it maps to.
+  pub fn patterns(&self) -> impl Iterator<Item = &(RoutePattern, usize)> {
+    self.routes.iter()
   }
 
   /// The function for a request's host (port and trailing dot ignored) and path.
@@ -168,6 +225,30 @@ mod tests {
     assert_eq!(r.route("example.com", "/"), None);
     assert_eq!(r.route("example.com", "/v1"), None);
     assert_eq!(r.route("[::1]:80", "/v1/x"), Some(1));
+  }
+
+  #[test]
+  fn overlap_tells_whether_a_route_takes_all_some_or_none_of_another() {
+    let overlap = |first: &str, then: &str| {
+      RoutePattern::parse(first)
+        .unwrap()
+        .overlap(&RoutePattern::parse(then).unwrap())
+    };
+    assert_eq!(overlap("/", "example.com/api/"), Overlap::All);
+    assert_eq!(overlap("/api", "/api/v1/"), Overlap::All);
+    assert_eq!(overlap("/api/", "/api"), Overlap::Some);
+    assert_eq!(overlap("/apix", "/api"), Overlap::None);
+    assert_eq!(overlap("*.example.com/", "a.example.com/x"), Overlap::All);
+    assert_eq!(overlap("*.example.com/", "*.a.example.com/"), Overlap::All);
+    assert_eq!(overlap("*.example.com/", "example.com/"), Overlap::None);
+    assert_eq!(overlap("a.example.com/", "*.example.com/"), Overlap::Some);
+    assert_eq!(overlap("example.com/", "/"), Overlap::Some);
+    assert_eq!(overlap("example.com/v1/", "/v1/users"), Overlap::Some);
+    assert_eq!(overlap("example.com/v1/", "other.org/"), Overlap::None);
+    assert_eq!(
+      RoutePattern::parse("*.example.com/v1").unwrap().to_string(),
+      "*.example.com/v1"
+    );
   }
 
   #[test]

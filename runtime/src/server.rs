@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use outpost_ext_dispatch::{
-  Body, BoxError, DispatchRequest, FailureKind, OutboundTrace, RequestUsage, full_body,
+  Body, BoxError, DispatchRequest, FailureKind, OutboundTrace, full_body,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, oneshot};
@@ -32,7 +32,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::access_log::{AccessRecord, Observers};
+use crate::access_log::{AccessRecord, MeteredBody, Observers};
 use crate::admin::{self, Admin};
 use crate::client_geo::{ClientGeo, LiveGeo};
 use crate::compression;
@@ -78,12 +78,18 @@ pub(crate) struct NodeState {
   transpiler: Arc<TranspileCache>,
   /// The config file, re-read on reload (and for `[geo]` when its files change).
   config_file: Option<std::path::PathBuf>,
+  /// The handler file and address of the single-handler default, re-read on reload.
+  handler: Option<(std::path::PathBuf, SocketAddr)>,
   /// Each TLS listener's address and current certificates.
   tls: Vec<(SocketAddr, Arc<ArcSwap<rustls::ServerConfig>>)>,
   /// The `[[listen]]` addresses the node was started with.
   listen: Vec<SocketAddr>,
   admission: Admission,
   pub(crate) compression: bool,
+  /// Whether 5xx bodies carry load errors and handler stacks (`server.error_details`).
+  error_details: bool,
+  /// Most header lines a request may have (`server.max_headers`).
+  max_headers: usize,
   max_body_bytes: u64,
   pub(crate) request_ids: RequestIds,
   /// The shared cache: the Cache API's and route caching's.
@@ -125,6 +131,35 @@ impl NodeState {
       .iter()
       .map(|f| f.name().to_string())
       .collect()
+  }
+
+  /// Warnings for the routes of deployed function `name` that a configured route, matched
+  /// first, takes every request of: through them the function serves nothing. (Routes that
+  /// share some requests with configured ones are ordinary routing and not warned about.)
+  pub(crate) fn shadowed_routes(&self, name: &str) -> Vec<String> {
+    use crate::router::{Overlap, RoutePattern};
+    let Some(routes) = self.deployments.as_ref().and_then(|d| d.routes_of(name)) else {
+      return Vec::new();
+    };
+    let configured = self.configured.load();
+    let mut warnings = Vec::new();
+    for route in routes {
+      let Ok(deployed) = RoutePattern::parse(&route) else {
+        continue;
+      };
+      for (pattern, index) in configured.router.patterns() {
+        let owner = configured.functions.get(*index).map_or("?", |f| f.name());
+        if pattern.overlap(&deployed) != Overlap::All {
+          continue;
+        }
+        let warning = format!(
+          "route {route:?} is shadowed by route \"{pattern}\" of configured function {owner:?}, which is matched first: no request reaches {name:?} through it"
+        );
+        tracing::warn!(function = name, "{warning}");
+        warnings.push(warning);
+      }
+    }
+    warnings
   }
 
   /// Every function that serves: the configured ones and each serving deployed version.
@@ -265,6 +300,7 @@ impl Node {
         factory,
         transpiler,
         config_file: config.file.clone(),
+        handler: config.handler.clone(),
         tls: tls_listeners,
         listen: config.listeners.iter().map(|l| l.address).collect(),
         admission: Admission::new(
@@ -273,6 +309,8 @@ impl Node {
           Duration::from_millis(config.server.queue_timeout_ms),
         ),
         compression: config.server.compression,
+        error_details: config.server.error_details,
+        max_headers: config.server.max_headers,
         max_body_bytes: config.server.max_body_bytes,
         request_ids: RequestIds::new(),
         cache,
@@ -338,8 +376,10 @@ impl Node {
     }
     if let Some(file) = self.state.config_file.clone() {
       tokio::spawn(self.state.geo.clone().watch(file, stop.clone()));
-      tokio::spawn(reload_on_hangup(self.state.clone(), stop.clone()));
     }
+    // Also without a config file: SIGHUP then re-reads the handler file (and never ends the
+    // process, as its default action would).
+    tokio::spawn(reload_on_hangup(self.state.clone(), stop.clone()));
     shutdown.await;
     self.state.draining.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
@@ -406,11 +446,15 @@ impl ConnectionSettings {
 /// HTTP/1.1 and HTTP/2 settings, with the protocol limits of `[server]`.
 fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
   let mut builder = auto::Builder::new(TokioExecutor::new());
+  // hyper refuses more header lines than this itself (a bare 431, recorded from the
+  // connection's error); up to it, requests over `max_headers` get Outpost's own 431. At
+  // most 100 lines are parsed without a heap allocation per request.
   builder
     .http1()
     .timer(hyper_util::rt::TokioTimer::new())
     .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
-    .max_buf_size(server.max_header_bytes);
+    .max_buf_size(server.max_header_bytes)
+    .max_headers(server.max_headers.max(100));
   builder
     .http2()
     .timer(hyper_util::rt::TokioTimer::new())
@@ -514,6 +558,7 @@ async fn serve_connection(
   };
   let activity = Arc::new(ConnectionActivity::new());
   let service_activity = activity.clone();
+  let refusals = state.clone();
   let service = hyper::service::service_fn(move |request| {
     let state = state.clone();
     let active = service_activity.begin();
@@ -527,7 +572,12 @@ async fn serve_connection(
   let mut closing = false;
   loop {
     tokio::select! {
-      result = connection.as_mut() => return result,
+      result = connection.as_mut() => {
+        if let Err(err) = &result {
+          record_refusal(&refusals, peer, err.as_ref());
+        }
+        return result;
+      }
       () = stop.cancelled(), if !closing => {
         connection.as_mut().graceful_shutdown();
         closing = true;
@@ -538,6 +588,26 @@ async fn serve_connection(
       }
     }
   }
+}
+
+/// Gives a request that hyper refused before it reached Outpost (a head it could not
+/// parse: 400, or too large, or with too many lines: 431) an access record and a request id,
+/// as every other answer has. hyper wrote the response itself, without the id header.
+fn record_refusal(state: &NodeState, peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
+  let Some(err) = err.downcast_ref::<hyper::Error>() else {
+    return;
+  };
+  let (status, reason) = if err.is_parse_too_large() {
+    (431, "headers-too-large")
+  } else if err.is_parse() {
+    (400, "bad-request")
+  } else {
+    return;
+  };
+  let request_id = state.request_ids.next();
+  tracing::info!(request_id, %peer, error = %err, "request refused by the HTTP parser");
+  let access = AccessRecord::new(state.observers.clone(), &request_id, "", "", "");
+  drop(access.respond(status, Some(reason), full_body(Bytes::new())));
 }
 
 /// How many requests a connection has in flight, and since when it has had none.
@@ -617,7 +687,7 @@ async fn handle_request(
   request: Request<Incoming>,
   origin: Origin,
   active: ActiveRequest,
-) -> Response<Body> {
+) -> Response<MeteredBody> {
   let request_id = state.request_ids.next();
   // The host the client named: the :authority (HTTP/2, absolute-form) or the Host header.
   let authority = request
@@ -638,12 +708,39 @@ async fn handle_request(
     request.method().as_str(),
     request.uri().path(),
   );
+  let is_head = request.method() == Method::HEAD;
   let mut response = dispatch(state, request, authority, origin, &access, active).await;
-  access.respond(response.status().as_u16(), outpost_error(&response));
+  if is_head {
+    response = without_body(response);
+  }
   if let Ok(value) = HeaderValue::from_str(&request_id) {
     response.headers_mut().insert(REQUEST_ID_HEADER, value);
   }
-  response
+  let status = response.status().as_u16();
+  let error = outpost_error(&response).map(str::to_string);
+  response.map(|body| access.respond(status, error.as_deref(), body))
+}
+
+/// The response to a HEAD request: the head a GET would get, `Content-Length` included when
+/// the body's length is known, and no body. hyper's HTTP/2 server does not know the request
+/// method and would send the body as DATA frames, which clients refuse with a stream reset
+/// (RFC 9110 §9.3.2: a HEAD response has no content); HTTP/1.1 drops the body itself.
+fn without_body(response: Response<Body>) -> Response<Body> {
+  let (mut parts, body) = response.into_parts();
+  let bodiless = parts.status.is_informational()
+    || parts.status == StatusCode::NO_CONTENT
+    || parts.status == StatusCode::NOT_MODIFIED;
+  if !bodiless
+    && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+    && let Some(length) = http_body::Body::size_hint(&body).exact()
+  {
+    parts
+      .headers
+      .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+  }
+  // Dropping the body ends what produces it (the handler's stream, the request's guards).
+  drop(body);
+  Response::from_parts(parts, full_body(Bytes::new()))
 }
 
 /// Why Outpost answered a request itself (its `outpost-termination` or `outpost-error`
@@ -679,6 +776,17 @@ async fn dispatch(
       "outpost: the request has no Host header or :authority\n".into(),
     );
   };
+  if request.headers().len() > state.max_headers {
+    return outpost_response(
+      StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+      "too-many-headers",
+      format!(
+        "outpost: the request has {} header lines; this node accepts at most {} (server.max_headers)\n",
+        request.headers().len(),
+        state.max_headers
+      ),
+    );
+  }
   let path = request.uri().path();
   let Some(function) = state.route(&authority, path, request.headers()) else {
     return outpost_response(
@@ -753,7 +861,7 @@ async fn dispatch(
     active,
     cf,
   };
-  if call.function.route_cache && call.method == Method::GET {
+  if call.function.route_cache && (call.method == Method::GET || call.method == Method::HEAD) {
     route_cache::serve(state, call).await
   } else {
     call_function(state, call, None).await
@@ -847,10 +955,6 @@ pub(crate) async fn call_function(
   };
   let cancel = CancellationToken::new();
   let (reply, replied) = oneshot::channel();
-  let usage = UsageRecorder {
-    usage: Arc::new(access.usage()),
-    arrived: access.arrived(),
-  };
   let dispatched = pool.dispatch(DispatchRequest {
     method,
     url,
@@ -858,7 +962,7 @@ pub(crate) async fn call_function(
     body,
     cancel: cancel.clone(),
     reply,
-    usage: usage.usage.clone(),
+    usage: Arc::new(access.usage()),
     cf,
     trace: Some(OutboundTrace {
       traceparent: trace.outbound_traceparent(),
@@ -873,10 +977,20 @@ pub(crate) async fn call_function(
     }
     Ok(Err(err)) => {
       tracing::warn!(request_id, function = pool.name(), error = %err, "function unavailable");
+      // The reason names server paths and source lines: it stays in the log unless the
+      // node shows error details (`server.error_details`, for development).
+      let details = if state.error_details {
+        format!(": {err}")
+      } else {
+        "; the reason is in the server log".into()
+      };
       return outpost_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "function-unavailable",
-        format!("outpost: {err}\n"),
+        format!(
+          "outpost: function {:?} is unavailable (request id {request_id}){details}\n",
+          pool.name()
+        ),
       );
     }
   };
@@ -915,7 +1029,6 @@ pub(crate) async fn call_function(
         GuardedBody {
           inner: body,
           deadline: Box::pin(tokio::time::sleep_until(deadline)),
-          usage,
           _active: active,
           _in_flight: in_flight,
           _admitted: admitted,
@@ -935,11 +1048,16 @@ pub(crate) async fn call_function(
         "handler {what}: {}",
         failure.detail
       );
+      let details = if state.error_details {
+        format!(":\n{}", failure.detail)
+      } else {
+        "; the stack is in the server log".into()
+      };
       outpost_response(
         StatusCode::INTERNAL_SERVER_ERROR,
         "handler-error",
         format!(
-          "outpost: function {:?} {what} (request id {request_id}); the stack is in the server log\n",
+          "outpost: function {:?} {what} (request id {request_id}){details}\n",
           pool.name()
         ),
       )
@@ -1039,6 +1157,18 @@ impl ConfiguredFunctions {
     );
     Ok(ConfiguredFunctions { router, functions })
   }
+
+  /// `function "name": reason` for every function whose module does not load.
+  fn load_errors(&self) -> Vec<String> {
+    self
+      .functions
+      .iter()
+      .filter_map(|f| {
+        let error = f.pool.load_error()?;
+        Some(format!("function {:?} does not load: {error}", f.name()))
+      })
+      .collect()
+  }
 }
 
 /// Re-reads the config file and applies what can change while serving: the functions of
@@ -1047,10 +1177,12 @@ impl ConfiguredFunctions {
 /// theirs) and `[geo]`. Nothing changes unless all of it loads. Returns notes on changes
 /// that need a restart.
 pub(crate) async fn reload(state: &NodeState, trigger: &str) -> Result<Vec<String>, String> {
-  let Some(file) = &state.config_file else {
-    return Err("this node was started without a config file: nothing to reload".into());
-  };
-  let config = Config::load(file).map_err(|errors| errors.to_string())?;
+  let config = match (&state.config_file, &state.handler) {
+    (Some(file), _) => Config::load(file),
+    (None, Some((entry, address))) => Config::single_handler(entry, *address),
+    (None, None) => return Err("this node has no config file or handler file to reload".into()),
+  }
+  .map_err(|errors| errors.to_string())?;
   let geo = ClientGeo::open(&config).map_err(|err| err.to_string())?;
   let mut notes = Vec::new();
   let mut certificates = Vec::new();
@@ -1079,6 +1211,12 @@ pub(crate) async fn reload(state: &NodeState, trigger: &str) -> Result<Vec<Strin
   let configured = ConfiguredFunctions::start(&config, &state.factory, &state.transpiler)
     .await
     .map_err(|err| err.to_string())?;
+  // A function that does not load would replace a working pool with one that answers 503:
+  // the whole reload is refused instead, as a deploy of such a version is.
+  let failed = configured.load_errors();
+  if !failed.is_empty() {
+    return Err(failed.join("\n"));
+  }
   for (live, tls) in certificates {
     live.store(tls);
   }
@@ -1244,27 +1382,12 @@ fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> R
   response
 }
 
-/// Completes a request's usage record on the server side: the wall-clock time when it is
-/// dropped (with the response body, or with the response Outpost made instead), and the
-/// response body bytes sent.
-struct UsageRecorder {
-  usage: Arc<RequestUsage>,
-  arrived: std::time::Instant,
-}
-
-impl Drop for UsageRecorder {
-  fn drop(&mut self) {
-    self.usage.set_wall(self.arrived.elapsed());
-  }
-}
-
 /// A response body that keeps its request counted as in flight (and holding its admission
 /// slots) until it has been sent, ends it at the wall-clock deadline, and cancels body
 /// streaming inside the isolate when it is dropped early.
 struct GuardedBody {
   inner: Body,
   deadline: Pin<Box<tokio::time::Sleep>>,
-  usage: UsageRecorder,
   _active: ActiveRequest,
   _in_flight: InFlightGuard,
   _admitted: Admitted,
@@ -1284,13 +1407,7 @@ impl http_body::Body for GuardedBody {
         "the function's wall-clock limit ended the response".into(),
       )));
     }
-    let frame = Pin::new(&mut self.inner).poll_frame(cx);
-    if let Poll::Ready(Some(Ok(frame))) = &frame
-      && let Some(data) = frame.data_ref()
-    {
-      self.usage.usage.add_egress(data.len() as u64);
-    }
-    frame
+    Pin::new(&mut self.inner).poll_frame(cx)
   }
 
   fn is_end_stream(&self) -> bool {

@@ -116,17 +116,15 @@ struct PendingReply {
   cpu_alone: Duration,
 }
 
-/// What a request used, shared between the server and the isolate. It is complete when the
-/// last holder lets go, after the entry into JS that answered the request has been charged
-/// and the response body has been sent; it is logged then (target `outpost::usage`).
+/// What a request used inside its isolate, shared between the server and the isolate. It
+/// is complete when the last holder lets go, after the entry into JS that answered the
+/// request has been charged; its completion hook is called then.
 #[derive(Debug)]
 pub struct RequestUsage {
   request_id: String,
   cpu_ns: AtomicU64,
-  wall_ns: AtomicU64,
   heap_peak: AtomicUsize,
   subrequests: AtomicU32,
-  egress_bytes: AtomicU64,
   completion: Completion,
 }
 
@@ -144,16 +142,6 @@ impl std::fmt::Debug for Completion {
 
 impl Drop for RequestUsage {
   fn drop(&mut self) {
-    tracing::debug!(
-      target: "outpost::usage",
-      request_id = self.request_id,
-      cpu_us = self.cpu().as_micros() as u64,
-      wall_us = self.wall().as_micros() as u64,
-      heap_peak_bytes = self.heap_peak(),
-      subrequests = self.subrequests(),
-      egress_bytes = self.egress_bytes(),
-      "request usage"
-    );
     let hook = self
       .completion
       .0
@@ -171,10 +159,8 @@ impl RequestUsage {
     RequestUsage {
       request_id,
       cpu_ns: AtomicU64::new(0),
-      wall_ns: AtomicU64::new(0),
       heap_peak: AtomicUsize::new(0),
       subrequests: AtomicU32::new(0),
-      egress_bytes: AtomicU64::new(0),
       completion: Completion::default(),
     }
   }
@@ -189,16 +175,6 @@ impl RequestUsage {
     let usage = RequestUsage::new(request_id);
     *usage.completion.0.lock().expect("fresh lock") = Some(hook);
     usage
-  }
-
-  /// Time from the request's arrival to the end of its response.
-  pub fn wall(&self) -> Duration {
-    Duration::from_nanos(self.wall_ns.load(Ordering::Relaxed))
-  }
-
-  /// Response body bytes sent to the client.
-  pub fn egress_bytes(&self) -> u64 {
-    self.egress_bytes.load(Ordering::Relaxed)
   }
 
   /// CPU time charged to the request, its share of entries into JS it was in flight for
@@ -216,16 +192,6 @@ impl RequestUsage {
   /// `fetch()` calls the handler made before its response was handed over.
   pub fn subrequests(&self) -> u32 {
     self.subrequests.load(Ordering::Relaxed)
-  }
-
-  /// Records the time from the request's arrival to the end of its response.
-  pub fn set_wall(&self, wall: Duration) {
-    self.wall_ns.store(nanos(wall), Ordering::Relaxed);
-  }
-
-  /// Counts response body bytes sent to the client.
-  pub fn add_egress(&self, bytes: u64) {
-    self.egress_bytes.fetch_add(bytes, Ordering::Relaxed);
   }
 
   fn charge(&self, cpu: Duration, heap: usize) {

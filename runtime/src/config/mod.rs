@@ -20,6 +20,9 @@ use crate::limits::{Limits, LimitsConfig};
 
 use crate::router::RoutePattern;
 
+mod document;
+use document::Document;
+
 /// Why a function or override may not set an `OUTPOST_` variable.
 const RESERVED_ENV: &str = "names starting with OUTPOST_ are reserved for values Outpost sets (OUTPOST_POP, OUTPOST_REGION); rename the variable";
 
@@ -28,6 +31,9 @@ const RESERVED_ENV: &str = "names starting with OUTPOST_ are reserved for values
 pub struct Config {
   /// The file it was loaded from (`None` for the single-handler default).
   pub file: Option<PathBuf>,
+  /// For the single-handler default: the handler file and the address it is served on,
+  /// from which a reload makes the config anew.
+  pub handler: Option<(PathBuf, SocketAddr)>,
   /// The file `[node]`, `[geo]`, `[[regions]]` and `[[overrides]]` came from, when not this one.
   pub geo_file: Option<PathBuf>,
   /// Who this node is (`[node]`); its PoP and region reach every function's `env`.
@@ -258,6 +264,8 @@ pub struct ServerConfig {
   /// Largest request head (request line and headers) accepted; HTTP/1.1 answers 431 above
   /// it, HTTP/2 refuses the stream. At least 8192.
   pub max_header_bytes: usize,
+  /// Most header lines a request may have, on every protocol: 431 above it.
+  pub max_headers: usize,
   /// Largest request body accepted; 413 above it.
   pub max_body_bytes: u64,
   /// Time a client has to send a complete request head (guards against slowloris).
@@ -279,6 +287,9 @@ pub struct ServerConfig {
   /// Switch an isolate thread to `SCHED_IDLE` while an entry into JS runs long (see
   /// `crate::cpu`), so that its neighbours are delayed less.
   pub demote_long_entries: bool,
+  /// Put load errors and handler stacks into the bodies of 503/500 answers (for
+  /// development); off, the body names the request id and the details stay in the log.
+  pub error_details: bool,
 }
 
 impl Default for ServerConfig {
@@ -289,6 +300,7 @@ impl Default for ServerConfig {
       spare_isolates: 1,
       load_timeout_ms: 10_000,
       max_header_bytes: 64 * 1024,
+      max_headers: 100,
       max_body_bytes: 100 * 1024 * 1024,
       header_read_timeout_ms: 10_000,
       idle_timeout_ms: 60_000,
@@ -298,6 +310,7 @@ impl Default for ServerConfig {
       queue_depth: 1024,
       queue_timeout_ms: 1000,
       demote_long_entries: true,
+      error_details: false,
     }
   }
 }
@@ -371,7 +384,7 @@ struct RawGeoFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
-  address: Spanned<String>,
+  address: Option<Spanned<String>>,
   #[serde(default)]
   tls: Vec<RawCertificate>,
   #[serde(default)]
@@ -381,16 +394,16 @@ struct RawListener {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCertificate {
-  cert: Spanned<String>,
-  key: Spanned<String>,
+  cert: Option<Spanned<String>>,
+  key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFunction {
-  name: Spanned<String>,
-  entry: Spanned<String>,
-  routes: Spanned<Vec<Spanned<String>>>,
+  name: Option<Spanned<String>>,
+  entry: Option<Spanned<String>>,
+  routes: Option<Spanned<Vec<Spanned<String>>>>,
   #[serde(default)]
   env: Option<Spanned<BTreeMap<String, String>>>,
   #[serde(default)]
@@ -422,16 +435,30 @@ impl Config {
 
   /// Parses config text; `path` names the file in errors and anchors relative paths.
   pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let locate = Locator { file: path, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigErrors {
-      errors: vec![locate.error(
-        err.span().unwrap_or(0..0),
-        "<toml>",
-        err.message().to_string(),
-      )],
-    })?;
+    let (mut document, syntax) = Document::parse(text);
+    let plain = Locator {
+      file: path,
+      text,
+      document: None,
+    };
+    // A document with syntax errors is not read further: what follows from a half-parsed
+    // document would only add errors that are not there.
+    if !syntax.is_empty() {
+      return Err(ConfigErrors {
+        errors: plain.problems(syntax),
+      });
+    }
+    let (raw, problems) = document.deserialize::<RawConfig>();
+    let mut errors = plain.problems(problems);
+    let Some(raw) = raw else {
+      return Err(ConfigErrors { errors });
+    };
+    let locate = Locator {
+      file: path,
+      text,
+      document: Some(&document),
+    };
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut errors = Vec::new();
     // The PoP tables, from `geo_file` when set: errors in them name that file.
     let geo_path = raw.geo_file.as_ref().map(|file| base.join(file.get_ref()));
     let geo_text = match (&raw.geo_file, &geo_path) {
@@ -446,39 +473,50 @@ impl Config {
       _ => None,
     };
     let mut raw = raw;
-    let geo_locate = match (&geo_path, &geo_text) {
-      (Some(geo_path), Some(geo_text)) => {
-        let geo_locate = Locator {
-          file: geo_path,
-          text: geo_text,
-        };
-        match toml::from_str::<RawGeoFile>(geo_text) {
-          Ok(file) => {
-            let both = raw.node.is_some()
-              || raw.geo.is_some()
-              || !raw.regions.is_empty()
-              || !raw.overrides.is_empty();
-            if both {
-              errors.push(locate.error(
-                raw.geo_file.as_ref().map_or(0..0, Spanned::span),
-                "geo_file",
-                "with geo_file set, [node], [geo], [[regions]] and [[overrides]] belong in that file only".into(),
-              ));
-            }
-            raw.node = file.node;
-            raw.geo = file.geo;
-            raw.regions = file.regions;
-            raw.overrides = file.overrides;
-          }
-          Err(err) => errors.push(geo_locate.error(
-            err.span().unwrap_or(0..0),
-            "<toml>",
-            err.message().to_string(),
-          )),
+    let mut geo_document = None;
+    if let (Some(geo_path), Some(geo_text)) = (&geo_path, &geo_text) {
+      let geo_plain = Locator {
+        file: geo_path,
+        text: geo_text,
+        document: None,
+      };
+      let (mut parsed, syntax) = Document::parse(geo_text);
+      let (file, problems) = if syntax.is_empty() {
+        parsed.deserialize::<RawGeoFile>()
+      } else {
+        (None, syntax)
+      };
+      errors.extend(geo_plain.problems(problems));
+      if let Some(file) = file {
+        let both = raw.node.is_some()
+          || raw.geo.is_some()
+          || !raw.regions.is_empty()
+          || !raw.overrides.is_empty();
+        if both {
+          errors.push(locate.error(
+            raw.geo_file.as_ref().map_or(0..0, Spanned::span),
+            "geo_file",
+            "with geo_file set, [node], [geo], [[regions]] and [[overrides]] belong in that file only".into(),
+          ));
         }
-        geo_locate
+        raw.node = file.node;
+        raw.geo = file.geo;
+        raw.regions = file.regions;
+        raw.overrides = file.overrides;
       }
-      _ => Locator { file: path, text },
+      geo_document = Some(parsed);
+    }
+    let geo_locate = match (&geo_path, &geo_text) {
+      (Some(geo_path), Some(geo_text)) => Locator {
+        file: geo_path,
+        text: geo_text,
+        document: geo_document.as_ref(),
+      },
+      _ => Locator {
+        file: path,
+        text,
+        document: Some(&document),
+      },
     };
     let geo_base = geo_path.as_deref().and_then(Path::parent).unwrap_or(base);
     let mut listeners = Vec::new();
@@ -491,36 +529,44 @@ impl Config {
     }
     for (i, listener) in raw.listen.iter().enumerate() {
       let key = format!("listen[{i}].address");
-      let address = match listener.address.get_ref().parse::<SocketAddr>() {
-        Ok(address) => Some(address),
-        Err(err) => {
-          errors.push(locate.error(
-            listener.address.span(),
-            &key,
-            format!(
-              "{:?} is not an IP address with a port ({err}), e.g. \"0.0.0.0:8443\"",
-              listener.address.get_ref()
-            ),
-          ));
-          None
-        }
-      };
+      let address = locate
+        .required(
+          &listener.address,
+          &key,
+          "address = \"0.0.0.0:8443\"",
+          &mut errors,
+        )
+        .and_then(|address| match address.get_ref().parse::<SocketAddr>() {
+          Ok(parsed) => Some(parsed),
+          Err(err) => {
+            errors.push(locate.error(
+              address.span(),
+              &key,
+              format!(
+                "{:?} is not an IP address with a port ({err}), e.g. \"0.0.0.0:8443\"",
+                address.get_ref()
+              ),
+            ));
+            None
+          }
+        });
       let mut tls = Vec::new();
       for (j, cert) in listener.tls.iter().enumerate() {
-        let cert_path = locate.existing_file(
-          base,
-          &cert.cert,
-          &format!("listen[{i}].tls[{j}].cert"),
-          &mut errors,
-        );
-        let key_path = locate.existing_file(
-          base,
-          &cert.key,
-          &format!("listen[{i}].tls[{j}].key"),
-          &mut errors,
-        );
+        let cert_key = format!("listen[{i}].tls[{j}].cert");
+        let key_key = format!("listen[{i}].tls[{j}].key");
+        let cert_path = locate
+          .required(&cert.cert, &cert_key, "cert = \"cert.pem\"", &mut errors)
+          .and_then(|cert| locate.existing_file(base, cert, &cert_key, &mut errors));
+        let key_path = locate
+          .required(&cert.key, &key_key, "key = \"key.pem\"", &mut errors)
+          .and_then(|key| locate.existing_file(base, key, &key_key, &mut errors));
         if let (Some(cert), Some(key)) = (cert_path, key_path) {
-          tls.push(CertificateConfig { cert, key });
+          let certificate = CertificateConfig { cert, key };
+          // Read now, so that a certificate that cannot serve is reported at its entry.
+          if let Err(err) = crate::tls::server_config(std::slice::from_ref(&certificate)) {
+            errors.push(locate.error(0..0, &cert_key, err.to_string()));
+          }
+          tls.push(certificate);
         }
       }
       if let Some(address) = address {
@@ -587,7 +633,7 @@ impl Config {
     let function_names: Vec<&str> = raw
       .functions
       .iter()
-      .map(|f| f.name.get_ref().as_str())
+      .filter_map(|f| Some(f.name.as_ref()?.get_ref().as_str()))
       .collect();
     for problem in geo_config::overrides::problems(&overrides, &regions, &function_names) {
       let span = raw.overrides[problem.index].span();
@@ -625,35 +671,48 @@ impl Config {
     let mut names = HashSet::new();
     let mut seen_routes: Vec<(RoutePattern, String)> = Vec::new();
     for (i, function) in raw.functions.iter().enumerate() {
-      let name = function.name.get_ref();
-      if !valid_function_name(name) {
-        errors.push(locate.error(
-          function.name.span(),
-          &format!("functions[{i}].name"),
-          format!("{name:?} is not a valid function name: use 1-64 of a-z, 0-9, '-' and '_'"),
-        ));
+      let name_key = format!("functions[{i}].name");
+      let entry_key = format!("functions[{i}].entry");
+      let routes_key = format!("functions[{i}].routes");
+      let name = locate.required(&function.name, &name_key, "name = \"api\"", &mut errors);
+      let entry = locate
+        .required(
+          &function.entry,
+          &entry_key,
+          "entry = \"index.ts\"",
+          &mut errors,
+        )
+        .and_then(|entry| locate.existing_file(base, entry, &entry_key, &mut errors));
+      let route_list = locate.required(
+        &function.routes,
+        &routes_key,
+        "routes = [\"/\"]",
+        &mut errors,
+      );
+      let Some(name) = name else {
+        continue;
+      };
+      let name = name.get_ref();
+      if let Err(message) = check_function_name(name) {
+        errors.push(locate.error(0..0, &name_key, message));
       } else if !names.insert(name.clone()) {
         errors.push(locate.error(
-          function.name.span(),
-          &format!("functions[{i}].name"),
+          0..0,
+          &name_key,
           format!("function {name:?} is defined twice; function names must be unique"),
         ));
       }
-      let entry = locate.existing_file(
-        base,
-        &function.entry,
-        &format!("functions[{i}].entry"),
-        &mut errors,
-      );
       let mut routes = Vec::new();
-      if function.routes.get_ref().is_empty() {
+      if let Some(list) = route_list
+        && list.get_ref().is_empty()
+      {
         errors.push(locate.error(
-          function.routes.span(),
-          &format!("functions[{i}].routes"),
+          list.span(),
+          &routes_key,
           "no routes: add at least one, e.g. routes = [\"/\"]".into(),
         ));
       }
-      for (j, route) in function.routes.get_ref().iter().enumerate() {
+      for (j, route) in route_list.into_iter().flat_map(|r| r.get_ref()).enumerate() {
         let key = format!("functions[{i}].routes[{j}]");
         match RoutePattern::parse(route.get_ref()) {
           Ok(pattern) => {
@@ -758,6 +817,7 @@ impl Config {
         raw.server.header_read_timeout_ms,
       ),
       ("server.idle_timeout_ms", raw.server.idle_timeout_ms),
+      ("server.max_headers", raw.server.max_headers as u64),
     ] {
       if value == 0 {
         errors.push(locate.error(0..0, key, "must be at least 1".to_string()));
@@ -776,6 +836,7 @@ impl Config {
     if errors.is_empty() {
       Ok(Config {
         file: None,
+        handler: None,
         geo_file: geo_path,
         node: raw.node.map(Spanned::into_inner),
         egress: raw.egress,
@@ -812,6 +873,7 @@ impl Config {
     }
     Ok(Config {
       file: None,
+      handler: Some((entry.clone(), address)),
       geo_file: None,
       listeners: vec![ListenerConfig {
         address,
@@ -877,17 +939,31 @@ impl PoolConfig {
   }
 }
 
-fn valid_function_name(name: &str) -> bool {
-  (1..=64).contains(&name.len())
+/// The one rule for function names, in the config file and the deploy API alike: a DNS
+/// label (1 to 63 of a-z, 0-9 and -, not starting or ending with -), so a name can be a
+/// host name part, a path segment and a metric label as it is.
+pub fn check_function_name(name: &str) -> Result<(), String> {
+  let valid = (1..=63).contains(&name.len())
     && name
       .bytes()
-      .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+      .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    && !name.starts_with('-')
+    && !name.ends_with('-');
+  if valid {
+    Ok(())
+  } else {
+    Err(format!(
+      "{name:?} is not a valid function name: use 1 to 63 of a-z, 0-9 and -, not starting or ending with -"
+    ))
+  }
 }
 
-/// Turns byte spans of the config text into `file:line:col` errors.
+/// Turns byte spans of the config text into `file:line:col` errors; with the document, an
+/// error is shown at the value of the key it names when the document has one.
 struct Locator<'a> {
   file: &'a Path,
   text: &'a str,
+  document: Option<&'a Document<'a>>,
 }
 
 impl Locator<'_> {
@@ -942,7 +1018,19 @@ impl Locator<'_> {
     tree
   }
 
+  /// Errors for the problems [`Document`] found.
+  fn problems(&self, problems: Vec<document::Problem>) -> Vec<ConfigError> {
+    problems
+      .into_iter()
+      .map(|problem| self.error(problem.span, &problem.key, problem.message))
+      .collect()
+  }
+
   fn error(&self, span: Range<usize>, key: &str, message: String) -> ConfigError {
+    let span = self
+      .document
+      .and_then(|document| document.value_span(key))
+      .unwrap_or(span);
     let before = &self.text[..span.start.min(self.text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -953,6 +1041,27 @@ impl Locator<'_> {
       key: key.into(),
       message,
     }
+  }
+
+  /// A key a table must have: reported as missing (at its table) unless it was there and
+  /// taken out for a refused value, which was reported already.
+  fn required<'v, T>(
+    &self,
+    value: &'v Option<Spanned<T>>,
+    key: &str,
+    example: &str,
+    errors: &mut Vec<ConfigError>,
+  ) -> Option<&'v Spanned<T>> {
+    let removed = self.document.is_some_and(|document| document.removed(key));
+    if value.is_none() && !removed {
+      let table = key.rsplit_once('.').map_or("", |(table, _)| table);
+      let span = self
+        .document
+        .and_then(|document| document.value_span(table))
+        .unwrap_or(0..0);
+      errors.push(self.error(span, key, format!("missing: add {example}")));
+    }
+    value.as_ref()
   }
 
   /// Resolves a path relative to the config directory and checks that it is a file.
