@@ -106,6 +106,7 @@ fn benches(c: &mut Criterion) {
       },
       body: with_body.then(|| outpost_ext_dispatch::full_body(body.clone())),
       cancel: CancellationToken::new(),
+      finished: Arc::default(),
       reply,
       usage: Arc::new(RequestUsage::new("bench".into())),
       cf: Vec::new(),

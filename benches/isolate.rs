@@ -56,6 +56,7 @@ async fn first_request(
       headers: http::HeaderMap::new(),
       body: None,
       cancel: CancellationToken::new(),
+      finished: Arc::default(),
       reply,
       usage: Arc::new(RequestUsage::new("bench".into())),
       cf: Vec::new(),
@@ -107,7 +108,13 @@ fn benches(c: &mut Criterion) {
     ..ServerConfig::default()
   };
   let cache = Arc::new(SharedCache::from_config(&CacheConfig::default()));
-  let factory = IsolateFactory::new(&server, HEAP, cache).unwrap();
+  let factory = IsolateFactory::new(
+    &server,
+    HEAP,
+    cache,
+    Arc::new(outpost_ext_dispatch::NoServices),
+  )
+  .unwrap();
   let mut index = 0;
   timing::bench(c, "new_isolate_from_spare", 300, || {
     index += 1;

@@ -27,5 +27,6 @@ pub fn bench_spec(path: &Path) -> FunctionSpec {
     },
     console_bytes: 64 * 1024,
     secrets: Arc::default(),
+    services: Arc::default(),
   }
 }

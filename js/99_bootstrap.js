@@ -4,8 +4,8 @@
 // and deno_crypto, install the WinterTC global scope, and publish the two entry points Rust
 // calls on every new isolate through globalThis.__outpost:
 //   bootstrap()            hides the Deno internals before any tenant code runs;
-//   serve(namespace, env, maxSubrequests, consoleCap)  finds the handler and starts the
-//                          request loop.
+//   serve(namespace, env, maxSubrequests, consoleCap, services)  finds the handler and
+//                          starts the request loop.
 
 import { core, internals, primordials } from "ext:core/mod.js";
 import { op_bootstrap_console } from "ext:core/ops";
@@ -19,6 +19,7 @@ import {
   respond,
   responseParts,
   runForRequest,
+  serviceFetch,
   toRequest,
 } from "ext:outpost_dispatch/01_dispatch.js";
 import { Cache, caches, CacheStorage } from "ext:outpost_cache/01_cache.js";
@@ -35,6 +36,7 @@ const {
   PromisePrototypeThen,
   PromiseReject,
   RegExpPrototypeTest,
+  SafeArrayIterator,
   SafeSet,
   SetPrototypeAdd,
   SetPrototypeDelete,
@@ -385,6 +387,20 @@ function fetch(input, init = undefined) {
   });
 }
 
+/**
+ * A service binding on `env` (`[[functions]] services = { AUTH = "auth" }`): `fetch()` sends
+ * the request to the bound function on this node, in-process.
+ */
+class ServiceBinding {
+  #binding;
+  constructor(binding) {
+    this.#binding = binding;
+  }
+  fetch(input, init = undefined) {
+    return serviceFetch(this.#binding, input, init);
+  }
+}
+
 /** The `ctx` argument of module handlers and the base of FetchEvent.waitUntil. */
 class ExecutionContext {
   #pending;
@@ -518,12 +534,16 @@ function bootstrap() {
 
 /**
  * Starts serving with the handler module's namespace; each request may make
- * `maxSubrequests` fetch() calls and write `consoleCap` bytes of console output. Throws when the module has no
+ * `maxSubrequests` fetch() calls and write `consoleCap` bytes of console output; `env`
+ * gets a ServiceBinding for each name of `services`. Throws when the module has no
  * handler. Returns a promise that settles once the request channel is closed and all
  * waitUntil() work has finished.
  */
-function serve(namespace, env, maxSubrequests, consoleCap) {
+function serve(namespace, env, maxSubrequests, consoleCap, services) {
   const handler = findHandler(namespace);
+  for (const binding of new SafeArrayIterator(services)) {
+    env[binding] = ObjectFreeze(new ServiceBinding(binding));
+  }
   ObjectFreeze(env);
   const pending = new SafeSet();
   return (async () => {

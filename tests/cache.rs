@@ -420,3 +420,41 @@ async fn hits_count_their_egress_and_head_is_answered_from_the_cache() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
   }
 }
+
+/// A purge may name a path instead of a full URL: every host's entry of that path goes. A
+/// purge that removes nothing says why.
+#[tokio::test]
+async fn purge_by_path_reaches_every_host_and_an_empty_purge_says_why() {
+  let outpost = route_cached("");
+  for host in ["a.test", "b.test"] {
+    let response = http1()
+      .get(outpost.url("/p?x=1"))
+      .header("host", host)
+      .send()
+      .await
+      .unwrap();
+    assert_eq!(response.headers()["outpost-cache"], "MISS");
+  }
+  let (status, answer) = admin_post(
+    &outpost,
+    "/cache/purge",
+    r#"{"url": "/p?x=1", "function": "origin"}"#,
+    None,
+  )
+  .await;
+  assert_eq!((status, answer.as_str()), (200, "{\"purged\":2}\n"));
+  let (status, answer) = admin_post(&outpost, "/cache/purge", r#"{"url": "/p?x=1"}"#, None).await;
+  assert_eq!(status, 200);
+  let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+  assert_eq!(answer["purged"], 0);
+  assert!(
+    answer["reason"]
+      .as_str()
+      .unwrap()
+      .contains("has the path and query /p?x=1"),
+    "{answer}"
+  );
+  let (status, answer) = admin_post(&outpost, "/cache/purge", r#"{"prefix": "p"}"#, None).await;
+  assert_eq!(status, 400, "{answer}");
+  assert!(answer.contains("path starting with /"), "{answer}");
+}

@@ -211,3 +211,57 @@ routes = ["/other"]
     "{output}"
   );
 }
+
+/// During the drain new connections are refused while requests in flight go on; past
+/// `server.shutdown_grace_s` the rest are cut off and the process exits 0. SIGINT drains as
+/// SIGTERM does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_refuses_new_connections_and_ends_at_the_grace_period() {
+  for signal in ["TERM", "INT"] {
+    let mut outpost = Outpost::start(
+      &crate::support::functions_config(
+        "[server]\nshutdown_grace_s = 4",
+        &[("slow", "slow.js", r#"routes = ["/"]"#)],
+      ),
+      &[(
+        "slow.js",
+        "export default { async fetch(request) { const ms = Number(new URL(request.url).searchParams.get('ms')); console.log('handler started ' + ms); await new Promise((r) => setTimeout(r, ms)); return new Response('finished'); } };",
+      )],
+    );
+    let address = outpost.http[0];
+    let short = tokio::spawn({
+      let url = outpost.url("/?ms=1500");
+      async move { http1().get(url).send().await.unwrap().text().await }
+    });
+    let long = tokio::spawn({
+      let url = outpost.url("/?ms=20000");
+      async move { http1().get(url).send().await?.text().await }
+    });
+    tokio::task::block_in_place(|| {
+      outpost.wait_for_log("handler started 1500");
+      outpost.wait_for_log("handler started 20000");
+    });
+    let signalled = std::time::Instant::now();
+    outpost.signal(signal);
+    tokio::task::block_in_place(|| outpost.wait_for_log("listeners closed"));
+    // Draining: no new connection is accepted, though requests are still in flight.
+    let refused = tokio::net::TcpStream::connect(address).await;
+    assert!(
+      refused.is_err(),
+      "{signal}: a connection was accepted while draining"
+    );
+    assert_eq!(short.await.unwrap().unwrap(), "finished", "{signal}");
+    // The long request is cut off at the grace period, and the process exits 0.
+    assert!(
+      long.await.unwrap().is_err(),
+      "{signal}: the long request was not cut off"
+    );
+    let status = tokio::task::block_in_place(|| outpost.wait_exit(Duration::from_secs(10)));
+    let took = signalled.elapsed();
+    assert!(status.success(), "{signal}: {status:?}");
+    assert!(
+      took >= Duration::from_millis(3900) && took < Duration::from_secs(15),
+      "{signal}: exited after {took:?}"
+    );
+  }
+}

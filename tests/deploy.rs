@@ -116,10 +116,13 @@ async fn deploys_and_rollbacks_under_load_fail_no_request() {
       while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
         match client.get(&url).send().await {
-          Ok(response) if response.status() == 200 => {
-            let body = response.text().await.unwrap_or_default();
-            seen.lock().unwrap().push((sent, body));
-          }
+          Ok(response) if response.status() == 200 => match response.text().await {
+            Ok(body) => seen.lock().unwrap().push((sent, body)),
+            Err(err) => {
+              eprintln!("failed body: {err:?}");
+              failures.fetch_add(1, Ordering::Relaxed);
+            }
+          },
           other => {
             let what = match other {
               Ok(response) => format!("{} {:?}", response.status(), response.text().await),
@@ -225,10 +228,25 @@ async fn a_ninety_ten_split_lands_within_tolerance_and_sticky_clients_stay() {
   assert_eq!(per_version[&b]["requests"], b_count, "{usage}");
   assert_eq!(per_version[&a]["requests"], 2000 - b_count, "{usage}");
   let metrics = client.get(format!("{admin}/metrics")).text_of().await;
-  let line = format!(
-    "outpost_invocations_total{{function=\"api\",outcome=\"ok\",status_class=\"2xx\",version=\"{b}\"}} {b_count}"
-  );
-  assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+  let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).unwrap();
+  let invocations = |version: &str| -> f64 {
+    scrape
+      .samples
+      .iter()
+      .filter(|s| s.metric == "outpost_invocations_total")
+      .filter(|s| {
+        s.labels.get("function") == Some("api")
+          && s.labels.get("version") == Some(version)
+          && s.labels.get("outcome") == Some("ok")
+      })
+      .map(|s| match s.value {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+        _ => 0.0,
+      })
+      .sum()
+  };
+  assert_eq!(invocations(b), f64::from(b_count), "{metrics}");
+  assert_eq!(invocations(a), f64::from(2000 - b_count), "{metrics}");
 
   cli(
     &outpost,
@@ -279,6 +297,7 @@ async fn kill_nine_during_a_deploy_restarts_consistent() {
     KillAt::Delay(600),
     KillAt::Appears(".tmp-"),
     KillAt::Appears("stored"),
+    KillAt::Activated,
     KillAt::Delay(1500),
   ];
   let mut outcomes = Vec::new();
@@ -295,6 +314,8 @@ async fn kill_nine_during_a_deploy_restarts_consistent() {
       .filter_map(Result::ok)
       .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
       .count();
+    let active_file = data.path().join("functions/api/active.json");
+    let active_before = std::fs::read(&active_file).unwrap();
     let mut deploy = std::process::Command::new(crate::support::outpost_bin())
       .args([
         "deploy",
@@ -310,6 +331,16 @@ async fn kill_nine_during_a_deploy_restarts_consistent() {
       .unwrap();
     match point {
       KillAt::Delay(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+      KillAt::Activated => {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::read(&active_file).unwrap() == active_before {
+          assert!(
+            std::time::Instant::now() < deadline,
+            "round {round}: never activated"
+          );
+          std::thread::sleep(Duration::from_micros(200));
+        }
+      }
       KillAt::Appears(what) => {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -386,12 +417,18 @@ async fn kill_nine_during_a_deploy_restarts_consistent() {
     assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
     serving_before = answer;
   }
-  // The kill points did land in different places: some deploys were lost, some kept.
-  let kept = outcomes
-    .iter()
-    .filter(|(_, answer, _)| answer.starts_with("v2-"))
-    .count();
-  assert!(kept > 0 && kept < outcomes.len(), "{outcomes:?}");
+  // Whatever the timing: a kill mid-upload loses the deploy, a kill once the activation is
+  // recorded keeps it.
+  for (round, (point, answer, _)) in outcomes.iter().enumerate() {
+    let deployed = format!("v2-{round}");
+    match point {
+      KillAt::Appears(".tmp-") | KillAt::Appears("stored") => {
+        assert_ne!(*answer, deployed, "{outcomes:?}")
+      }
+      KillAt::Activated => assert_eq!(*answer, deployed, "{outcomes:?}"),
+      _ => {}
+    }
+  }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -399,6 +436,8 @@ enum KillAt {
   Delay(u64),
   /// A `.tmp-` directory, or ("stored") one more complete version than before the deploy.
   Appears(&'static str),
+  /// `active.json` names the new version.
+  Activated,
 }
 
 #[tokio::test]
@@ -762,5 +801,235 @@ async fn function_names_follow_one_rule_in_the_config_and_the_deploy_api() {
       output.contains("is not a valid function name: use 1 to 63 of a-z, 0-9 and -"),
       "{output}"
     );
+  }
+}
+
+/// The config file wins: a deployed function may not take a configured one's name, and a
+/// configured route is matched before a deployed one.
+#[tokio::test]
+async fn the_config_file_wins_names_and_routes() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let dir = function_dir(outpost.dir(), "clash", "deployed");
+  let response = http1()
+    .put(format!("{admin}/functions/static?activate=true"))
+    .body(bundle_of(&dir))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 409);
+  assert!(response.text().await.unwrap().contains("config file"));
+  std::fs::write(
+    dir.join("manifest.json"),
+    r#"{"entry": "index.js", "routes": ["static.test/", "deployed.test/"]}"#,
+  )
+  .unwrap();
+  cli(
+    &outpost,
+    &["deploy", dir.to_str().unwrap(), "--name", "mine"],
+  )
+  .await;
+  let get = |host: &'static str| {
+    let url = outpost.url("/");
+    async move {
+      http1()
+        .get(url)
+        .header("host", host)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+    }
+  };
+  assert_eq!(get("static.test").await, "static");
+  assert_eq!(get("deployed.test").await, "deployed");
+}
+
+/// `DELETE /functions/{name}` (and `outpost delete`) stops serving a function and removes it;
+/// a deleted secret is gone from the list, and a version that needs it no longer starts.
+#[tokio::test]
+async fn functions_and_secrets_can_be_deleted() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let dir = function_dir(outpost.dir(), "api", "api");
+  std::fs::write(
+    dir.join("manifest.json"),
+    r#"{"entry": "index.js", "secrets": ["TOKEN"]}"#,
+  )
+  .unwrap();
+  let cwd = outpost.dir().to_path_buf();
+  let put_secret = tokio::task::spawn_blocking({
+    let (admin, cwd) = (admin.clone(), cwd.clone());
+    move || {
+      let mut child = std::process::Command::new(crate::support::outpost_bin())
+        .args(["secret", "put", "api", "TOKEN", "--admin", &admin])
+        .current_dir(&cwd)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+      use std::io::Write as _;
+      child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+      child.wait_with_output().unwrap()
+    }
+  })
+  .await
+  .unwrap();
+  assert!(put_secret.status.success());
+  cli(
+    &outpost,
+    &["deploy", dir.to_str().unwrap(), "--name", "api"],
+  )
+  .await;
+  wait_for(&outpost, "api").await;
+  assert_eq!(
+    cli(&outpost, &["secret", "list", "api"]).await.trim(),
+    "TOKEN"
+  );
+  let listing = cli(&outpost, &["functions"]).await;
+  assert!(
+    listing.contains("api") && listing.contains("deployed"),
+    "{listing}"
+  );
+
+  cli(&outpost, &["secret", "delete", "api", "TOKEN"]).await;
+  assert_eq!(cli(&outpost, &["secret", "list", "api"]).await.trim(), "");
+  // The serving version keeps what it started with; a version that needs the secret can
+  // no longer start.
+  assert_eq!(outpost.get_text("/api/").await, "api");
+  std::fs::write(
+    dir.join("index.js"),
+    "export default { fetch: () => new Response('api 2') };",
+  )
+  .unwrap();
+  let refused = cli_fails(
+    &outpost,
+    &["deploy", dir.to_str().unwrap(), "--name", "api"],
+  )
+  .await;
+  assert!(refused.contains("secret TOKEN"), "{refused}");
+  assert_eq!(outpost.get_text("/api/").await, "api");
+
+  cli(&outpost, &["delete", "api"]).await;
+  let gone = http1().get(outpost.url("/api/")).send().await.unwrap();
+  assert_eq!(gone.status(), 404);
+  let versions = http1()
+    .get(format!("{admin}/functions/api/versions"))
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(versions.status(), 404);
+  assert!(!data.path().join("functions/api").exists());
+}
+
+/// Links never lead out of a function: a bundle holding one is refused, and a configured
+/// function cannot import through one.
+#[tokio::test]
+async fn symlinks_in_bundles_and_function_directories_are_refused() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let mut builder = tar::Builder::new(Vec::new());
+  let mut header = tar::Header::new_gnu();
+  header.set_entry_type(tar::EntryType::Symlink);
+  header.set_size(0);
+  header.set_mode(0o777);
+  header.set_cksum();
+  builder
+    .append_link(&mut header, "index.js", "/etc/passwd")
+    .unwrap();
+  let manifest = br#"{"entry": "index.js"}"#;
+  let mut header = tar::Header::new_gnu();
+  header.set_size(manifest.len() as u64);
+  header.set_mode(0o644);
+  header.set_cksum();
+  builder
+    .append_data(&mut header, "manifest.json", &manifest[..])
+    .unwrap();
+  let response = http1()
+    .put(format!("{admin}/functions/linked"))
+    .body(builder.into_inner().unwrap())
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(response.status(), 400);
+  assert!(
+    response
+      .text()
+      .await
+      .unwrap()
+      .contains("not a regular file"),
+    "links are refused"
+  );
+
+  let outside = tempfile::tempdir().unwrap();
+  std::fs::write(
+    outside.path().join("secret.js"),
+    "export const secret = 'leaked';",
+  )
+  .unwrap();
+  let served = Outpost::start_with(
+    &functions_config("", &[("linker", "fn/index.js", r#"routes = ["/"]"#)]),
+    &[(
+      "fn/index.js",
+      "import { secret } from './lib/secret.js';\nexport default { fetch: () => new Response(secret) };",
+    )],
+    |dir| {
+      std::fs::create_dir_all(dir.join("fn/lib")).unwrap();
+      std::os::unix::fs::symlink(
+        outside.path().join("secret.js"),
+        dir.join("fn/lib/secret.js"),
+      )
+      .unwrap();
+    },
+  );
+  let response = http1().get(served.url("/")).send().await.unwrap();
+  assert_eq!(response.status(), 503);
+  assert!(!response.text().await.unwrap().contains("leaked"));
+  let logs = served.wait_for_log("function failed to load");
+  assert!(logs.contains("may only import files under"), "{logs}");
+}
+
+/// A request in flight when a deploy or a rollback moves traffic finishes on the version it
+/// started on; the requests after it go to the new one.
+#[tokio::test]
+async fn requests_in_flight_finish_on_the_version_they_started_on() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let slow = |name: &str| {
+    let dir = outpost.dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+      dir.join("index.js"),
+      format!(
+        "export default {{ async fetch(request) {{ if (new URL(request.url).pathname.endsWith('/slow')) await new Promise((r) => setTimeout(r, 1000)); return new Response('{name}'); }} }};"
+      ),
+    )
+    .unwrap();
+    dir
+  };
+  let (v1, v2) = (slow("v1"), slow("v2"));
+  cli(&outpost, &["deploy", v1.to_str().unwrap(), "--name", "api"]).await;
+  wait_for(&outpost, "v1").await;
+  for (switch, from, to) in [
+    (
+      vec!["deploy", v2.to_str().unwrap(), "--name", "api"],
+      "v1",
+      "v2",
+    ),
+    (vec!["rollback", "api"], "v2", "v1"),
+  ] {
+    let in_flight = tokio::spawn({
+      let url = outpost.url("/api/slow");
+      async move { http1().get(url).send().await.unwrap().text().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cli(&outpost, &switch).await;
+    assert_eq!(outpost.get_text("/api/").await, to);
+    assert_eq!(in_flight.await.unwrap(), from, "{switch:?}");
   }
 }

@@ -275,3 +275,167 @@ export default {
     "00-11111111111111111111111111111111-2222222222222222-00"
   );
 }
+
+/// A service binding calls another function of the node in-process: no socket (the binding's
+/// URL names a host that resolves nowhere, and private egress stays off), one subrequest of
+/// the caller, one request of the callee, one trace.
+#[tokio::test]
+async fn service_bindings_call_another_function_in_process() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[
+        (
+          "api",
+          "api.js",
+          "routes = [\"api.test/\"]\nservices = { AUTH = \"auth\" }\nenv = { GREETING = \"hi\" }",
+        ),
+        ("auth", "auth.js", "routes = [\"auth.test/\"]"),
+      ],
+    ),
+    &[
+      (
+        "api.js",
+        r#"export default {
+  async fetch(request, env) {
+    const answer = await env.AUTH.fetch("http://auth.internal/check?user=ann", {
+      method: "POST",
+      headers: { "x-token": "t0k" },
+      body: "payload",
+    });
+    return new Response(`${env.GREETING} ${answer.status} ${answer.headers.get("x-auth")} ${await answer.text()} ${typeof env.AUTH}`);
+  },
+};"#,
+      ),
+      (
+        "auth.js",
+        r#"export default {
+  async fetch(request) {
+    const url = new URL(request.url);
+    const body = await request.text();
+    return new Response(`${request.method} ${url.host}${url.pathname}${url.search} ${request.headers.get("x-token")} ${body} ${request.headers.get("traceparent") !== null}`, {
+      status: 201,
+      headers: { "x-auth": "ok" },
+    });
+  },
+};"#,
+      ),
+    ],
+  );
+  let response = http1()
+    .get(outpost.url("/"))
+    .header("host", "api.test")
+    .send()
+    .await
+    .unwrap();
+  let id = response.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  assert_eq!(
+    response.text().await.unwrap(),
+    "hi 201 ok POST auth.internal/check?user=ann t0k payload true object"
+  );
+  outpost.wait_for_log(&format!("access request_id=\"{id}\""));
+  let logs = outpost.wait_for_log("function=\"auth\" host=\"auth.internal\"");
+  let caller = logs
+    .lines()
+    .find(|l| l.contains("outpost::access") && l.contains(&format!("request_id=\"{id}\"")))
+    .unwrap_or_else(|| panic!("{logs}"));
+  let callee = logs
+    .lines()
+    .find(|l| l.contains("outpost::access") && l.contains("function=\"auth\""))
+    .unwrap();
+  assert!(caller.contains("subrequests=1"), "{caller}");
+  assert!(
+    callee.contains("status=201") && callee.contains("method=\"POST\""),
+    "{callee}"
+  );
+  let trace = |line: &str| {
+    line
+      .split("trace_id=")
+      .nth(1)
+      .unwrap()
+      .split(' ')
+      .next()
+      .unwrap()
+      .to_string()
+  };
+  assert_eq!(
+    trace(caller),
+    trace(callee),
+    "one trace:\n{caller}\n{callee}"
+  );
+}
+
+/// A function may reach a private address the operator permits (`[egress] private_allowed`)
+/// when it lists it itself; other functions and other private addresses stay closed, and
+/// listing one the operator does not permit is a config error.
+#[tokio::test]
+async fn a_private_upstream_opens_for_the_function_that_lists_it_when_the_node_permits_it() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[egress]\nprivate_allowed = [\"127.0.0.1/32\"]",
+      &[
+        (
+          "trusted",
+          "fetcher.js",
+          "routes = [\"trusted.test/\"]\negress = { allow = [\"127.0.0.1\", \"example.com\"] }",
+        ),
+        ("other", "fetcher.js", "routes = [\"/\"]"),
+      ],
+    ),
+    &[("fetcher.js", FETCHER)],
+  );
+  let port = outpost.http[0].port().to_string();
+  let get = |host: &'static str, target: &str| {
+    let url = outpost.url(&format!("/fetch?to={}", target.replace("PORT", &port)));
+    async move {
+      http1()
+        .get(url)
+        .header("host", host)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+    }
+  };
+  assert_eq!(
+    get("trusted.test", "http://127.0.0.1:PORT/").await,
+    "fetched origin"
+  );
+  assert!(
+    get("trusted.test", "http://127.0.0.2:PORT/")
+      .await
+      .contains("refused")
+  );
+  assert!(
+    get("other.test", "http://127.0.0.1:PORT/")
+      .await
+      .contains("refused")
+  );
+
+  let dir = tempfile::tempdir().unwrap();
+  std::fs::write(dir.path().join("fetcher.js"), FETCHER).unwrap();
+  std::fs::write(
+    dir.path().join("outpost.toml"),
+    functions_config(
+      "[egress]\nprivate_allowed = [\"127.0.0.1/32\"]",
+      &[(
+        "f",
+        "fetcher.js",
+        "routes = [\"/\"]\negress = { allow = [\"10.0.0.1\"] }",
+      )],
+    ),
+  )
+  .unwrap();
+  let (status, output) =
+    crate::support::run_outpost(&["check", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success());
+  assert!(
+    output.contains("functions[0].egress.allow[0]: \"10.0.0.1\" is a private address"),
+    "{output}"
+  );
+}

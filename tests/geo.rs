@@ -323,29 +323,66 @@ async fn geo_settings_reload_under_load_and_a_broken_reload_is_rejected() {
     })
     .collect();
 
-  // SIGHUP applies a valid change.
-  std::fs::write(&file, config("trusted_peers = []")).unwrap();
+  // SIGHUP applies a valid change. The file's modification time is put back, so that the
+  // file watcher cannot be what applies it: only the signal can.
+  let rewrite_unseen = |text: &str| {
+    let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::write(&file, text).unwrap();
+    std::fs::File::options()
+      .write(true)
+      .open(&file)
+      .unwrap()
+      .set_modified(before)
+      .unwrap();
+  };
+  rewrite_unseen(&config("trusted_peers = []"));
   outpost.signal("HUP");
-  tokio::task::block_in_place(|| outpost.wait_for_log("geo configuration reloaded"));
+  tokio::task::block_in_place(|| outpost.wait_for_log("configuration reloaded trigger=\"SIGHUP\""));
   assert_eq!(country().await, serde_json::Value::Null);
+  let logs = outpost.logs();
+  assert!(
+    !logs.contains("geo configuration reloaded"),
+    "the watcher did not apply it:\n{logs}"
+  );
+  rewrite_unseen(&trusting);
+  outpost.signal("HUP");
+  tokio::task::block_in_place(|| {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while outpost
+      .logs()
+      .matches("configuration reloaded trigger=\"SIGHUP\"")
+      .count()
+      < 2
+    {
+      assert!(std::time::Instant::now() < deadline, "{}", outpost.logs());
+      std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+  });
+  assert_eq!(country().await, "NL");
 
-  // A broken file is rejected, and the current settings stay.
+  // A broken file is rejected, and the current settings (which trust the client, unlike
+  // the defaults) stay.
   std::fs::write(&file, config("trusted_peers = [\"not-a-cidr\"]")).unwrap();
   outpost.signal("HUP");
-  tokio::task::block_in_place(|| outpost.wait_for_log("geo reload rejected"));
-  assert_eq!(country().await, serde_json::Value::Null);
+  tokio::task::block_in_place(|| outpost.wait_for_log("reload rejected"));
+  assert_eq!(country().await, "NL");
 
   // A changed file is picked up without a signal.
-  std::fs::write(&file, &trusting).unwrap();
+  std::fs::write(&file, config("trusted_peers = []")).unwrap();
   let mut reloaded = false;
   for _ in 0..100 {
-    if country().await == "NL" {
+    if country().await == serde_json::Value::Null {
       reloaded = true;
       break;
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
   }
   assert!(reloaded, "the file change was not picked up");
+  assert!(
+    outpost
+      .logs()
+      .contains("geo configuration reloaded trigger=\"a file changed\"")
+  );
 
   stop.store(true, std::sync::atomic::Ordering::Relaxed);
   let (mut ok, mut failed) = (0, 0);

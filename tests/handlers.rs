@@ -1,5 +1,7 @@
 //! Handler styles, languages, routing and error handling.
 
+use std::time::Duration;
+
 use crate::support::{Outpost, functions_config, http1};
 
 const TS_HANDLER: &str = r#"
@@ -451,4 +453,101 @@ async fn a_module_that_never_finishes_loading_is_stopped_and_reported() {
     "{logs}"
   );
   assert_eq!(outpost.get_text("/").await, "fine");
+}
+
+/// `eval` and `new Function` are off by default, as in Workers, with a catchable EvalError;
+/// `limits.allow_code_generation` turns them on.
+#[tokio::test]
+async fn code_generation_from_strings_follows_the_limit() {
+  let evaluator = r#"export default {
+  fetch() {
+    const results = [];
+    for (const attempt of [() => eval("1 + 1"), () => new Function("return 2")()]) {
+      try { results.push(String(attempt())); } catch (error) { results.push(error.name); }
+    }
+    return new Response(results.join(" "));
+  },
+};"#;
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[
+        ("strict", "eval.js", r#"routes = ["strict.test/"]"#),
+        (
+          "lenient",
+          "eval.js",
+          "routes = [\"lenient.test/\"]\nlimits = { allow_code_generation = true }",
+        ),
+      ],
+    ),
+    &[("eval.js", evaluator)],
+  );
+  let get = |host: &'static str| {
+    let url = outpost.url("/");
+    async move {
+      http1()
+        .get(url)
+        .header("host", host)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+    }
+  };
+  assert_eq!(get("strict.test").await, "EvalError EvalError");
+  assert_eq!(get("lenient.test").await, "2 2");
+}
+
+/// `request.signal` aborts when the client goes away and when the wall-clock limit ends the
+/// request, and stays quiet for a request that was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_signal_aborts_on_disconnect_and_on_the_wall_clock_limit() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "",
+      &[(
+        "signal",
+        "signal.js",
+        "routes = [\"/\"]\nlimits = { wall_ms = 1500 }",
+      )],
+    ),
+    &[(
+      "signal.js",
+      r#"export default {
+  async fetch(request, env, ctx) {
+    const path = new URL(request.url).pathname;
+    request.signal.addEventListener("abort", () => console.log(`aborted ${path}: ${request.signal.reason.name}`));
+    if (path === "/answered") {
+      ctx.waitUntil(new Promise((r) => setTimeout(r, 300)).then(() => console.log(`answered: aborted=${request.signal.aborted}`)));
+      return new Response("ok");
+    }
+    console.log(`waiting ${path}`);
+    await new Promise((r) => setTimeout(r, 5000));
+    return new Response("late");
+  },
+};"#,
+    )],
+  );
+  // The client gives up.
+  let gone = reqwest::Client::builder()
+    .http1_only()
+    .timeout(Duration::from_millis(400))
+    .build()
+    .unwrap()
+    .get(outpost.url("/gone"))
+    .send()
+    .await;
+  assert!(gone.is_err());
+  tokio::task::block_in_place(|| outpost.wait_for_log("aborted /gone: AbortError"));
+  // The wall-clock limit ends it.
+  let limited = http1().get(outpost.url("/limited")).send().await.unwrap();
+  assert_eq!(limited.status(), 504);
+  tokio::task::block_in_place(|| outpost.wait_for_log("aborted /limited: AbortError"));
+  // Answered: never aborted.
+  assert_eq!(outpost.get_text("/answered").await, "ok");
+  let logs = tokio::task::block_in_place(|| outpost.wait_for_log("answered: aborted="));
+  assert!(logs.contains("answered: aborted=false"), "{logs}");
+  assert!(!logs.contains("aborted /answered"), "{logs}");
 }

@@ -305,3 +305,143 @@ async fn idle_connections_are_closed_but_slow_requests_are_not() {
     "closed after {open_for:?}"
   );
 }
+
+/// HTTP/2 abuse limits: a client opening streams and resetting them before they are served
+/// (the rapid-reset flood) past `server.h2_max_pending_resets` gets GOAWAY with
+/// ENHANCE_YOUR_CALM; streams past `server.h2_max_concurrent_streams` wait their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_rapid_resets_and_concurrent_streams_are_bounded() {
+  const GOAWAY: u8 = 7;
+  const ENHANCE_YOUR_CALM: u32 = 0xb;
+  let outpost = Outpost::start(
+    &functions_config(
+      "[server]\nh2_max_pending_resets = 5\nh2_max_concurrent_streams = 2",
+      &[("counted", "counted.js", "routes = [\"/\"]")],
+    ),
+    &[(
+      "counted.js",
+      "let now = 0, most = 0;\nexport default { async fetch(request) { if (new URL(request.url).pathname === '/most') return new Response(String(most)); now++; most = Math.max(most, now); await new Promise((r) => setTimeout(r, 200)); now--; return new Response('ok'); } };",
+    )],
+  );
+  let address = outpost.http[0];
+  let goaway = tokio::task::spawn_blocking(move || {
+    let mut stream = TcpStream::connect(address).unwrap();
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    for i in 0..200u32 {
+      let id = (2 * i + 1).to_be_bytes();
+      // HEADERS (END_STREAM | END_HEADERS): GET http / (static table entries 2, 6, 4).
+      flood.extend_from_slice(&[0, 0, 3, 1, 0x5, id[0] & 0x7f, id[1], id[2], id[3]]);
+      flood.extend_from_slice(&[0x82, 0x86, 0x84]);
+      // RST_STREAM (CANCEL).
+      flood.extend_from_slice(&[0, 0, 4, 3, 0, id[0] & 0x7f, id[1], id[2], id[3], 0, 0, 0, 8]);
+    }
+    let _ = stream.write_all(&flood);
+    stream
+      .set_read_timeout(Some(Duration::from_secs(10)))
+      .unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+      match stream.read(&mut buffer) {
+        Ok(0) | Err(_) => break,
+        Ok(n) => received.extend_from_slice(&buffer[..n]),
+      }
+    }
+    // The error code of the GOAWAY frame, if one came.
+    let mut offset = 0;
+    while received.len() >= offset + 9 {
+      let length = u32::from_be_bytes([
+        0,
+        received[offset],
+        received[offset + 1],
+        received[offset + 2],
+      ]) as usize;
+      if received[offset + 3] == GOAWAY && received.len() >= offset + 9 + 8 {
+        let code = &received[offset + 9 + 4..offset + 9 + 8];
+        return Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+      }
+      offset += 9 + length;
+    }
+    None
+  })
+  .await
+  .unwrap();
+  assert_eq!(goaway, Some(ENHANCE_YOUR_CALM));
+
+  // Six requests at once on one HTTP/2 connection: at most two run at a time.
+  let h2 = reqwest::Client::builder()
+    .http2_prior_knowledge()
+    .build()
+    .unwrap();
+  let started = Instant::now();
+  let requests: Vec<_> = (0..6)
+    .map(|_| {
+      let (h2, url) = (h2.clone(), outpost.url("/"));
+      tokio::spawn(async move { h2.get(url).send().await.unwrap().text().await.unwrap() })
+    })
+    .collect();
+  for request in requests {
+    assert_eq!(request.await.unwrap(), "ok");
+  }
+  assert!(
+    started.elapsed() >= Duration::from_millis(550),
+    "{:?}",
+    started.elapsed()
+  );
+  assert_eq!(
+    h2.get(outpost.url("/most"))
+      .send()
+      .await
+      .unwrap()
+      .text()
+      .await
+      .unwrap(),
+    "2"
+  );
+}
+
+/// `server.max_in_flight` bounds the whole node, across functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_wide_in_flight_limit_turns_requests_away_across_functions() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[server]\nmax_in_flight = 2\nqueue_depth = 0",
+      &[
+        ("a", "slow.js", "routes = [\"a.test/\"]"),
+        ("b", "slow.js", "routes = [\"b.test/\"]"),
+      ],
+    ),
+    &[("slow.js", SLOW)],
+  );
+  let client = http1();
+  let hold = |host: &'static str| {
+    let (client, url) = (client.clone(), outpost.url("/hold"));
+    tokio::spawn(async move { client.get(url).header("host", host).send().await.unwrap() })
+  };
+  let (first, second) = (hold("a.test"), hold("b.test"));
+  tokio::task::block_in_place(|| {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outpost.logs().matches("holding").count() < 2 {
+      assert!(Instant::now() < deadline, "{}", outpost.logs());
+      std::thread::sleep(Duration::from_millis(20));
+    }
+  });
+  let third = client
+    .get(outpost.url("/"))
+    .header("host", "a.test")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(third.status(), 503);
+  assert_eq!(third.headers()["outpost-error"], "overloaded");
+  assert_eq!(first.await.unwrap().status(), 200);
+  assert_eq!(second.await.unwrap().status(), 200);
+  // With the two done, there is room again.
+  let after = client
+    .get(outpost.url("/"))
+    .header("host", "b.test")
+    .send()
+    .await
+    .unwrap();
+  assert_eq!(after.status(), 200);
+}

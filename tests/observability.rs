@@ -583,6 +583,7 @@ async fn the_json_log_is_json_lines_only_on_stdout() {
   assert_eq!(get(&outpost, "api.test", "/").await.status(), 200);
   let logs = outpost.wait_for_log("\"message\":\"activated\"");
   outpost.wait_for_log("two\\nlines");
+  outpost.wait_for_log("\"message\":\"access\"");
   let stdout = outpost.stdout();
   let mut messages = Vec::new();
   for line in stdout.lines() {
@@ -659,4 +660,80 @@ async fn console_output_is_plain_one_line_per_call_without_internal_frames() {
     !logs.contains("ext:"),
     "internal frames are hidden:\n{logs}"
   );
+}
+
+/// `outpost tail NAME` follows one function's access records and console output as they
+/// come, whatever the log level, and nothing of other functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_one_functions_records_and_console() {
+  let outpost = Outpost::start(
+    &functions_config(
+      "[admin]\naddress = \"127.0.0.1:0\"\n[log]\nlevel = \"error\"",
+      &[
+        ("api", "api.js", r#"routes = ["api.test/"]"#),
+        ("busy", "busy.js", r#"routes = ["busy.test/"]"#),
+      ],
+    ),
+    &[
+      (
+        "api.js",
+        "export default { fetch(request) { console.log('api says ' + new URL(request.url).pathname); return new Response('api'); } };",
+      ),
+      (
+        "busy.js",
+        "export default { fetch() { console.log('busy says hi'); return new Response('busy'); } };",
+      ),
+    ],
+  );
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let mut tail = std::process::Command::new(crate::support::outpost_bin())
+    .args(["tail", "api", "--admin", &admin])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+  let stdout = tail.stdout.take().unwrap();
+  let (lines_tx, lines) = std::sync::mpsc::channel();
+  std::thread::spawn(move || {
+    use std::io::BufRead as _;
+    for line in std::io::BufReader::new(stdout)
+      .lines()
+      .map_while(Result::ok)
+    {
+      let _ = lines_tx.send(line);
+    }
+  });
+  // Until the tail is connected, requests may come before it: send until one shows.
+  let deadline = Instant::now() + Duration::from_secs(10);
+  let mut seen = Vec::new();
+  while !seen.iter().any(|l: &String| l.contains("api says /first")) {
+    assert!(Instant::now() < deadline, "{seen:?}");
+    get(&outpost, "busy.test", "/").await;
+    get(&outpost, "api.test", "/first").await;
+    while let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+      seen.push(line);
+    }
+  }
+  seen.clear();
+  let response = get(&outpost, "api.test", "/second").await;
+  let id = response.headers()["outpost-request-id"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  let deadline = Instant::now() + Duration::from_secs(10);
+  while !seen.iter().any(|l| l.contains(" 200 GET api.test/second ")) {
+    let line = lines
+      .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+      .unwrap_or_else(|_| panic!("no access line: {seen:?}"));
+    seen.push(line);
+  }
+  assert!(
+    seen
+      .iter()
+      .any(|l| l.contains(&id) && l.contains("info") && l.contains("api says /second")),
+    "{seen:?}"
+  );
+  assert!(seen.iter().all(|l| !l.contains("busy")), "{seen:?}");
+  let _ = tail.kill();
+  let _ = tail.wait();
 }

@@ -46,8 +46,13 @@ pub fn functions_config(preamble: &str, functions: &[(&str, &str, &str)]) -> Str
   config
 }
 
+/// The `outpost` binary under test: this build's, or the one `OUTPOST_BIN` names (to run the
+/// tests against another build, e.g. to see a new test fail on the code before a fix).
 pub fn outpost_bin() -> &'static str {
-  env!("CARGO_BIN_EXE_outpost")
+  static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+  BINARY.get_or_init(|| {
+    std::env::var("OUTPOST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outpost").to_string())
+  })
 }
 
 impl Outpost {

@@ -6,9 +6,11 @@
 
 import { core, primordials } from "ext:core/mod.js";
 import {
+  op_dispatch_cancelled,
   op_dispatch_fail,
   op_dispatch_next,
   op_dispatch_respond,
+  op_dispatch_service,
   op_dispatch_subrequest,
 } from "ext:core/ops";
 
@@ -16,16 +18,18 @@ const {
   ObjectDefineProperty,
   ObjectFreeze,
   ObjectPrototypeIsPrototypeOf,
+  PromisePrototypeThen,
   SafeArrayIterator,
   TypeError,
   TypedArrayPrototypeGetSymbolToStringTag,
 } = primordials;
 
 const { InnerBody } = core.loadExtScript("ext:deno_fetch/22_body.js");
-const { fromInnerRequest, newInnerRequest } = core.loadExtScript(
-  "ext:deno_fetch/23_request.js",
-);
+const { fromInnerRequest, newInnerRequest, Request, toInnerRequest } = core
+  .loadExtScript("ext:deno_fetch/23_request.js");
 const {
+  nullBodyStatus,
+  Response,
   ResponsePrototype,
   responseBodyUsed,
   toInnerResponse,
@@ -107,6 +111,14 @@ function toRequest(next) {
     : new InnerBody(readableStreamForRid(next.bodyRid, true));
   const headers = next.headers;
   const inner = newInnerRequest(next.method, next.url, () => headers, body, false);
+  // request.signal aborts when the request is cut short (the client went away, or a limit
+  // ended it). deno_fetch asks for this only when a handler reads the signal.
+  const id = next.id;
+  inner.onCancel = (abort) => {
+    PromisePrototypeThen(op_dispatch_cancelled(id), (cancelled) => {
+      if (cancelled) abort();
+    });
+  };
   const request = fromInnerRequest(inner, "immutable");
   const cf = { __proto__: null };
   for (const { 0: name, 1: value } of new SafeArrayIterator(next.cf ?? [])) {
@@ -118,6 +130,50 @@ function toRequest(next) {
     enumerable: true,
   });
   return request;
+}
+
+/**
+ * `env.NAME.fetch(input, init)` of a service binding: the request goes to the bound function
+ * in-process (no socket), counted as a subrequest of the current request and carrying its
+ * trace context, and its Response comes back with a streaming body.
+ */
+async function serviceFetch(binding, input, init) {
+  const refused = claimSubrequest();
+  if (refused !== null) throw refused;
+  const request = new Request(input, init);
+  const inner = toInnerRequest(request);
+  const headers = request.headers;
+  const trace = currentScope()?.trace ?? null;
+  if (trace !== null && !headers.has("traceparent")) {
+    headers.set("traceparent", trace.traceparent);
+    if (trace.tracestate && !headers.has("tracestate")) {
+      headers.set("tracestate", trace.tracestate);
+    }
+  }
+  let bytes = null;
+  let rid = null;
+  if (inner.body !== null) {
+    const source = inner.body.streamOrStatic;
+    if (ObjectPrototypeIsPrototypeOf(ReadableStreamPrototype, source)) {
+      const backing = getReadableStreamResourceBacking(source);
+      rid = backing != null ? backing.rid : resourceForReadableStream(source);
+    } else {
+      bytes = typeof source.body === "string" ? core.encode(source.body) : source.body;
+    }
+  }
+  const answer = await op_dispatch_service(
+    binding,
+    inner.method,
+    inner.url(),
+    inner.headerList,
+    bytes,
+    rid,
+  );
+  const body = answer.bodyRid === null || answer.bodyRid === undefined ||
+      nullBodyStatus(answer.status)
+    ? null
+    : readableStreamForRid(answer.bodyRid, true);
+  return new Response(body, { status: answer.status, headers: answer.headers });
 }
 
 /** Whether a value is a Response this runtime can send. */
@@ -183,6 +239,7 @@ function fail(id, notAResponse, detail) {
 
 export {
   claimSubrequest,
+  serviceFetch,
   currentScope,
   fail,
   isResponse,

@@ -18,6 +18,8 @@
 //!   `{"versions": {"a": 95, "b": 5}, "sticky": {"header": "x-user"}}` (percentages), and
 //!   `DELETE /functions/{name}`; `PUT|DELETE /functions/{name}/secrets/{NAME}` (the value is
 //!   the body) and `GET /functions/{name}/secrets` (names only).
+//! - `GET /functions/{name}/tail`: the function's access records and console output as
+//!   they come, one JSON object per line (see `crate::tail`).
 //! - `POST /reload`: re-reads the config file (as SIGHUP does; see `crate::server::reload`).
 //! - `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 when the node serves
 //!   traffic, 503 while it drains on shutdown. These two need no token (load balancers and
@@ -43,6 +45,9 @@ use crate::server::NodeState;
 
 /// Largest admin request body read.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The body of admin answers: JSON or text, or a stream (a function's tail).
+type AdminBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
 /// What the admin handlers work on.
 pub struct Admin {
@@ -89,7 +94,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
   }
 }
 
-async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<AdminBody> {
   match (request.method(), request.uri().path()) {
     (&Method::GET, "/healthz") => {
       return json(StatusCode::OK, &serde_json::json!({ "alive": true }));
@@ -110,6 +115,15 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
       );
     }
   }
+  if request.method() == Method::GET
+    && let Some(name) = request
+      .uri()
+      .path()
+      .strip_prefix("/functions/")
+      .and_then(|rest| rest.strip_suffix("/tail"))
+  {
+    return tail(admin, name);
+  }
   if let Some(rest) = request.uri().path().strip_prefix("/functions") {
     let rest = rest.to_string();
     return functions(admin, request, &rest).await;
@@ -118,7 +132,7 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
     (&Method::POST, "/cache/purge") => purge(admin, request).await,
     (&Method::GET, "/metrics") => {
       let text = admin.node.observers.metrics.render(&admin.node.reading());
-      let mut response = Response::new(Full::new(Bytes::from(text)));
+      let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
       response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -156,7 +170,7 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
   }
 }
 
-async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<AdminBody> {
   let bad_request = |message: String| {
     json(
       StatusCode::BAD_REQUEST,
@@ -175,9 +189,19 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes
       ));
     }
   };
+  // A URL is a full key as the function sees it (scheme://host/path?query), or a path
+  // (`/a?b`): then every host's entry of that path is meant.
+  let absolute = |url: &str| url.starts_with("https://") || url.starts_with("http://");
   let purge = match (request.url, request.prefix, request.tag) {
-    (Some(url), None, None) => Purge::Url(url),
-    (None, Some(prefix), None) => Purge::Prefix(prefix),
+    (Some(url), None, None) if absolute(&url) => Purge::Url(url),
+    (Some(url), None, None) if url.starts_with('/') => Purge::Path(url),
+    (None, Some(prefix), None) if absolute(&prefix) => Purge::Prefix(prefix),
+    (None, Some(prefix), None) if prefix.starts_with('/') => Purge::PathPrefix(prefix),
+    (Some(what), None, None) | (None, Some(what), None) => {
+      return bad_request(format!(
+        "{what:?} is neither a full URL (https://host/path?query, as the function sees it) nor a path starting with /"
+      ));
+    }
     (None, None, Some(tag)) => Purge::Tag(tag),
     _ => return bad_request("name exactly one of \"url\", \"prefix\" or \"tag\"".into()),
   };
@@ -189,11 +213,25 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes
     purged,
     "cache purge"
   );
-  json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
+  let mut answer = serde_json::json!({ "purged": purged });
+  if purged == 0 {
+    let whose = namespace.as_ref().map_or("any function".to_string(), |n| {
+      format!("function {:?}", n.0)
+    });
+    answer["reason"] = match &purge {
+      Purge::Url(url) => format!("no entry of {whose} is stored under {url}; keys are full URLs as the function saw them (scheme, host, path and query), or give a path such as /a?b for every host"),
+      Purge::Prefix(prefix) => format!("no URL stored for {whose} starts with {prefix}"),
+      Purge::Path(path) => format!("no entry of {whose} has the path and query {path} on any host"),
+      Purge::PathPrefix(prefix) => format!("no entry of {whose} has a path starting with {prefix}"),
+      Purge::Tag(tag) => format!("no entry of {whose} carries the Cache-Tag {tag}"),
+    }
+    .into();
+  }
+  json(StatusCode::OK, &answer)
 }
 
 /// The deploy API: `rest` is the path after `/functions`.
-async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Response<Full<Bytes>> {
+async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Response<AdminBody> {
   let Some(deployments) = admin.node.deployments.clone() else {
     return json(
       StatusCode::NOT_FOUND,
@@ -373,11 +411,51 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
   }
 }
 
+/// Follows function `name`: its access records and console lines as they come, one JSON
+/// object per line, until the client goes away. A follower too slow to keep up gets
+/// `{"kind": "missed", "lines": N}` in place of what it missed.
+fn tail(admin: &Admin, name: &str) -> Response<AdminBody> {
+  if let Err(message) = crate::config::check_function_name(name) {
+    return json(
+      StatusCode::BAD_REQUEST,
+      &serde_json::json!({ "error": message }),
+    );
+  }
+  let Some(tails) = &admin.node.tails else {
+    return json(
+      StatusCode::NOT_FOUND,
+      &serde_json::json!({ "error": "this node has no function tails" }),
+    );
+  };
+  let receiver = tails.follow();
+  let name: std::sync::Arc<str> = name.into();
+  let lines = futures::stream::unfold(receiver, move |mut receiver| {
+    let name = name.clone();
+    async move {
+      loop {
+        let line = match receiver.recv().await {
+          Ok(line) if line.function == name => format!("{}\n", line.json),
+          Ok(_) => continue,
+          Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+            format!("{{\"kind\":\"missed\",\"lines\":{missed}}}\n")
+          }
+          Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        let frame = http_body::Frame::data(Bytes::from(line));
+        return Some((Ok::<_, Infallible>(frame), receiver));
+      }
+    }
+  });
+  let mut response = Response::new(http_body_util::StreamBody::new(lines).boxed_unsync());
+  response.headers_mut().insert(
+    CONTENT_TYPE,
+    HeaderValue::from_static("application/x-ndjson"),
+  );
+  response
+}
+
 /// Reads a request body of at most `limit` bytes, or answers 400/413.
-async fn read_body(
-  request: Request<Incoming>,
-  limit: usize,
-) -> Result<Bytes, Response<Full<Bytes>>> {
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<AdminBody>> {
   Limited::new(request.into_body(), limit)
     .collect()
     .await
@@ -395,7 +473,7 @@ async fn read_body(
     })
 }
 
-fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
+fn readiness(admin: &Admin) -> Response<AdminBody> {
   if admin
     .node
     .draining
@@ -411,7 +489,7 @@ fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
   json(StatusCode::OK, &serde_json::json!({ "ready": true }))
 }
 
-fn usage(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+fn usage(admin: &Admin, query: Option<&str>) -> Response<AdminBody> {
   let since = query
     .into_iter()
     .flat_map(|q| q.split('&'))
@@ -438,8 +516,8 @@ fn usage(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
   )
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-  let mut response = Response::new(Full::new(Bytes::from(format!("{value}\n"))));
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<AdminBody> {
+  let mut response = Response::new(Full::new(Bytes::from(format!("{value}\n"))).boxed_unsync());
   *response.status_mut() = status;
   response
     .headers_mut()

@@ -1,5 +1,5 @@
-//! The CLI's client of the admin API (`outpost deploy | versions | rollback | split`); part
-//! of the binary, not the library.
+//! The CLI's client of the admin API (`outpost deploy | versions | rollback | split | delete |
+//! functions | secret | tail`); part of the binary, not the library.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +13,7 @@ pub enum AdminCommand {
   Deploy {
     /// The directory: its modules and a manifest.json (made when missing).
     dir: PathBuf,
+    /// The function's name (1 to 63 of a-z, 0-9 and -).
     #[arg(long)]
     name: String,
     #[command(flatten)]
@@ -20,6 +21,7 @@ pub enum AdminCommand {
   },
   /// List a deployed function's versions and their weights.
   Versions {
+    /// The deployed function.
     name: String,
     #[command(flatten)]
     admin: AdminArgs,
@@ -36,7 +38,9 @@ pub enum AdminCommand {
   },
   /// Split traffic between versions: `outpost split api a1b2c3=95 d4e5f6=5`.
   Split {
+    /// The deployed function.
     name: String,
+    /// VERSION=PERCENT pairs adding up to 100.
     #[arg(required = true)]
     weights: Vec<String>,
     /// Keep each client on one version by this request header.
@@ -48,15 +52,85 @@ pub enum AdminCommand {
     #[command(flatten)]
     admin: AdminArgs,
   },
+  /// Stop serving a deployed function and remove its versions and secrets.
+  Delete {
+    /// The deployed function.
+    name: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// List the node's functions: configured and deployed, with routes and versions.
+  Functions {
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// Set, list or delete a deployed function's secrets.
+  Secret {
+    #[command(subcommand)]
+    action: SecretAction,
+  },
+  /// Follow a function's access records and console output as they come (Ctrl-C ends it).
+  Tail {
+    /// The function (configured or deployed).
+    name: String,
+    /// Print each line as the JSON object the node sends.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
 }
 
-/// Runs `command` against the admin API; returns what to print.
+/// `outpost secret ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SecretAction {
+  /// Set secret KEY of function NAME; the value is read from standard input (so it stays
+  /// out of the shell's history), or from --value-file. Serving versions that use it restart.
+  Put {
+    /// The deployed function.
+    name: String,
+    /// The secret's name: A-Z, 0-9 and _, not starting with a digit.
+    key: String,
+    /// Read the value from this file instead of standard input (a trailing newline is
+    /// dropped either way).
+    #[arg(long)]
+    value_file: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// List the names of a function's secrets (values never leave the node).
+  List {
+    /// The deployed function.
+    name: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+  /// Delete secret KEY of function NAME.
+  Delete {
+    /// The deployed function.
+    name: String,
+    /// The secret's name.
+    key: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+  },
+}
+
+/// Runs `command` against the admin API; returns what to print (`tail` prints as it goes).
 pub fn run(command: &AdminCommand) -> anyhow::Result<String> {
   let admin = match command {
     AdminCommand::Deploy { admin, .. }
     | AdminCommand::Versions { admin, .. }
     | AdminCommand::Rollback { admin, .. }
-    | AdminCommand::Split { admin, .. } => admin,
+    | AdminCommand::Split { admin, .. }
+    | AdminCommand::Delete { admin, .. }
+    | AdminCommand::Functions { admin }
+    | AdminCommand::Tail { admin, .. } => admin,
+    AdminCommand::Secret { action } => match action {
+      SecretAction::Put { admin, .. }
+      | SecretAction::List { admin, .. }
+      | SecretAction::Delete { admin, .. } => admin,
+    },
   };
   let run = async {
     let client = AdminClient::new(admin)?;
@@ -78,6 +152,15 @@ pub fn run(command: &AdminCommand) -> anyhow::Result<String> {
         };
         client.split(name, weights, sticky).await
       }
+      AdminCommand::Delete { name, .. } => {
+        client
+          .call(reqwest::Method::DELETE, &format!("/functions/{name}"), None)
+          .await?;
+        Ok(format!("deleted {name}"))
+      }
+      AdminCommand::Functions { .. } => client.functions().await,
+      AdminCommand::Secret { action } => client.secret(action).await,
+      AdminCommand::Tail { name, json, .. } => client.tail(name, *json).await,
     }
   };
   tokio::runtime::Builder::new_current_thread()
@@ -221,6 +304,128 @@ impl AdminClient {
     ))
   }
 
+  /// Every function of the node, one per line.
+  pub async fn functions(&self) -> anyhow::Result<String> {
+    let answer = self.call(reqwest::Method::GET, "/functions", None).await?;
+    let mut out = format!("{:<24} {:<9} {:<40} versions\n", "name", "source", "routes");
+    for function in answer["functions"].as_array().into_iter().flatten() {
+      let routes = function["routes"]
+        .as_array()
+        .map(|routes| {
+          routes
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" ")
+        })
+        .unwrap_or_default();
+      out.push_str(&format!(
+        "{:<24} {:<9} {:<40} {}\n",
+        function["name"].as_str().unwrap_or_default(),
+        function["source"].as_str().unwrap_or_default(),
+        routes,
+        shares(&function["versions"]),
+      ));
+    }
+    Ok(out)
+  }
+
+  /// `outpost secret put|list|delete`.
+  pub async fn secret(&self, action: &SecretAction) -> anyhow::Result<String> {
+    match action {
+      SecretAction::Put {
+        name,
+        key,
+        value_file,
+        ..
+      } => {
+        let value = match value_file {
+          Some(file) => {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+          }
+          None => std::io::read_to_string(std::io::stdin())
+            .context("reading the secret's value from standard input")?,
+        };
+        let value = value.strip_suffix('\n').unwrap_or(&value);
+        let value = value.strip_suffix('\r').unwrap_or(value).to_string();
+        self
+          .call(
+            reqwest::Method::PUT,
+            &format!("/functions/{name}/secrets/{key}"),
+            Some(value.into()),
+          )
+          .await?;
+        Ok(format!("secret {key} of {name} set"))
+      }
+      SecretAction::List { name, .. } => {
+        let answer = self
+          .call(
+            reqwest::Method::GET,
+            &format!("/functions/{name}/secrets"),
+            None,
+          )
+          .await?;
+        Ok(
+          answer["secrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        )
+      }
+      SecretAction::Delete { name, key, .. } => {
+        self
+          .call(
+            reqwest::Method::DELETE,
+            &format!("/functions/{name}/secrets/{key}"),
+            None,
+          )
+          .await?;
+        Ok(format!("secret {key} of {name} deleted"))
+      }
+    }
+  }
+
+  /// Prints function `name`'s access records and console lines as they come.
+  pub async fn tail(&self, name: &str, json: bool) -> anyhow::Result<String> {
+    let url = format!("{}/functions/{name}/tail", self.base);
+    let mut request = self.http.get(&url);
+    if let Some(token) = &self.token {
+      request = request.bearer_auth(token);
+    }
+    let mut response = request.send().await.with_context(|| {
+      format!("GET {url} (is the admin listener there? --admin, OUTPOST_ADMIN)")
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+      let value: Value = response.json().await.unwrap_or(Value::Null);
+      bail!(
+        "GET {url}: {status}: {}",
+        value["error"].as_str().unwrap_or("no message")
+      );
+    }
+    let mut pending = Vec::new();
+    while let Some(chunk) = response.chunk().await.context("reading the tail")? {
+      pending.extend_from_slice(&chunk);
+      while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=end).collect();
+        let line = String::from_utf8_lossy(&line);
+        let shown = if json {
+          line.trim_end().to_string()
+        } else {
+          tail_line(line.trim_end())
+        };
+        #[allow(clippy::print_stdout, reason = "the command's output, as it comes")]
+        {
+          println!("{shown}");
+        }
+      }
+    }
+    Ok(String::new())
+  }
+
   /// Splits traffic by `version=weight` pairs, optionally sticky.
   pub async fn split(
     &self,
@@ -251,6 +456,42 @@ impl AdminClient {
       shares(&answer["versions"]),
       warnings(&answer)
     ))
+  }
+}
+
+/// A tail's JSON line for people: `time status method host/path wall cpu id` for an access
+/// record, `time level id message` for console output.
+fn tail_line(line: &str) -> String {
+  let Ok(event) = serde_json::from_str::<Value>(line) else {
+    return line.to_string();
+  };
+  let text = |key: &str| event[key].as_str().unwrap_or_default().to_string();
+  let number = |key: &str| event[key].as_f64().unwrap_or_default();
+  match event["kind"].as_str() {
+    Some("access") => format!(
+      "{} {} {} {}{} {:.1}ms cpu {:.2}ms {}{}",
+      text("time"),
+      event["status"],
+      text("method"),
+      text("host"),
+      text("path"),
+      number("wall_ms"),
+      number("cpu_ms"),
+      text("request_id"),
+      event["termination"]
+        .as_str()
+        .map(|t| format!(" ({t})"))
+        .unwrap_or_default(),
+    ),
+    Some("console") => format!(
+      "{} {:<5} {} {}",
+      text("time"),
+      text("level"),
+      event["request_id"].as_str().unwrap_or("-"),
+      text("message"),
+    ),
+    Some("missed") => format!("... {} lines missed (too slow to keep up)", event["lines"]),
+    _ => line.to_string(),
   }
 }
 

@@ -105,6 +105,9 @@ pub struct Manifest {
   /// Names of secrets (set with `PUT /functions/{name}/secrets/{NAME}`) given as `env.NAME`.
   #[serde(default)]
   pub secrets: Vec<String>,
+  /// Service bindings: `env` name → the function on this node it calls in-process.
+  #[serde(default)]
+  pub services: BTreeMap<String, String>,
 }
 
 /// `version.json` inside a stored version.
@@ -267,27 +270,13 @@ impl Deployments {
   ) -> Option<Arc<RoutedFunction>> {
     let table = self.live.load();
     let index = table.router.as_ref()?.route(host, path)?;
-    let function = table.functions.get(index)?;
-    let total: u64 = function.versions.iter().map(|v| u64::from(v.weight)).sum();
-    if total == 0 {
-      return None;
-    }
-    // A fixed-key hash: a sticky client lands on the same version on every node.
-    let key = function
-      .sticky
-      .as_ref()
-      .and_then(|sticky| sticky_value(sticky, headers))
-      .map(|value| {
-        std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(value)
-      });
-    let mut point = key.unwrap_or_else(rand::random) % total;
-    for version in &function.versions {
-      if point < u64::from(version.weight) {
-        return Some(version.function.clone());
-      }
-      point -= u64::from(version.weight);
-    }
-    None
+    pick_version(table.functions.get(index)?, headers)
+  }
+
+  /// The deployed function called `name`, and for a split, the version for this request.
+  pub(crate) fn named(&self, name: &str, headers: &http::HeaderMap) -> Option<Arc<RoutedFunction>> {
+    let table = self.live.load();
+    pick_version(table.functions.iter().find(|f| f.name == name)?, headers)
   }
 
   /// Stores a bundle as a version of `name` (a no-op when that exact content is stored).
@@ -813,6 +802,7 @@ impl Deployments {
       limits: Limits::resolve(&manifest.limits, &self.config.limits),
       cache: RouteCacheConfig::default(),
       disabled: None,
+      services: manifest.services.clone(),
     };
     let code = FunctionCode::new(name, &function.entry, self.transpiler.clone())
       .map_err(|err| DeployError::Unloadable(format!("{}: {err}", manifest.entry)))?;
@@ -854,6 +844,31 @@ impl Deployments {
     self.live.store(Arc::new(LiveTable { router, functions }));
     Ok(())
   }
+}
+
+/// The version of `function` a request with `headers` goes to: by weight, or for a sticky
+/// split, by the hash of its header or cookie.
+fn pick_version(function: &LiveFunction, headers: &http::HeaderMap) -> Option<Arc<RoutedFunction>> {
+  let total: u64 = function.versions.iter().map(|v| u64::from(v.weight)).sum();
+  if total == 0 {
+    return None;
+  }
+  // A fixed-key hash: a sticky client lands on the same version on every node.
+  let key = function
+    .sticky
+    .as_ref()
+    .and_then(|sticky| sticky_value(sticky, headers))
+    .map(|value| {
+      std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(value)
+    });
+  let mut point = key.unwrap_or_else(rand::random) % total;
+  for version in &function.versions {
+    if point < u64::from(version.weight) {
+      return Some(version.function.clone());
+    }
+    point -= u64::from(version.weight);
+  }
+  None
 }
 
 /// `version=weight` pairs for the log: `a1b2c3=95 d4e5f6=5`.
@@ -1038,6 +1053,11 @@ fn manifest(files: &[(String, Vec<u8>)]) -> Result<Manifest, DeployError> {
     serde_json::from_slice(text).map_err(|err| bad(format!("manifest.json: {err}")))?;
   for key in &manifest.secrets {
     check_secret_name(key).map_err(|err| bad(format!("manifest.json secrets: {err}")))?;
+  }
+  for (binding, target) in &manifest.services {
+    crate::config::check_binding_name(binding)
+      .and_then(|()| crate::config::check_function_name(target))
+      .map_err(|err| bad(format!("manifest.json services.{binding}: {err}")))?;
   }
   let entry = manifest.entry.trim_start_matches("./");
   if !files.iter().any(|(path, _)| path == entry) {

@@ -181,6 +181,10 @@ pub enum Purge {
   Url(String),
   /// Every entry whose URL starts with this.
   Prefix(String),
+  /// Every entry whose path and query are exactly this (`/a?b`), whatever its host.
+  Path(String),
+  /// Every entry whose path and query start with this, whatever its host.
+  PathPrefix(String),
   /// Every entry with this `Cache-Tag`.
   Tag(String),
 }
@@ -188,8 +192,8 @@ pub enum Purge {
 impl std::fmt::Display for Purge {
   fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     match self {
-      Purge::Url(url) => write!(f, "url {url}"),
-      Purge::Prefix(prefix) => write!(f, "prefix {prefix}"),
+      Purge::Url(url) | Purge::Path(url) => write!(f, "url {url}"),
+      Purge::Prefix(prefix) | Purge::PathPrefix(prefix) => write!(f, "prefix {prefix}"),
       Purge::Tag(tag) => write!(f, "tag {tag}"),
     }
   }
@@ -450,6 +454,8 @@ impl SharedCache {
           && match purge {
             Purge::Url(url) => key.url == *url,
             Purge::Prefix(prefix) => key.url.starts_with(prefix.as_str()),
+            Purge::Path(path) => path_and_query(&key.url) == path,
+            Purge::PathPrefix(prefix) => path_and_query(&key.url).starts_with(prefix.as_str()),
             Purge::Tag(tag) => variants.iter().any(|v| v.tags.iter().any(|t| t == tag)),
           }
       })
@@ -460,6 +466,14 @@ impl SharedCache {
       .filter(|key| self.entries.remove(key.as_ref()).is_some())
       .count()
   }
+}
+
+/// `/path?query` of a full URL key (`https://host/path?query`).
+fn path_and_query(url: &str) -> &str {
+  let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+  after_scheme
+    .find('/')
+    .map_or("/", |slash| &after_scheme[slash..])
 }
 
 impl Variant {

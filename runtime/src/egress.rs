@@ -5,7 +5,10 @@
 //! a host name before connecting to it, so a name that resolves (or re-resolves) into a
 //! denied range is refused too. A function may narrow its reach with an `allow` list and add
 //! a `deny` list; the operator switch `[egress] allow_private = true` lifts the default
-//! denial (for tests against loopback upstreams).
+//! denial (for tests against loopback upstreams). Between the two, the operator may name
+//! private addresses in `[egress] private_allowed` that a function may then reach by listing
+//! them (as addresses or CIDR blocks) in its own `allow` list: only that function, only
+//! those addresses.
 
 use std::sync::Arc;
 
@@ -41,6 +44,27 @@ pub const PRIVATE_NETWORKS: [&str; 14] = [
 pub struct NodeEgressConfig {
   /// Lets functions reach loopback and private addresses. For tests and trusted setups.
   pub allow_private: bool,
+  /// Private addresses and CIDR blocks a function may reach when its own `allow` list
+  /// names them.
+  pub private_allowed: Vec<String>,
+}
+
+impl NodeEgressConfig {
+  /// Every entry of `private_allowed` that is not an address or CIDR block.
+  pub fn problems(&self) -> Vec<(String, String)> {
+    self
+      .private_allowed
+      .iter()
+      .enumerate()
+      .filter(|(_, entry)| network(entry).is_none())
+      .map(|(i, entry)| {
+        (
+          format!("private_allowed[{i}]"),
+          format!("{entry:?} is not an IP address or CIDR block, e.g. \"10.1.0.0/16\""),
+        )
+      })
+      .collect()
+  }
 }
 
 /// A function's own lists (`egress = { allow = [...], deny = [...] }`): host names (with
@@ -54,10 +78,11 @@ pub struct EgressConfig {
 }
 
 impl EgressConfig {
-  /// Every entry that is not a valid destination, with the reason.
-  pub fn problems(&self) -> Vec<(String, String)> {
+  /// Every entry that is not a valid destination, and every private address in `allow`
+  /// that the node does not let functions reach, with the reason.
+  pub fn problems(&self, node: &NodeEgressConfig) -> Vec<(String, String)> {
     let lists = [("allow", &self.allow), ("deny", &self.deny)];
-    lists
+    let mut problems: Vec<(String, String)> = lists
       .into_iter()
       .flat_map(|(list, entries)| entries.iter().enumerate().map(move |(i, e)| (list, i, e)))
       .filter_map(|(list, i, entry)| {
@@ -68,7 +93,29 @@ impl EgressConfig {
           )
         })
       })
-      .collect()
+      .collect();
+    if !node.allow_private {
+      let permitted: Vec<ipnet::IpNet> = node
+        .private_allowed
+        .iter()
+        .filter_map(|e| network(e))
+        .collect();
+      for (i, entry) in self.allow.iter().enumerate() {
+        let Some(wanted) = network(entry) else {
+          continue;
+        };
+        let private = private_networks().any(|p| overlaps(&p, &wanted));
+        if private && !permitted.iter().any(|p| p.contains(&wanted)) {
+          problems.push((
+            format!("allow[{i}]"),
+            format!(
+              "{entry:?} is a private address: a function may reach it only when the node's [egress] private_allowed includes it"
+            ),
+          ));
+        }
+      }
+    }
+    problems
   }
 }
 
@@ -83,7 +130,26 @@ impl EgressPolicy {
   pub fn new(function: &EgressConfig, node: &NodeEgressConfig) -> EgressPolicy {
     let mut deny = function.deny.clone();
     if !node.allow_private {
-      deny.extend(PRIVATE_NETWORKS.iter().map(|n| n.to_string()));
+      // The private ranges, less the private addresses this function lists in `allow` that
+      // the node permits (deny lists win over allow lists, so they must be cut out).
+      let permitted: Vec<ipnet::IpNet> = node
+        .private_allowed
+        .iter()
+        .filter_map(|e| network(e))
+        .collect();
+      let opened: Vec<ipnet::IpNet> = function
+        .allow
+        .iter()
+        .filter_map(|e| network(e))
+        .filter(|wanted| permitted.iter().any(|p| p.contains(wanted)))
+        .collect();
+      for private in private_networks() {
+        let mut left = vec![private];
+        for hole in &opened {
+          left = left.into_iter().flat_map(|n| subtract(n, *hole)).collect();
+        }
+        deny.extend(left.iter().map(ToString::to_string));
+      }
     }
     EgressPolicy {
       allow: function.allow.clone(),
@@ -117,6 +183,42 @@ impl EgressPolicy {
   }
 }
 
+fn private_networks() -> impl Iterator<Item = ipnet::IpNet> {
+  PRIVATE_NETWORKS
+    .iter()
+    .map(|n| n.parse().expect("the private networks are CIDR blocks"))
+}
+
+/// The address or CIDR block an entry names (an address with a port names that address).
+fn network(entry: &str) -> Option<ipnet::IpNet> {
+  if let Ok(network) = entry.parse::<ipnet::IpNet>() {
+    return Some(network);
+  }
+  let address = entry
+    .parse::<std::net::IpAddr>()
+    .ok()
+    .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))?;
+  Some(ipnet::IpNet::from(address))
+}
+
+fn overlaps(a: &ipnet::IpNet, b: &ipnet::IpNet) -> bool {
+  a.contains(b) || b.contains(a)
+}
+
+/// `network` without `hole`: the blocks covering what is left.
+fn subtract(network: ipnet::IpNet, hole: ipnet::IpNet) -> Vec<ipnet::IpNet> {
+  if !overlaps(&network, &hole) {
+    return vec![network];
+  }
+  if hole.contains(&network) {
+    return Vec::new();
+  }
+  network
+    .subnets(network.prefix_len() + 1)
+    .map(|halves| halves.flat_map(|half| subtract(half, hole)).collect())
+    .unwrap_or_default()
+}
+
 /// Parses one list entry. CIDR blocks are taken first: deno's host parser reads the first
 /// `:` of an IPv6 block as a port separator.
 fn destination(entry: &str) -> Result<NetDescriptor, NetDescriptorParseError> {
@@ -145,6 +247,7 @@ mod tests {
       &EgressConfig::default(),
       &NodeEgressConfig {
         allow_private: true,
+        ..NodeEgressConfig::default()
       },
     );
     assert!(open.deny.is_empty());
@@ -162,7 +265,10 @@ mod tests {
       ],
       deny: vec!["not a host".into()],
     };
-    let problems = config.problems();
+    let problems = config.problems(&NodeEgressConfig {
+      allow_private: false,
+      private_allowed: vec!["10.0.0.0/8".into()],
+    });
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert_eq!(problems[0].0, "deny[0]");
     policy.permissions().unwrap();
@@ -182,6 +288,19 @@ mod tests {
       "http://[::1]/",
       "http://[fd00::1]/",
       "http://[::ffff:127.0.0.1]/",
+      // 0.0.0.0/8 reaches loopback on Linux.
+      "http://0.0.0.0:8080/",
+      "http://0.1.2.3/",
+      // Carrier-grade NAT, the rest of RFC 1918, multicast and reserved ranges.
+      "http://100.64.0.1/",
+      "http://100.127.255.254/",
+      "http://172.16.0.1/",
+      "http://172.31.255.254/",
+      "http://224.0.0.1/",
+      "http://239.255.255.250/",
+      "http://240.0.0.1/",
+      "http://[fe80::1]/",
+      "http://[ff02::1]/",
     ] {
       assert!(
         permissions.check_net_url(&url(denied), "fetch()").is_err(),
@@ -199,6 +318,24 @@ mod tests {
         .check_net_resolved(&resolved, 80, "fetch()")
         .is_err()
     );
+    for resolved in ["0.0.0.0", "100.64.0.1", "172.20.0.1", "224.0.0.251"] {
+      let resolved: std::net::IpAddr = resolved.parse().unwrap();
+      assert!(
+        permissions
+          .check_net_resolved(&resolved, 80, "fetch()")
+          .is_err(),
+        "{resolved}"
+      );
+    }
+    // Just outside the private ranges: allowed.
+    for public in ["100.128.0.1", "172.32.0.1", "11.0.0.1"] {
+      assert!(
+        permissions
+          .check_net_url(&url(&format!("http://{public}/")), "fetch()")
+          .is_ok(),
+        "{public}"
+      );
+    }
     let public: std::net::IpAddr = "93.184.215.14".parse().unwrap();
     assert!(
       permissions
@@ -232,6 +369,63 @@ mod tests {
       permissions
         .check_net_url(&url("https://example.com/"), "fetch()")
         .is_err()
+    );
+  }
+
+  /// A private address opens for one function only when the node permits it and the
+  /// function lists it; the rest of its range stays closed.
+  #[test]
+  fn a_function_reaches_a_private_address_only_when_the_node_permits_it() {
+    let url = |u: &str| deno_core::url::Url::parse(u).unwrap();
+    let node = NodeEgressConfig {
+      allow_private: false,
+      private_allowed: vec!["10.1.0.0/16".into()],
+    };
+    let listing = EgressConfig {
+      allow: vec!["10.1.2.3:8080".into(), "api.example.com".into()],
+      deny: Vec::new(),
+    };
+    assert!(listing.problems(&node).is_empty());
+    let mut permissions = EgressPolicy::new(&listing, &node).permissions().unwrap();
+    assert!(
+      permissions
+        .check_net_url(&url("http://10.1.2.3:8080/"), "fetch()")
+        .is_ok()
+    );
+    for closed in [
+      "http://10.1.2.4:8080/",
+      "http://10.0.0.1:8080/",
+      "http://127.0.0.1:8080/",
+    ] {
+      assert!(
+        permissions.check_net_url(&url(closed), "fetch()").is_err(),
+        "{closed}"
+      );
+    }
+    // Another function on the same node, not listing it, cannot reach it.
+    let mut other = EgressPolicy::new(&EgressConfig::default(), &node)
+      .permissions()
+      .unwrap();
+    assert!(
+      other
+        .check_net_url(&url("http://10.1.2.3:8080/"), "fetch()")
+        .is_err()
+    );
+    // Listing one the node does not permit is a config error.
+    let outside = EgressConfig {
+      allow: vec!["192.168.1.1".into()],
+      deny: Vec::new(),
+    };
+    let problems = outside.problems(&node);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].1.contains("private_allowed"), "{problems:?}");
+    assert_eq!(
+      subtract(
+        "10.0.0.0/8".parse().unwrap(),
+        "10.1.2.3/32".parse().unwrap()
+      )
+      .len(),
+      24
     );
   }
 }

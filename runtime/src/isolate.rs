@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use deno_core::{JsRuntime, PollEventLoopOptions, RuntimeOptions, v8};
 use outpost_ext_cache::{CacheNamespace, EdgeCache};
-use outpost_ext_dispatch::{DispatchQueue, DispatchRequest};
+use outpost_ext_dispatch::{DispatchQueue, DispatchRequest, ServiceDispatch};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, FunctionConfig, ServerConfig};
@@ -44,6 +44,8 @@ pub struct FunctionSpec {
   pub console_bytes: usize,
   /// Values of the secrets in `env`, redacted from what the isolate logs.
   pub secrets: Arc<Vec<String>>,
+  /// Service bindings: `env` name → the function it calls.
+  pub services: Arc<BTreeMap<String, String>>,
 }
 
 impl FunctionSpec {
@@ -56,6 +58,7 @@ impl FunctionSpec {
       limits: function.limits,
       console_bytes: config.log.console_bytes_per_request,
       secrets: Arc::default(),
+      services: Arc::new(function.services.clone()),
     }
   }
 }
@@ -175,6 +178,8 @@ struct IsolateHost {
   watchdog: Arc<CpuWatchdog>,
   /// The shared cache behind the Cache API.
   cache: Arc<dyn EdgeCache>,
+  /// Calls between functions (service bindings).
+  services: Arc<dyn ServiceDispatch>,
 }
 
 #[derive(Default)]
@@ -219,6 +224,7 @@ impl IsolateFactory {
     server: &ServerConfig,
     max_heap: usize,
     cache: Arc<dyn EdgeCache>,
+    services: Arc<dyn ServiceDispatch>,
   ) -> Result<Arc<IsolateFactory>, Error> {
     let watchdog = CpuWatchdog::start(server.demote_long_entries)
       .map_err(|err| Error::IsolateThread(err.to_string()))?;
@@ -228,6 +234,7 @@ impl IsolateFactory {
         max_heap,
         watchdog,
         cache,
+        services,
       },
       load_timeout: Duration::from_millis(server.load_timeout_ms),
       state: Mutex::default(),
@@ -371,6 +378,7 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start, h
     max_heap,
     watchdog,
     cache,
+    services,
   } = host;
   let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
@@ -422,6 +430,7 @@ fn run_isolate_thread(receiver: mpsc::Receiver<DispatchRequest>, start: Start, h
     cpu.set_request_limits(spec.limits.cpu, spec.limits.soft_cpu);
     let budget: Arc<dyn outpost_ext_dispatch::EntryBudget> = cpu.clone();
     isolate.runtime.op_state().borrow_mut().put(budget);
+    isolate.runtime.op_state().borrow_mut().put(services);
     let _ = loading.send((cpu.clone(), isolate.heap.clone()));
     let serving = match isolate.start_function(&spec).await {
       Ok(serving) => serving,
@@ -513,12 +522,22 @@ impl BlankIsolate {
       .map_err(|_| Error::IsolateCreate("this isolate already runs a function".into()))?;
     let runtime = &mut self.runtime;
     {
+      // Before any of the function's code runs: `eval` and `new Function` only when its
+      // limits allow them (V8 throws an EvalError otherwise).
+      deno_core::scope!(scope, runtime);
+      let context = scope.get_current_context();
+      context.set_allow_generation_from_strings(spec.limits.allow_code_generation);
+    }
+    {
       let state = runtime.op_state();
       let mut state = state.borrow_mut();
       state.put(outpost_js::FunctionName(spec.code.name.clone()));
       state.put(CacheNamespace(spec.code.name.as_str().into()));
       state.put(spec.egress.permissions()?);
       state.put(outpost_ext_dispatch::Redactions(spec.secrets.to_vec()));
+      state.put(outpost_ext_dispatch::ServiceBindings(
+        spec.services.as_ref().clone(),
+      ));
     }
     let module = runtime
       .load_main_es_module(spec.code.entry())
@@ -540,11 +559,15 @@ impl BlankIsolate {
         .map_err(|err| Error::IsolateCreate(format!("env: {err}")))?;
       let max_subrequests = v8::Integer::new_from_unsigned(scope, spec.limits.max_subrequests);
       let console_bytes = v8::Number::new(scope, spec.console_bytes as f64);
+      let services: Vec<&String> = spec.services.keys().collect();
+      let services = deno_core::serde_v8::to_v8(scope, services)
+        .map_err(|err| Error::IsolateCreate(format!("services: {err}")))?;
       [
         v8::Global::new(scope, namespace),
         v8::Global::new(scope, env),
         v8::Global::new(scope, v8::Local::<v8::Value>::from(max_subrequests)),
         v8::Global::new(scope, v8::Local::<v8::Value>::from(console_bytes)),
+        v8::Global::new(scope, services),
       ]
     };
     // Called directly rather than through deno_core's call future: that future parks a

@@ -28,6 +28,7 @@ pub mod route_cache;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod tail;
 pub mod tls;
 pub mod trace_context;
 pub mod usage_ledger;

@@ -33,6 +33,8 @@ pub struct LimitsConfig {
   pub max_concurrency: Option<usize>,
   /// `fetch()` calls one request's handler may make (0: none).
   pub max_subrequests: Option<u32>,
+  /// Whether `eval` and `new Function` may compile code from strings (off, as in Workers).
+  pub allow_code_generation: Option<bool>,
 }
 
 /// The limits in force for one function.
@@ -46,6 +48,8 @@ pub struct Limits {
   pub wall: Duration,
   pub max_concurrency: usize,
   pub max_subrequests: u32,
+  /// `eval` and `new Function` work; off, they throw an `EvalError`.
+  pub allow_code_generation: bool,
 }
 
 impl Limits {
@@ -90,6 +94,10 @@ impl Limits {
         .max_subrequests
         .or(node.max_subrequests)
         .unwrap_or(Self::DEFAULT_MAX_SUBREQUESTS),
+      allow_code_generation: function
+        .allow_code_generation
+        .or(node.allow_code_generation)
+        .unwrap_or(false),
     }
   }
 }
@@ -104,6 +112,7 @@ impl LimitsConfig {
       wall_ms: over.wall_ms.or(self.wall_ms),
       max_concurrency: over.max_concurrency.or(self.max_concurrency),
       max_subrequests: over.max_subrequests.or(self.max_subrequests),
+      allow_code_generation: over.allow_code_generation.or(self.allow_code_generation),
     }
   }
 
@@ -236,6 +245,7 @@ mod tests {
         wall: Duration::from_millis(5000),
         max_concurrency: 3,
         max_subrequests: 7,
+        allow_code_generation: false,
       }
     );
     let defaults = Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default());

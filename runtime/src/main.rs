@@ -17,7 +17,8 @@ use outpost::config::{Config, LogConfig, LogFormat};
 use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{FunctionSpec, check_function};
 use outpost::otlp::OtlpExport;
-use outpost::server::Node;
+use outpost::server::{Node, NodeServices};
+use outpost::tail::Tails;
 
 use crate::admin_client::AdminCommand;
 
@@ -55,15 +56,18 @@ enum Command {
   Admin(AdminCommand),
 }
 
-/// Starts the server log as `[log]` says; `OUTPOST_LOG` overrides the level.
-fn init_log(log: &LogConfig) {
+/// Starts the server log as `[log]` says (`OUTPOST_LOG` overrides the level), with the
+/// function tails beside it (they see access records and console output at any level).
+fn init_log(log: &LogConfig, tails: &Tails) {
+  use tracing_subscriber::Layer as _;
+  use tracing_subscriber::layer::SubscriberExt as _;
+  use tracing_subscriber::util::SubscriberInitExt as _;
   let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-  let builder = tracing_subscriber::fmt().with_env_filter(filter);
-  match log.format {
+  let output = match log.format {
     // One event per line: line breaks inside a message (a console.log of a stack, say) are
     // written as `\n`, as the JSON format escapes them.
-    LogFormat::Text => builder
+    LogFormat::Text => tracing_subscriber::fmt::layer()
       .fmt_fields(
         tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
           let text = format!("{value:?}")
@@ -79,22 +83,30 @@ fn init_log(log: &LogConfig) {
       )
       .with_writer(std::io::stderr)
       .with_ansi(std::io::stderr().is_terminal())
-      .init(),
-    LogFormat::Json => builder
+      .with_filter(filter)
+      .boxed(),
+    LogFormat::Json => tracing_subscriber::fmt::layer()
       .json()
       .flatten_event(true)
       .with_current_span(false)
       .with_writer(std::io::stdout)
-      .init(),
-  }
+      .with_filter(filter)
+      .boxed(),
+  };
+  tracing_subscriber::registry()
+    .with(output)
+    .with(tails.layer())
+    .init();
 }
 
 fn main() -> ExitCode {
   let result = match Cli::parse().command {
     Command::Admin(command) => admin_client::run(&command).map(|output| {
-      #[allow(clippy::print_stdout, reason = "the command's output")]
-      {
-        println!("{}", output.trim_end());
+      if !output.is_empty() {
+        #[allow(clippy::print_stdout, reason = "the command's output")]
+        {
+          println!("{}", output.trim_end());
+        }
       }
     }),
     Command::Serve {
@@ -104,14 +116,15 @@ fn main() -> ExitCode {
     } => {
       prepare_engine();
       load_config(config, handler, listen).and_then(|config| {
-        init_log(&config.log);
-        serve(config)
+        let tails = Tails::default();
+        init_log(&config.log, &tails);
+        serve(config, tails)
       })
     }
     Command::Check { config, handler } => {
       prepare_engine();
       load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|config| {
-        init_log(&config.log);
+        init_log(&config.log, &Tails::default());
         check(&config)
       })
     }
@@ -158,7 +171,7 @@ fn load_config(
   Ok(config)
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, tails: Tails) -> anyhow::Result<()> {
   // Started outside the runtime (it sends from a thread of its own); dropped after it, which
   // flushes the spans still batched.
   let export = OtlpExport::start(&config.tracing).map_err(anyhow::Error::msg)?;
@@ -169,7 +182,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
     .context("starting the tokio runtime")?;
   let json = config.log.format == LogFormat::Json;
   runtime.block_on(async {
-    let node = Node::start_traced(&config, tracer).await?;
+    let node = Node::start_with(
+      &config,
+      NodeServices {
+        tracer,
+        tails: Some(tails),
+      },
+    )
+    .await?;
     if let Some(address) = node.admin_address() {
       announce(
         json,

@@ -49,6 +49,7 @@ use crate::pool::IsolatePool;
 use crate::proxy_protocol;
 use crate::route_cache;
 use crate::router::Router;
+use crate::tail::Tails;
 use crate::tls;
 use crate::trace_context::TraceContext;
 use crate::usage_ledger::UsageLedger;
@@ -60,6 +61,15 @@ pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
 pub const ERROR_HEADER: &str = "outpost-error";
 /// Response header naming the limit that ended a request.
 pub const TERMINATION_HEADER: &str = "outpost-termination";
+
+/// What the process gives the node beyond its config.
+#[derive(Default)]
+pub struct NodeServices {
+  /// Exports each request as a span (see `crate::otlp`).
+  pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+  /// Function tails (`GET /functions/{name}/tail`), fed by the process's log.
+  pub tails: Option<Tails>,
+}
 
 /// A running node: functions loaded, listeners bound.
 pub struct Node {
@@ -106,6 +116,8 @@ pub(crate) struct NodeState {
   pub(crate) draining: AtomicBool,
   /// Functions deployed through the admin API, when `[admin] data_dir` is set.
   pub(crate) deployments: Option<Arc<Deployments>>,
+  /// Live tails of functions' access records and console output.
+  pub(crate) tails: Option<Tails>,
 }
 
 impl NodeState {
@@ -160,6 +172,16 @@ impl NodeState {
       }
     }
     warnings
+  }
+
+  /// The function called `name` (for a deployed one with a split, the version for a request
+  /// with `headers`): what a service binding calls.
+  fn function_named(&self, name: &str, headers: &http::HeaderMap) -> Option<Arc<RoutedFunction>> {
+    let configured = self.configured.load();
+    if let Some(function) = configured.functions.iter().find(|f| f.name() == name) {
+      return Some(function.clone());
+    }
+    self.deployments.as_ref()?.named(name, headers)
   }
 
   /// Every function that serves: the configured ones and each serving deployed version.
@@ -218,14 +240,12 @@ pub struct ListenerInfo {
 impl Node {
   /// Loads every function (pre-warming its isolates) and binds every listener.
   pub async fn start(config: &Config) -> Result<Node, Error> {
-    Node::start_traced(config, None).await
+    Node::start_with(config, NodeServices::default()).await
   }
 
-  /// As [`Node::start`], exporting each request as a span with `tracer` (see `crate::otlp`).
-  pub async fn start_traced(
-    config: &Config,
-    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
-  ) -> Result<Node, Error> {
+  /// As [`Node::start`], with what the process wired up around the node.
+  pub async fn start_with(config: &Config, services: NodeServices) -> Result<Node, Error> {
+    let NodeServices { tracer, tails } = services;
     let transpiler = Arc::new(TranspileCache::default());
     // Isolates are created before their function is known, with the largest heap any
     // function may use; smaller limits are checked per function.
@@ -236,7 +256,8 @@ impl Node {
       .max()
       .unwrap_or(Limits::DEFAULT_MEMORY_MB * 1024 * 1024);
     let cache = Arc::new(SharedCache::from_config(&config.cache));
-    let factory = IsolateFactory::new(&config.server, max_heap, cache.clone())?;
+    let services = Arc::new(ServiceCalls::default());
+    let factory = IsolateFactory::new(&config.server, max_heap, cache.clone(), services.clone())?;
     let deployments = match config.admin.as_ref().and_then(|a| a.data_dir.as_ref()) {
       None => None,
       Some(dir) => Some(
@@ -293,38 +314,41 @@ impl Node {
         Some((listener, admin.token.clone()))
       }
     };
+    let state = Arc::new(NodeState {
+      configured: ArcSwap::from_pointee(configured),
+      factory,
+      transpiler,
+      config_file: config.file.clone(),
+      handler: config.handler.clone(),
+      tls: tls_listeners,
+      listen: config.listeners.iter().map(|l| l.address).collect(),
+      admission: Admission::new(
+        config.server.max_in_flight,
+        config.server.queue_depth,
+        Duration::from_millis(config.server.queue_timeout_ms),
+      ),
+      compression: config.server.compression,
+      error_details: config.server.error_details,
+      max_headers: config.server.max_headers,
+      max_body_bytes: config.server.max_body_bytes,
+      request_ids: RequestIds::new(),
+      cache,
+      revalidating: std::sync::Mutex::default(),
+      geo: geo.clone(),
+      pop: config.node.as_ref().map(|node| node.pop.clone()),
+      observers: Arc::new(Observers {
+        metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
+        usage: UsageLedger::default(),
+        tracer,
+      }),
+      draining: AtomicBool::new(false),
+      deployments,
+      tails,
+    });
+    let _ = services.node.set(Arc::downgrade(&state));
     Ok(Node {
       admin,
-      state: Arc::new(NodeState {
-        configured: ArcSwap::from_pointee(configured),
-        factory,
-        transpiler,
-        config_file: config.file.clone(),
-        handler: config.handler.clone(),
-        tls: tls_listeners,
-        listen: config.listeners.iter().map(|l| l.address).collect(),
-        admission: Admission::new(
-          config.server.max_in_flight,
-          config.server.queue_depth,
-          Duration::from_millis(config.server.queue_timeout_ms),
-        ),
-        compression: config.server.compression,
-        error_details: config.server.error_details,
-        max_headers: config.server.max_headers,
-        max_body_bytes: config.server.max_body_bytes,
-        request_ids: RequestIds::new(),
-        cache,
-        revalidating: std::sync::Mutex::default(),
-        geo: geo.clone(),
-        pop: config.node.as_ref().map(|node| node.pop.clone()),
-        observers: Arc::new(Observers {
-          metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
-          usage: UsageLedger::default(),
-          tracer,
-        }),
-        draining: AtomicBool::new(false),
-        deployments,
-      }),
+      state,
       listeners,
       server: config.server.clone(),
     })
@@ -388,6 +412,7 @@ impl Node {
     for accept_loop in accept_loops {
       let _ = accept_loop.await;
     }
+    tracing::info!("listeners closed: new connections are refused");
     evictor.abort();
     connections.close();
     match tokio::time::timeout(
@@ -954,13 +979,18 @@ pub(crate) async fn call_function(
     }
   };
   let cancel = CancellationToken::new();
+  // Ends the request on the isolate's side (body streaming, `request.signal`) when this call
+  // is dropped: the client went away, a limit ended it, or its response was sent.
+  let cancel_on_drop = cancel.clone().drop_guard();
+  let finished = Arc::new(AtomicBool::new(false));
   let (reply, replied) = oneshot::channel();
   let dispatched = pool.dispatch(DispatchRequest {
     method,
     url,
     headers,
     body,
-    cancel: cancel.clone(),
+    cancel,
+    finished: finished.clone(),
     reply,
     usage: Arc::new(access.usage()),
     cf,
@@ -994,9 +1024,6 @@ pub(crate) async fn call_function(
       );
     }
   };
-  // Cancels body streaming if the client goes away before the response is complete.
-  let cancel_on_drop = cancel.drop_guard();
-
   let Ok(replied) = tokio::time::timeout_at(deadline, replied).await else {
     // Dropping the guard cancels the request's token: body streaming stops.
     drop(cancel_on_drop);
@@ -1028,6 +1055,7 @@ pub(crate) async fn call_function(
       response.map(|body| {
         GuardedBody {
           inner: body,
+          finished,
           deadline: Box::pin(tokio::time::sleep_until(deadline)),
           _active: active,
           _in_flight: in_flight,
@@ -1387,6 +1415,8 @@ fn outpost_response(status: StatusCode, reason: &'static str, body: String) -> R
 /// streaming inside the isolate when it is dropped early.
 struct GuardedBody {
   inner: Body,
+  /// Set once the body has been sent in full.
+  finished: Arc<AtomicBool>,
   deadline: Pin<Box<tokio::time::Sleep>>,
   _active: ActiveRequest,
   _in_flight: InFlightGuard,
@@ -1407,7 +1437,11 @@ impl http_body::Body for GuardedBody {
         "the function's wall-clock limit ended the response".into(),
       )));
     }
-    Pin::new(&mut self.inner).poll_frame(cx)
+    let frame = Pin::new(&mut self.inner).poll_frame(cx);
+    if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
+      self.finished.store(true, Ordering::Release);
+    }
+    frame
   }
 
   fn is_end_stream(&self) -> bool {
@@ -1416,6 +1450,70 @@ impl http_body::Body for GuardedBody {
 
   fn size_hint(&self) -> http_body::SizeHint {
     self.inner.size_hint()
+  }
+}
+
+/// The node's side of service bindings (`outpost_ext_dispatch::ServiceDispatch`): a call is a
+/// request of its own to the bound function, served in-process as any request is (its
+/// limits, access record and usage), continuing the caller's trace.
+#[derive(Default)]
+struct ServiceCalls {
+  /// Set once the node exists (its isolates are created before it).
+  node: std::sync::OnceLock<std::sync::Weak<NodeState>>,
+}
+
+impl outpost_ext_dispatch::ServiceDispatch for ServiceCalls {
+  fn call(
+    &self,
+    function: &str,
+    request: Request<Body>,
+  ) -> futures::future::BoxFuture<'static, Result<Response<Body>, String>> {
+    let node = self.node.get().and_then(std::sync::Weak::upgrade);
+    let function = function.to_string();
+    Box::pin(async move {
+      let node = node.ok_or("the node is shutting down")?;
+      let (parts, body) = request.into_parts();
+      let target = node
+        .function_named(&function, &parts.headers)
+        .ok_or_else(|| format!("no function {function:?} serves on this node"))?;
+      let request_id = node.request_ids.next();
+      let access = AccessRecord::new(
+        node.observers.clone(),
+        &request_id,
+        parts.uri.authority().map_or("", |a| a.as_str()),
+        parts.method.as_str(),
+        parts.uri.path(),
+      );
+      access.set_function(target.name(), target.version());
+      let mut headers = parts.headers;
+      hop_by_hop::strip_request(&mut headers);
+      let trace = TraceContext::from_headers(&headers);
+      access.set_trace(&trace);
+      let call = FunctionCall {
+        function: target,
+        trace,
+        encoding: None,
+        method: parts.method,
+        url: parts.uri.to_string(),
+        headers,
+        body: (!http_body::Body::is_end_stream(&body)).then_some(body),
+        body_exceeded: Arc::new(AtomicBool::new(false)),
+        access: access.clone(),
+        active: Arc::new(ConnectionActivity::new()).begin(),
+        cf: Vec::new(),
+      };
+      let mut response = call_function(&node, call, None).await;
+      if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+      }
+      let status = response.status().as_u16();
+      let error = outpost_error(&response).map(str::to_string);
+      Ok(response.map(|body| {
+        access
+          .respond(status, error.as_deref(), body)
+          .boxed_unsync()
+      }))
+    })
   }
 }
 

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,8 +46,12 @@ pub struct DispatchRequest {
   pub headers: http::HeaderMap,
   /// `None` when the request has no body (e.g. a GET).
   pub body: Option<Body>,
-  /// Cancelled by the server when the client goes away; stops body streaming.
+  /// Cancelled by the server when the request is over: the client went away, a limit ended
+  /// it, or its response was sent in full (then `finished` is set first). Stops body
+  /// streaming, and aborts `request.signal` unless the request finished.
   pub cancel: CancellationToken,
+  /// Set by the server once the response has been sent in full.
+  pub finished: Arc<AtomicBool>,
   pub reply: oneshot::Sender<DispatchReply>,
   /// Filled in by the isolate as the request uses CPU.
   pub usage: Arc<RequestUsage>,
@@ -102,9 +106,18 @@ impl DispatchQueue {
 struct InFlight {
   next_id: u32,
   pending: HashMap<u32, PendingReply>,
+  /// How each request taken off the queue ends, for `request.signal`; dropped once over.
+  endings: HashMap<u32, RequestEnding>,
   /// Usage of the requests answered during the current entry into JS: they still get
   /// their share of it when it ends.
   answered: Vec<Arc<RequestUsage>>,
+}
+
+/// How to learn that a request is over, and whether it finished or was cut short.
+#[derive(Clone)]
+struct RequestEnding {
+  over: CancellationToken,
+  finished: Arc<AtomicBool>,
 }
 
 struct PendingReply {
@@ -261,6 +274,9 @@ pub enum DispatchError {
   #[class(type)]
   #[error("invalid response header {name:?}: {reason}")]
   InvalidHeader { name: String, reason: String },
+  #[class(type)]
+  #[error("{0}")]
+  Service(String),
   #[class(inherit)]
   #[error(transparent)]
   Resource(#[from] deno_core::error::ResourceError),
@@ -273,7 +289,9 @@ deno_core::extension!(
     op_dispatch_next,
     op_dispatch_respond,
     op_dispatch_fail,
-    op_dispatch_subrequest
+    op_dispatch_subrequest,
+    op_dispatch_cancelled,
+    op_dispatch_service
   ],
   esm = ["01_dispatch.js"],
   options = { queue: Option<DispatchQueue> },
@@ -321,6 +339,20 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
   let in_flight = state.borrow_mut::<InFlight>();
   let id = in_flight.next_id;
   in_flight.next_id = in_flight.next_id.wrapping_add(1);
+  // Endings of requests that are over go, now and then, so the map holds about what is in
+  // flight (a handler that never reads `request.signal` never asks for its entry).
+  if in_flight.endings.len() > 2 * in_flight.pending.len() + 64 {
+    in_flight
+      .endings
+      .retain(|_, ending| !ending.over.is_cancelled());
+  }
+  in_flight.endings.insert(
+    id,
+    RequestEnding {
+      over: request.cancel.clone(),
+      finished: request.finished,
+    },
+  );
   in_flight.pending.insert(
     id,
     PendingReply {
@@ -456,6 +488,146 @@ fn op_dispatch_subrequest(state: &mut OpState, #[smi] id: u32) {
   if let Some(pending) = state.borrow::<InFlight>().pending.get(&id) {
     pending.usage.subrequests.fetch_add(1, Ordering::Relaxed);
   }
+}
+
+/// Resolves once request `id` is over: `true` when it was cut short (the client went away,
+/// or a limit such as the wall-clock one ended it), `false` when its response was sent in
+/// full. Asked only when a handler reads `request.signal`.
+#[op2]
+async fn op_dispatch_cancelled(state: Rc<RefCell<OpState>>, #[smi] id: u32) -> bool {
+  let ending = state
+    .borrow()
+    .borrow::<InFlight>()
+    .endings
+    .get(&id)
+    .cloned();
+  let Some(ending) = ending else {
+    // Over and forgotten already.
+    return false;
+  };
+  ending.over.cancelled().await;
+  state
+    .borrow_mut()
+    .borrow_mut::<InFlight>()
+    .endings
+    .remove(&id);
+  !ending.finished.load(Ordering::Acquire)
+}
+
+/// Calls between functions of one node (service bindings: `env.AUTH.fetch(request)`),
+/// carried out in-process by the node. Put into `OpState` as `Arc<dyn ServiceDispatch>`.
+pub trait ServiceDispatch: Send + Sync {
+  /// Serves `request` with function `function` as the node serves any request (its limits,
+  /// access record and usage), and answers with its response.
+  fn call(
+    &self,
+    function: &str,
+    request: http::Request<Body>,
+  ) -> futures::future::BoxFuture<'static, Result<http::Response<Body>, String>>;
+}
+
+/// The dispatcher of isolates outside a node (benches, tools): every call is refused.
+#[derive(Debug, Default)]
+pub struct NoServices;
+
+impl ServiceDispatch for NoServices {
+  fn call(
+    &self,
+    function: &str,
+    _request: http::Request<Body>,
+  ) -> futures::future::BoxFuture<'static, Result<http::Response<Body>, String>> {
+    let message = format!("no node to call {function:?} on: service bindings need a node");
+    Box::pin(async move { Err(message) })
+  }
+}
+
+/// The service bindings of the function an isolate runs: binding name → function name.
+#[derive(Debug, Default)]
+pub struct ServiceBindings(pub std::collections::BTreeMap<String, String>);
+
+/// A service binding's answer, as JS sees it.
+#[derive(ToV8)]
+pub struct ServiceResponse {
+  status: u32,
+  headers: Vec<(ByteString, ByteString)>,
+  body_rid: Option<u32>,
+}
+
+/// `env.NAME.fetch(...)`: sends a request to the function bound as `binding`, in-process.
+/// The body is inline bytes or a stream resource; the answer's body comes back as a
+/// resource JS reads as a stream.
+#[op2]
+#[allow(
+  clippy::too_many_arguments,
+  reason = "a request's parts as JS hands them over"
+)]
+async fn op_dispatch_service(
+  state: Rc<RefCell<OpState>>,
+  #[string] binding: String,
+  #[string] method: String,
+  #[string] url: String,
+  #[scoped] headers: Vec<(ByteString, ByteString)>,
+  #[buffer(copy)] body: Option<Vec<u8>>,
+  #[smi] body_rid: Option<ResourceId>,
+) -> Result<ServiceResponse, DispatchError> {
+  let (call, resource) = {
+    let mut state = state.borrow_mut();
+    let function = state
+      .try_borrow::<ServiceBindings>()
+      .and_then(|bindings| bindings.0.get(&binding).cloned())
+      .ok_or_else(|| DispatchError::Service(format!("no service is bound as {binding}")))?;
+    let dispatch = state
+      .try_borrow::<Arc<dyn ServiceDispatch>>()
+      .cloned()
+      .ok_or_else(|| DispatchError::Service("service bindings are not available here".into()))?;
+    let resource = body_rid
+      .map(|rid| state.resource_table.take_any(rid))
+      .transpose()?;
+    ((function, dispatch), resource)
+  };
+  let (function, dispatch) = call;
+  let method = http::Method::from_bytes(method.as_bytes())
+    .map_err(|err| DispatchError::Service(format!("method {method:?}: {err}")))?;
+  let request_body = match (resource, body) {
+    // A stream the handler wrote is pumped as the callee reads it; it ends when the callee
+    // stops reading.
+    (Some(resource), _) => stream_resource_body(resource, CancellationToken::new()),
+    (None, Some(bytes)) => full_body(Bytes::from(bytes)),
+    (None, None) => full_body(Bytes::new()),
+  };
+  let mut request = http::Request::new(request_body);
+  *request.method_mut() = method;
+  *request.uri_mut() = url
+    .parse()
+    .map_err(|err| DispatchError::Service(format!("URL {url:?}: {err}")))?;
+  *request.headers_mut() = header_map(headers)
+    .map_err(|InvalidHeader { name, reason }| DispatchError::InvalidHeader { name, reason })?;
+  let response = dispatch
+    .call(&function, request)
+    .await
+    .map_err(|err| DispatchError::Service(format!("service {binding} ({function}): {err}")))?;
+  let (head, body) = response.into_parts();
+  let headers = head
+    .headers
+    .iter()
+    .map(|(name, value)| {
+      (
+        ByteString::from(name.as_str()),
+        ByteString::from(value.as_bytes()),
+      )
+    })
+    .collect();
+  let body_rid = (!http_body::Body::is_end_stream(&body)).then(|| {
+    state
+      .borrow_mut()
+      .resource_table
+      .add(RequestBodyResource::new(body, CancellationToken::new()))
+  });
+  Ok(ServiceResponse {
+    status: u32::from(head.status.as_u16()),
+    headers,
+    body_rid,
+  })
 }
 
 /// A header that JS handed over and HTTP does not accept.

@@ -221,6 +221,8 @@ pub struct FunctionConfig {
   pub cache: RouteCacheConfig,
   /// The status its routes answer when `[[overrides]]` switch it off on this node.
   pub disabled: Option<u16>,
+  /// Service bindings: `env` name → the function it calls in-process.
+  pub services: BTreeMap<String, String>,
 }
 
 /// Isolate pool settings of one function (`pool = { ... }`).
@@ -414,6 +416,8 @@ struct RawFunction {
   limits: Option<Spanned<LimitsConfig>>,
   #[serde(default)]
   cache: Option<Spanned<RouteCacheConfig>>,
+  #[serde(default)]
+  services: Option<Spanned<BTreeMap<String, String>>>,
 }
 
 impl Config {
@@ -579,6 +583,9 @@ impl Config {
     }
 
     let node_limits = locate.table(&raw.limits, "limits", LimitsConfig::problems, &mut errors);
+    for (field, message) in raw.egress.problems() {
+      errors.push(locate.error(0..0, &format!("egress.{field}"), message));
+    }
     let cache = locate.table(&raw.cache, "cache", CacheConfig::problems, &mut errors);
     let log = locate.table(&raw.log, "log", LogConfig::problems, &mut errors);
     let tracing = locate.table(
@@ -675,6 +682,17 @@ impl Config {
       let entry_key = format!("functions[{i}].entry");
       let routes_key = format!("functions[{i}].routes");
       let name = locate.required(&function.name, &name_key, "name = \"api\"", &mut errors);
+      if let Some(name) = name.map(Spanned::get_ref) {
+        if let Err(message) = check_function_name(name) {
+          errors.push(locate.error(0..0, &name_key, message));
+        } else if !names.insert(name.clone()) {
+          errors.push(locate.error(
+            0..0,
+            &name_key,
+            format!("function {name:?} is defined twice; function names must be unique"),
+          ));
+        }
+      }
       let entry = locate
         .required(
           &function.entry,
@@ -689,19 +707,9 @@ impl Config {
         "routes = [\"/\"]",
         &mut errors,
       );
-      let Some(name) = name else {
+      let Some(name) = name.map(Spanned::get_ref) else {
         continue;
       };
-      let name = name.get_ref();
-      if let Err(message) = check_function_name(name) {
-        errors.push(locate.error(0..0, &name_key, message));
-      } else if !names.insert(name.clone()) {
-        errors.push(locate.error(
-          0..0,
-          &name_key,
-          format!("function {name:?} is defined twice; function names must be unique"),
-        ));
-      }
       let mut routes = Vec::new();
       if let Some(list) = route_list
         && list.get_ref().is_empty()
@@ -747,6 +755,28 @@ impl Config {
           ));
         }
       }
+      let services = function
+        .services
+        .as_ref()
+        .map(|s| s.get_ref().clone())
+        .unwrap_or_default();
+      for (binding, target) in &services {
+        let key = format!("functions[{i}].services.{binding}");
+        if let Err(message) = check_binding_name(binding) {
+          errors.push(locate.error(0..0, &key, message));
+        } else if env.contains_key(binding) {
+          errors.push(locate.error(
+            0..0,
+            &key,
+            format!(
+              "{binding} is also an env variable of this function; give the binding another name"
+            ),
+          ));
+        }
+        if let Err(message) = check_function_name(target) {
+          errors.push(locate.error(0..0, &key, message));
+        }
+      }
       let limits = locate.table(
         &function.limits,
         &format!("functions[{i}].limits"),
@@ -756,7 +786,7 @@ impl Config {
       let egress = locate.table(
         &function.egress,
         &format!("functions[{i}].egress"),
-        EgressConfig::problems,
+        |egress: &EgressConfig| egress.problems(&raw.egress),
         &mut errors,
       );
       let cache = function
@@ -797,6 +827,7 @@ impl Config {
           limits: Limits::resolve(&limits, &node_limits),
           cache,
           disabled: (!applied.enabled).then_some(applied.disabled_status),
+          services,
         });
       }
     }
@@ -890,6 +921,7 @@ impl Config {
         limits: Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()),
         cache: RouteCacheConfig::default(),
         disabled: None,
+        services: BTreeMap::new(),
       }],
       server: ServerConfig::default(),
       node: None,
@@ -936,6 +968,21 @@ impl PoolConfig {
       return Err("isolate_concurrency must be at least 1".into());
     }
     Ok(())
+  }
+}
+
+/// Service binding names are JS identifiers of letters, digits and `_`, as env names are.
+pub fn check_binding_name(name: &str) -> Result<(), String> {
+  let valid = !name.is_empty()
+    && name.len() <= 128
+    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    && !name.as_bytes()[0].is_ascii_digit();
+  if valid {
+    Ok(())
+  } else {
+    Err(format!(
+      "{name:?} is not a binding name: use letters, digits and _, not starting with a digit (e.g. AUTH)"
+    ))
   }
 }
 
@@ -1148,7 +1195,8 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
     .unwrap_err();
     let keys: Vec<_> = err.errors.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["cache.max_entry_bytes", "admin.token"], "{err}");
-    assert_eq!((err.errors[0].line, err.errors[1].line), (1, 5), "{err}");
+    // Each at its key (admin.token is missing: at its table).
+    assert_eq!((err.errors[0].line, err.errors[1].line), (3, 5), "{err}");
     let config = parse(
       "[cache]\nmax_bytes = \"64MiB\"\n\n[admin]\naddress = \"0.0.0.0:9901\"\ntoken = \"t\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\n",
     )
@@ -1188,11 +1236,11 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
     assert_eq!(
       found,
       [
-        // Each at its table's [[...]] line.
-        ("regions[2].parent", 21),
-        ("overrides[0].region", 25),
-        ("overrides[1].function", 29),
-        ("overrides[1].limits.cpu_ms", 29),
+        // Each at its key's value.
+        ("regions[2].parent", 23),
+        ("overrides[0].region", 26),
+        ("overrides[1].function", 31),
+        ("overrides[1].limits.cpu_ms", 32),
       ],
       "{err}"
     );
@@ -1241,7 +1289,7 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
       found,
       [
         ("outpost.toml", "geo_file", 1),
-        ("pop.toml", "overrides[0].region", 8)
+        ("pop.toml", "overrides[0].region", 9)
       ],
       "{err}"
     );
@@ -1266,7 +1314,7 @@ egress = { allow = ["api.example.com"], deny = ["not a host"] }
     );
     assert_eq!(
       (err.errors[1].line, err.errors[1].column),
-      (1, 1),
+      (2, 7),
       "{}",
       err.errors[1]
     );
