@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use outpost::edge_cache::{Lookup, SharedCache, Store, SystemClock};
+use outpost::cache::edge_cache::{Lookup, SharedCache, Store, SystemClock};
 use outpost_ext_cache::CacheNamespace;
 
 fn request(url: &str) -> http::request::Parts {

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http_body_util::BodyExt;
-use outpost::compression::{Encoding, compress_response};
+use outpost::http::compression::{Encoding, compress_response};
 use outpost_ext_dispatch::full_body;
 
 fn page() -> Bytes {

@@ -4,22 +4,18 @@
 //! that the handler reads and echoes. The difference is what converting headers and bodies between Rust and JS costs;
 //! `header_map_16` times the Rust half of the response side alone.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+mod serving;
 mod spec;
 
-use spec::{HEAP, bench_spec};
+use spec::bench_spec;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use deno_core::PollEventLoopOptions;
 use deno_core::convert::ByteString;
 use http_body_util::BodyExt;
 use outpost::isolate::BlankIsolate;
-use outpost_ext_dispatch::{DispatchRequest, RequestUsage};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 const HANDLER: &str = r#"
 export default {
@@ -83,51 +79,34 @@ fn benches(c: &mut Criterion) {
   let path = dir.path().join("echo.js");
   std::fs::write(&path, HANDLER).unwrap();
   let spec = bench_spec(&path);
-  let (sender, receiver) = mpsc::channel(8);
-  let mut isolate = BlankIsolate::new(Some(receiver), HEAP, None).unwrap();
-  // Kept alive (not polled): the serve loop runs inside the event loop.
-  let _serving = tokio.block_on(isolate.start_function(&spec)).unwrap();
+  let local = tokio::task::LocalSet::new();
+  let settings = serving::settings();
+  let meter = serving::meter();
+  let blank = BlankIsolate::new(&settings).unwrap();
+  let queue = local.block_on(&tokio, serving::serve(blank, &spec, &meter));
   let headers = request_headers();
   let body = Bytes::from(vec![b'x'; 1024]);
 
-  let mut round_trip = |with_headers: bool, with_body: bool| {
-    let (reply, replied) = oneshot::channel();
-    let request = DispatchRequest {
-      method: if with_body {
-        http::Method::POST
-      } else {
-        http::Method::GET
-      },
-      url: "https://bench.local/convert?x=1".into(),
-      headers: if with_headers {
-        headers.clone()
-      } else {
-        http::HeaderMap::new()
-      },
-      body: with_body.then(|| outpost_ext_dispatch::full_body(body.clone())),
-      cancel: CancellationToken::new(),
-      finished: Arc::default(),
-      reply,
-      usage: Arc::new(RequestUsage::new("bench".into())),
-      cf: Vec::new(),
-      trace: None,
-    };
-    tokio.block_on(async {
-      sender.send(request).await.unwrap();
-      let response = isolate
-        .runtime
-        .with_event_loop_future(Box::pin(replied), PollEventLoopOptions::default())
-        .await
-        .unwrap()
-        .unwrap();
+  let round_trip = |with_headers: bool, with_body: bool| {
+    local.block_on(&tokio, async {
+      let response = serving::send(
+        &queue,
+        if with_body {
+          http::Method::POST
+        } else {
+          http::Method::GET
+        },
+        "https://bench.local/convert?x=1",
+        if with_headers {
+          headers.clone()
+        } else {
+          http::HeaderMap::new()
+        },
+        with_body.then(|| outpost_ext_dispatch::full_body(body.clone())),
+      )
+      .await;
       let (parts, body) = response.into_parts();
-      let collect = Box::pin(body.collect());
-      let bytes = isolate
-        .runtime
-        .with_event_loop_future(collect, PollEventLoopOptions::default())
-        .await
-        .unwrap()
-        .to_bytes();
+      let bytes = body.collect().await.unwrap().to_bytes();
       assert_eq!(parts.status, 200);
       assert_eq!(bytes.len(), if with_body { 1024 } else { 2 });
     });

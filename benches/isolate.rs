@@ -1,25 +1,20 @@
 //! Isolate start-up: creating a blank isolate from the snapshot until it can take a
 //! function; the first request of a never-seen function on a pre-warmed blank isolate
-//! (load + evaluate its module, then answer one request); and a pool's view of a new
-//! isolate, taken from the spares until it is ready to serve. Also the cost of CPU metering
+//! (load + evaluate its module, then answer one request); and a shard's view of a new
+//! isolate, taken from its spares until it is ready to serve. Also the cost of CPU metering
 //! per entry into JS (one enter/leave pair), to compare with a warm request's cost.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+mod serving;
 mod spec;
 mod timing;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use deno_core::PollEventLoopOptions;
-use outpost::config::{CacheConfig, ServerConfig};
-use outpost::cpu::{CpuGuard, CpuWatchdog};
-use outpost::edge_cache::SharedCache;
-use outpost::isolate::{BlankIsolate, FunctionSpec, IsolateFactory};
-use outpost_ext_dispatch::{DispatchRequest, RequestUsage};
-use spec::{HEAP, bench_spec};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use outpost::isolate::{BlankIsolate, FunctionSpec};
+use outpost::limits::cpu::{CpuGuard, CpuWatchdog};
+use outpost::shard::Shards;
+use spec::bench_spec;
 
 const JS_HANDLER: &str =
   "export default { fetch: (r) => new Response('hello from ' + new URL(r.url).pathname) };";
@@ -32,62 +27,21 @@ fn new_spec(dir: &std::path::Path, file: &str, source: &str, index: usize) -> Fu
   bench_spec(&path)
 }
 
-/// A pre-warmed blank isolate and its request channel.
-fn blank() -> (BlankIsolate, mpsc::Sender<DispatchRequest>) {
-  let (sender, receiver) = mpsc::channel(8);
-  (
-    BlankIsolate::new(Some(receiver), HEAP, None).unwrap(),
-    sender,
-  )
-}
-
-/// Gives `isolate` the function and serves one GET through it.
-async fn first_request(
-  mut isolate: BlankIsolate,
-  sender: mpsc::Sender<DispatchRequest>,
-  spec: FunctionSpec,
-) -> BlankIsolate {
-  let serving = isolate.start_function(&spec).await.unwrap();
-  let (reply, replied) = oneshot::channel();
-  sender
-    .send(DispatchRequest {
-      method: http::Method::GET,
-      url: "http://bench.local/first".into(),
-      headers: http::HeaderMap::new(),
-      body: None,
-      cancel: CancellationToken::new(),
-      finished: Arc::default(),
-      reply,
-      usage: Arc::new(RequestUsage::new("bench".into())),
-      cf: Vec::new(),
-      trace: None,
-    })
-    .await
-    .unwrap();
-  let response = isolate
-    .runtime
-    .with_event_loop_future(Box::pin(replied), PollEventLoopOptions::default())
-    .await
-    .unwrap()
-    .unwrap();
-  assert_eq!(response.status(), 200);
-  drop(serving);
-  isolate
-}
-
 fn benches(c: &mut Criterion) {
   outpost::init_v8();
   let tokio = tokio::runtime::Builder::new_current_thread()
     .enable_all()
     .build()
     .unwrap();
+  let local = tokio::task::LocalSet::new();
   let _guard = tokio.enter();
   let dir = tempfile::tempdir().unwrap();
+  let settings = serving::settings();
+  let meter = serving::meter();
 
-  // Isolates on one thread must be dropped in reverse order of creation: each one is
-  // dropped right after it is timed, outside the timing.
+  // Each isolate is dropped right after it is timed, outside the timing.
   timing::bench(c, "isolate_from_snapshot", 500, || {
-    timing::timed(|| BlankIsolate::new(None, HEAP, None).unwrap()).1
+    timing::timed(|| BlankIsolate::new(&settings).unwrap()).1
   });
 
   for (name, file, source) in [
@@ -98,40 +52,69 @@ fn benches(c: &mut Criterion) {
     timing::bench(c, name, 300, || {
       index += 1;
       let spec = new_spec(dir.path(), file, source, index);
-      let (isolate, sender) = blank();
-      timing::timed(|| tokio.block_on(first_request(isolate, sender, spec))).1
+      let blank = BlankIsolate::new(&settings).unwrap();
+      let (queue, elapsed) = timing::timed(|| {
+        local.block_on(&tokio, async {
+          let queue = serving::serve(blank, &spec, &meter).await;
+          let response = serving::send(
+            &queue,
+            http::Method::GET,
+            "http://bench.local/first",
+            http::HeaderMap::new(),
+            None,
+          )
+          .await;
+          assert_eq!(response.status(), 200);
+          queue
+        })
+      });
+      // The isolate ends (and is dropped) outside the timing.
+      queue.close();
+      local.block_on(&tokio, tokio::task::yield_now());
+      elapsed
     });
   }
 
-  let server = ServerConfig {
-    spare_isolates: 1,
-    ..ServerConfig::default()
-  };
-  let cache = Arc::new(SharedCache::from_config(&CacheConfig::default()));
-  let factory = IsolateFactory::new(
-    &server,
-    HEAP,
-    cache,
-    Arc::new(outpost_ext_dispatch::NoServices),
-  )
-  .unwrap();
+  // A shard with one spare: the time from asking for an isolate of a new function until it
+  // serves; the spare is refilled between runs, outside the timing.
+  let shards = Shards::start(1, 1, settings.clone(), CpuWatchdog::start(false).unwrap()).unwrap();
   let mut index = 0;
   timing::bench(c, "new_isolate_from_spare", 300, || {
     index += 1;
     let spec = new_spec(dir.path(), "spare.js", JS_HANDLER, index);
-    // The refill happens between runs, outside the timing.
-    tokio.block_on(factory.spares_settled());
-    timing::timed(|| tokio.block_on(factory.start(spec)).unwrap()).1
+    let pool = index as u64;
+    tokio
+      .block_on(shards.call_on(0, |shard| async move {
+        while shard.spare_count() == 0 {
+          tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+      }))
+      .unwrap();
+    let elapsed = timing::timed(|| {
+      tokio
+        .block_on(shards.call_on(0, move |shard| async move {
+          shard
+            .start_isolate(pool, &spec, serving::Unwatched)
+            .await
+            .map(drop)
+        }))
+        .unwrap()
+        .unwrap()
+    })
+    .1;
+    tokio
+      .block_on(shards.call_on(0, move |shard| async move { shard.close_pool(pool) }))
+      .unwrap();
+    elapsed
   });
 
-  // One enter/leave pair: the metering every entry into JS pays (one CPU clock read).
-  let mut isolate = BlankIsolate::new(None, HEAP, None).unwrap();
-  let watchdog = CpuWatchdog::start(false).unwrap();
-  let guard = CpuGuard::new(isolate.runtime.v8_isolate().thread_safe_handle(), &watchdog);
+  // One enter/leave pair: the metering every entry into JS pays (two monotonic clock reads).
+  let mut isolate = BlankIsolate::new(&settings).unwrap().into_runtime();
+  let guard = CpuGuard::new(isolate.v8_isolate().thread_safe_handle(), &meter);
   c.bench_function("cpu_metering_per_entry", |b| {
     b.iter(|| {
-      guard.enter(Duration::from_millis(50), None);
-      guard.leave()
+      meter.enter(&guard, Duration::from_millis(50), None);
+      meter.leave()
     })
   });
 }

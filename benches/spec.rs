@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::FunctionSpec;
+use outpost::isolate::function_code::{FunctionCode, TranspileCache};
 use outpost::limits::{Limits, LimitsConfig};
 
 /// Heap limit of the benchmarked isolates: Outpost's default.

@@ -536,8 +536,8 @@ function bootstrap() {
  * Starts serving with the handler module's namespace; each request may make
  * `maxSubrequests` fetch() calls and write `consoleCap` bytes of console output; `env`
  * gets a ServiceBinding for each name of `services`. Throws when the module has no
- * handler. Returns a promise that settles once the request channel is closed and all
- * waitUntil() work has finished.
+ * handler. Returns a promise that settles once the request queue is closed, every request
+ * taken has been answered and all waitUntil() work has finished.
  */
 function serve(namespace, env, maxSubrequests, consoleCap, services) {
   const handler = findHandler(namespace);
@@ -546,11 +546,26 @@ function serve(namespace, env, maxSubrequests, consoleCap, services) {
   }
   ObjectFreeze(env);
   const pending = new SafeSet();
+  const limits = { maxSubrequests, consoleCap };
+  // Requests whose handler has not finished yet; once the queue is closed, the last one to
+  // finish lets the loop end.
+  let answering = 0;
+  let lastAnswered = null;
+  const answered = () => {
+    answering--;
+    if (answering === 0 && lastAnswered !== null) lastAnswered();
+  };
   return (async () => {
     while (true) {
       const next = await nextRequest();
       if (next === null) break;
-      handleRequest(next, handler, env, pending, { maxSubrequests, consoleCap });
+      answering++;
+      PromisePrototypeThen(handleRequest(next, handler, env, pending, limits), answered);
+    }
+    if (answering > 0) {
+      await new Promise((resolve) => {
+        lastAnswered = resolve;
+      });
     }
     for (const promise of pending) {
       try {

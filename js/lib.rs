@@ -3,17 +3,18 @@
 //! every isolate use. Keeping the list here is what keeps the two in step: a snapshot built
 //! from one list and an isolate created from another fail with `ExtensionSnapshotMismatch`.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use deno_core::{Extension, OpState, op2};
-use outpost_ext_dispatch::DispatchQueue;
+use outpost_ext_dispatch::RequestQueue;
 
 /// Everything an isolate's extensions are initialised with. `Default` is what the snapshot
 /// is built with: no request queue.
 #[derive(Default)]
 pub struct IsolateOptions {
   /// Requests for this isolate; `None` while building the snapshot.
-  pub dispatch_queue: Option<DispatchQueue>,
+  pub dispatch_queue: Option<Rc<RequestQueue>>,
   /// Options for outbound `fetch` (user agent, DNS resolver, TLS roots).
   pub fetch: deno_fetch::Options,
   /// The node's shared cache, behind the Cache API; `None` while building the snapshot.

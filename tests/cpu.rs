@@ -19,10 +19,12 @@ export default {
 };
 "#;
 
+/// A function burning CPU on purpose: kept on the shards (`slow_lane_entry_ms = 0`), so that
+/// an isolate that changes is one that was terminated, not one that moved lanes.
 fn server() -> Outpost {
   Outpost::start(
     &functions_config(
-      "",
+      "[server]\nslow_lane_entry_ms = 0",
       &[(
         "hog",
         "hog.js",
@@ -76,7 +78,7 @@ async fn work_within_the_limit_is_not_cut_and_does_not_add_up_across_requests() 
 async fn a_request_waiting_on_io_is_not_charged_for_its_neighbours() {
   let outpost = Outpost::start(
     &functions_config(
-      "",
+      "[server]\nslow_lane_entry_ms = 0",
       &[(
         "shared",
         "shared.js",

@@ -316,7 +316,7 @@ async fn kill_nine_during_a_deploy_restarts_consistent() {
       .count();
     let active_file = data.path().join("functions/api/active.json");
     let active_before = std::fs::read(&active_file).unwrap();
-    let mut deploy = std::process::Command::new(crate::support::outpost_bin())
+    let mut deploy = crate::support::outpost_command()
       .args([
         "deploy",
         v2.to_str().unwrap(),
@@ -865,7 +865,7 @@ async fn functions_and_secrets_can_be_deleted() {
   let put_secret = tokio::task::spawn_blocking({
     let (admin, cwd) = (admin.clone(), cwd.clone());
     move || {
-      let mut child = std::process::Command::new(crate::support::outpost_bin())
+      let mut child = crate::support::outpost_command()
         .args(["secret", "put", "api", "TOKEN", "--admin", &admin])
         .current_dir(&cwd)
         .stdin(std::process::Stdio::piped())

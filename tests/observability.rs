@@ -686,7 +686,7 @@ async fn tail_follows_one_functions_records_and_console() {
     ],
   );
   let admin = format!("http://{}", outpost.admin.unwrap());
-  let mut tail = std::process::Command::new(crate::support::outpost_bin())
+  let mut tail = crate::support::outpost_command()
     .args(["tail", "api", "--admin", &admin])
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::null())

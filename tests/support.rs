@@ -46,6 +46,24 @@ pub fn functions_config(preamble: &str, functions: &[(&str, &str, &str)]) -> Str
   config
 }
 
+/// A command running the `outpost` binary under test. It is killed when the test process
+/// ends, whatever way it ends: a server left behind would keep a core busy for the tests
+/// that follow.
+pub fn outpost_command() -> Command {
+  use std::os::unix::process::CommandExt as _;
+  let mut command = Command::new(outpost_bin());
+  // SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
+  unsafe {
+    command.pre_exec(|| {
+      if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        return Err(std::io::Error::last_os_error());
+      }
+      Ok(())
+    });
+  }
+  command
+}
+
 /// The `outpost` binary under test: this build's, or the one `OUTPOST_BIN` names (to run the
 /// tests against another build, e.g. to see a new test fail on the code before a fix).
 pub fn outpost_bin() -> &'static str {
@@ -90,7 +108,7 @@ impl Outpost {
   }
 
   fn spawn(dir: tempfile::TempDir, args: &[String], listeners: usize) -> Outpost {
-    let mut child = Command::new(outpost_bin())
+    let mut child = outpost_command()
       .args(args)
       .env("OUTPOST_LOG", "info,outpost::usage=debug")
       .stdin(Stdio::null())
@@ -278,7 +296,7 @@ impl Drop for Outpost {
 
 /// Runs `outpost` to completion with `args` and returns (exit status, stdout + stderr).
 pub fn run_outpost(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
-  let mut child = Command::new(outpost_bin())
+  let mut child = outpost_command()
     .args(args)
     .current_dir(cwd)
     .stdin(Stdio::null())

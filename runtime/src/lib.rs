@@ -1,41 +1,34 @@
-//! Outpost, the edge function runtime: the HTTP server, routing, the isolate pool and the
-//! configuration. The `outpost` binary (`main.rs`) is a thin CLI over this library.
+//! Outpost, the edge function runtime: the HTTP server, routing, the shards and their
+//! isolates, and the configuration. The `outpost` binary (`main.rs`) is a thin CLI over this
+//! library.
 //!
-//! A request flows one way: [`server`] accepts it (TLS, HTTP/1.1, h2), [`router`] picks the
-//! function, [`pool`] hands it to one of the function's [`isolate`] threads, and the
-//! response streams back.
+//! A request flows one way: a shard accepts it and runs TLS and HTTP for it ([`http`]),
+//! [`router`] picks the function ([`node`]), and the function's isolate on the same shard
+//! ([`shard`], [`isolate`]) answers it, metered and limited ([`limits`]); the response
+//! streams back. Around that path: the shared edge cache ([`cache`]), what is observed of
+//! every request ([`observe`]), the admin API and deployments ([`ops`]), and [`server`],
+//! which wires them into a running node.
+//!
+//! Layers, each using only those below it: `config`, `router`, `error`, `cache`, `observe`,
+//! `limits` and `isolate` at the bottom; `shard` above them; `node` above that; `ops` and
+//! `http` on top of the node; `server` over all.
 
-pub mod access_log;
-pub mod admin;
-pub mod client_geo;
-pub mod compression;
+pub mod cache;
 pub mod config;
-pub mod cpu;
-pub mod deployments;
-pub mod edge_cache;
-pub mod egress;
 pub mod error;
-pub mod function_code;
-pub mod hop_by_hop;
+pub mod http;
 pub mod isolate;
 pub mod limits;
-pub mod memory;
-pub mod metrics;
-pub mod otlp;
-pub mod pool;
-pub mod proxy_protocol;
-pub mod route_cache;
+pub mod node;
+pub mod observe;
+pub mod ops;
 pub mod router;
 pub mod server;
-pub mod snapshot;
-pub mod tail;
-pub mod tls;
-pub mod trace_context;
-pub mod usage_ledger;
+pub mod shard;
 
 /// Initialises V8 once per process, on the calling thread. Call it from the main thread
-/// before any isolate thread starts: isolate threads must descend from the thread that
-/// initialised the platform.
+/// before any shard or isolate thread starts: isolate threads must descend from the thread
+/// that initialised the platform.
 pub fn init_v8() {
   deno_core::JsRuntime::init_platform(None);
 }

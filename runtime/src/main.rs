@@ -14,11 +14,12 @@ use tracing_subscriber::field::MakeExt as _;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use outpost::config::{Config, LogConfig, LogFormat};
-use outpost::function_code::{FunctionCode, TranspileCache};
+use outpost::isolate::function_code::{FunctionCode, TranspileCache};
 use outpost::isolate::{FunctionSpec, check_function};
-use outpost::otlp::OtlpExport;
+use outpost::limits::cpu::CpuWatchdog;
+use outpost::observe::otlp::OtlpExport;
+use outpost::observe::tail::Tails;
 use outpost::server::{Node, NodeServices};
-use outpost::tail::Tails;
 
 use crate::admin_client::AdminCommand;
 
@@ -163,11 +164,17 @@ fn load_config(
   handler: Option<PathBuf>,
   listen: SocketAddr,
 ) -> anyhow::Result<Config> {
-  let config = match (config, handler) {
+  let mut config = match (config, handler) {
     (Some(path), _) => Config::load(&path)?,
     (None, Some(handler)) => Config::single_handler(&handler, listen)?,
     (None, None) => anyhow::bail!("give a config file (--config outpost.toml) or a handler file"),
   };
+  // OUTPOST_SHARDS overrides `server.shards`, as OUTPOST_LOG overrides the log level.
+  if let Ok(shards) = std::env::var("OUTPOST_SHARDS") {
+    config.server.shards = shards
+      .parse()
+      .with_context(|| format!("OUTPOST_SHARDS={shards:?} is not a number of shards"))?;
+  }
   Ok(config)
 }
 
@@ -176,7 +183,9 @@ fn serve(config: Config, tails: Tails) -> anyhow::Result<()> {
   // flushes the spans still batched.
   let export = OtlpExport::start(&config.tracing).map_err(anyhow::Error::msg)?;
   let tracer = export.as_ref().map(OtlpExport::tracer);
-  let runtime = tokio::runtime::Builder::new_multi_thread()
+  // The shards serve HTTP and run JS on threads of their own; this runtime only runs the
+  // admin API, signals, reloads and deploys.
+  let runtime = tokio::runtime::Builder::new_current_thread()
     .enable_all()
     .build()
     .context("starting the tokio runtime")?;
@@ -239,10 +248,11 @@ async fn shutdown_signal() {
 
 fn check(config: &Config) -> anyhow::Result<()> {
   let transpiler = Arc::new(TranspileCache::default());
+  let watchdog = CpuWatchdog::start(false).context("starting the CPU watchdog")?;
   let mut failures = 0;
   for listener in &config.listeners {
     if !listener.tls.is_empty()
-      && let Err(err) = outpost::tls::server_config(&listener.tls)
+      && let Err(err) = outpost::http::tls::server_config(&listener.tls)
     {
       eprintln!("listener {}: {err}", listener.address);
       failures += 1;
@@ -252,7 +262,8 @@ fn check(config: &Config) -> anyhow::Result<()> {
     let result = FunctionCode::new(&function.name, &function.entry, transpiler.clone())
       .map_err(|err| err.to_string())
       .and_then(|code| {
-        check_function(&FunctionSpec::new(config, function, code)).map_err(|err| err.to_string())
+        check_function(&FunctionSpec::new(config, function, code), &watchdog)
+          .map_err(|err| err.to_string())
       });
     match result {
       Ok(()) => eprintln!("function {:?}: ok", function.name),

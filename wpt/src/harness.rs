@@ -8,8 +8,8 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use deno_core::{JsRuntime, PollEventLoopOptions, serde_v8, v8};
-use outpost::egress::EgressPolicy;
-use outpost::isolate::BlankIsolate;
+use outpost::isolate::{BlankIsolate, IsolateSettings};
+use outpost::limits::egress::EgressPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::suite::{self, TestFile};
@@ -135,11 +135,19 @@ async fn run_in_isolate(
   timeout: Duration,
   subtests: &mut Vec<Subtest>,
 ) -> HarnessOutcome {
-  let mut isolate = match BlankIsolate::new(None, MAX_HEAP, None) {
+  let settings = IsolateSettings {
+    max_heap: MAX_HEAP,
+    cache: None,
+    services: Arc::new(outpost_ext_dispatch::NoServices),
+    load_timeout: timeout,
+  };
+  let isolate = match BlankIsolate::new(&settings) {
     Ok(isolate) => isolate,
     Err(err) => return HarnessOutcome::Error(format!("cannot create the isolate: {err}")),
   };
-  let runtime = &mut isolate.runtime;
+  // One isolate on this thread and nothing else: it stays entered.
+  let mut runtime = isolate.into_runtime();
+  let runtime = &mut runtime;
   // What a function with default egress settings gets; deno_fetch needs permissions in state.
   match EgressPolicy::default().permissions() {
     Ok(permissions) => runtime.op_state().borrow_mut().put(permissions),

@@ -1,9 +1,10 @@
 //! `outpost_dispatch`: the deno_core extension that hands HTTP requests into an isolate and
 //! carries responses back out.
 //!
-//! The server thread builds a [`DispatchRequest`] (method, URL, headers, a streaming body, a
-//! cancellation token and a oneshot reply) and sends it down the isolate's channel. Inside the
-//! isolate, the JS serve loop pulls requests with `op_dispatch_next`, turns them into
+//! The server builds a [`DispatchRequest`] (method, URL, headers, a streaming body, a
+//! cancellation token and a oneshot reply) and pushes it onto the isolate's [`RequestQueue`]
+//! on the isolate's thread. Inside the isolate, the JS serve loop pulls requests with
+//! `op_dispatch_next`, turns them into
 //! `Request` objects (`01_dispatch.js`), and answers with `op_dispatch_respond` or
 //! `op_dispatch_fail`. Bodies stream both ways through bounded channels; nothing is buffered
 //! whole.
@@ -38,7 +39,7 @@ const BODY_CHANNEL_CHUNKS: usize = 8;
 /// Largest chunk read from a JS response stream at once.
 const RESPONSE_READ_CHUNK: usize = 64 * 1024;
 
-/// One request handed from the server to an isolate thread.
+/// One request handed from the server to an isolate.
 pub struct DispatchRequest {
   pub method: http::Method,
   /// The full URL the client asked for: scheme, host, path and query.
@@ -88,16 +89,63 @@ pub enum FailureKind {
   NotAResponse,
 }
 
-/// The receiving end of an isolate's request channel, kept in `OpState`.
-pub struct DispatchQueue {
-  rx: AsyncRefCell<mpsc::Receiver<DispatchRequest>>,
+/// An isolate's requests, waiting to be taken by its JS serve loop (`op_dispatch_next`).
+/// It lives on the isolate's thread: whoever hands a request over pushes it here and wakes
+/// the serve loop's op with a local waker, with no channel, lock or system call between.
+/// Kept in `OpState` as `Rc<RequestQueue>`.
+#[derive(Default)]
+pub struct RequestQueue {
+  requests: RefCell<std::collections::VecDeque<DispatchRequest>>,
+  /// The serve loop's op, parked while the queue is empty.
+  waiting: RefCell<Option<std::task::Waker>>,
+  closed: std::cell::Cell<bool>,
 }
 
-impl DispatchQueue {
-  pub fn new(rx: mpsc::Receiver<DispatchRequest>) -> Self {
-    Self {
-      rx: AsyncRefCell::new(rx),
+impl RequestQueue {
+  /// Queues `request` and wakes the serve loop; hands it back once the queue is closed.
+  pub fn push(&self, request: DispatchRequest) -> Result<(), Box<DispatchRequest>> {
+    if self.closed.get() {
+      return Err(Box::new(request));
     }
+    self.requests.borrow_mut().push_back(request);
+    if let Some(waker) = self.waiting.borrow_mut().take() {
+      waker.wake();
+    }
+    Ok(())
+  }
+
+  /// Takes no more requests: the serve loop ends once it has taken those queued.
+  pub fn close(&self) {
+    self.closed.set(true);
+    if let Some(waker) = self.waiting.borrow_mut().take() {
+      waker.wake();
+    }
+  }
+
+  /// Whether it was closed.
+  pub fn is_closed(&self) -> bool {
+    self.closed.get()
+  }
+
+  /// Requests queued and not yet taken.
+  pub fn len(&self) -> usize {
+    self.requests.borrow().len()
+  }
+
+  /// Whether no request waits.
+  pub fn is_empty(&self) -> bool {
+    self.requests.borrow().is_empty()
+  }
+
+  fn poll_next(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<DispatchRequest>> {
+    if let Some(request) = self.requests.borrow_mut().pop_front() {
+      return std::task::Poll::Ready(Some(request));
+    }
+    if self.closed.get() {
+      return std::task::Poll::Ready(None);
+    }
+    *self.waiting.borrow_mut() = Some(cx.waker().clone());
+    std::task::Poll::Pending
   }
 }
 
@@ -243,11 +291,14 @@ pub trait EntryBudget {
 /// attribution exists), and the isolate's memory after the entry (`memory` is only called
 /// when some request is charged). Time spent with no request around (`waitUntil` work,
 /// timers) is charged to none.
-pub fn charge_entry(state: &mut OpState, cpu: Duration, memory: impl FnOnce() -> usize) {
+///
+/// Returns how many requests were answered during the entry.
+pub fn charge_entry(state: &mut OpState, cpu: Duration, memory: impl FnOnce() -> usize) -> usize {
   let in_flight = state.borrow_mut::<InFlight>();
   let alone = in_flight.pending.len() == 1 && in_flight.answered.is_empty();
-  let share = match u32::try_from(in_flight.pending.len() + in_flight.answered.len()) {
-    Ok(0) | Err(_) => return,
+  let answered = in_flight.answered.len();
+  let share = match u32::try_from(in_flight.pending.len() + answered) {
+    Ok(0) | Err(_) => return 0,
     Ok(n) => cpu / n,
   };
   let memory = memory();
@@ -260,6 +311,7 @@ pub fn charge_entry(state: &mut OpState, cpu: Duration, memory: impl FnOnce() ->
   for usage in in_flight.answered.drain(..) {
     usage.charge(share, memory);
   }
+  answered
 }
 
 /// Errors the dispatch ops raise into JS.
@@ -294,11 +346,11 @@ deno_core::extension!(
     op_dispatch_service
   ],
   esm = ["01_dispatch.js"],
-  options = { queue: Option<DispatchQueue> },
+  options = { queue: Option<Rc<RequestQueue>> },
   state = |state, options| {
     state.put(InFlight::default());
     if let Some(queue) = options.queue {
-      state.put(Rc::new(queue));
+      state.put(queue);
     }
   },
 );
@@ -317,15 +369,12 @@ pub struct NextRequest {
   tracestate: Option<String>,
 }
 
-/// Waits for the next request. Resolves to `null` once the pool closes the channel, which
-/// ends the JS serve loop.
+/// Waits for the next request. Resolves to `null` once the queue is closed, which ends the
+/// JS serve loop.
 #[op2]
 async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
-  let queue = state.borrow().try_borrow::<Rc<DispatchQueue>>()?.clone();
-  let request = {
-    let mut rx = RcRef::map(&queue, |q| &q.rx).borrow_mut().await;
-    rx.recv().await?
-  };
+  let queue = state.borrow().try_borrow::<Rc<RequestQueue>>()?.clone();
+  let request = std::future::poll_fn(|cx| queue.poll_next(cx)).await?;
   let mut state = state.borrow_mut();
   if let Some(budget) = state.try_borrow::<Arc<dyn EntryBudget>>() {
     budget.request_joined();
@@ -523,7 +572,7 @@ pub trait ServiceDispatch: Send + Sync {
     &self,
     function: &str,
     request: http::Request<Body>,
-  ) -> futures::future::BoxFuture<'static, Result<http::Response<Body>, String>>;
+  ) -> futures::future::LocalBoxFuture<'static, Result<http::Response<Body>, String>>;
 }
 
 /// The dispatcher of isolates outside a node (benches, tools): every call is refused.
@@ -535,7 +584,7 @@ impl ServiceDispatch for NoServices {
     &self,
     function: &str,
     _request: http::Request<Body>,
-  ) -> futures::future::BoxFuture<'static, Result<http::Response<Body>, String>> {
+  ) -> futures::future::LocalBoxFuture<'static, Result<http::Response<Body>, String>> {
     let message = format!("no node to call {function:?} on: service bindings need a node");
     Box::pin(async move { Err(message) })
   }

@@ -15,7 +15,7 @@ use geo_config::maxmind::GeoDatabases;
 use geo_config::overrides::Override;
 use geo_config::regions::{RegionConfig, RegionTree};
 
-use crate::egress::{EgressConfig, NodeEgressConfig};
+use crate::limits::egress::{EgressConfig, NodeEgressConfig};
 use crate::limits::{Limits, LimitsConfig};
 
 use crate::router::RoutePattern;
@@ -52,7 +52,7 @@ pub struct Config {
   /// The node's default limits (`[limits]`), which deployed functions' limits refine.
   pub limits: LimitsConfig,
   /// Span export (`[tracing]`).
-  pub tracing: crate::otlp::TracingConfig,
+  pub tracing: crate::observe::otlp::TracingConfig,
 }
 
 /// The server log (`[log]`): access records, handler console output and the rest.
@@ -203,11 +203,7 @@ pub struct ListenerConfig {
   pub proxy_protocol: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct CertificateConfig {
-  pub cert: PathBuf,
-  pub key: PathBuf,
-}
+pub use crate::http::tls::CertificateConfig;
 
 #[derive(Debug, Clone)]
 pub struct FunctionConfig {
@@ -287,11 +283,27 @@ pub struct ServerConfig {
   /// How long a request may wait in that queue before it gets 503.
   pub queue_timeout_ms: u64,
   /// Switch an isolate thread to `SCHED_IDLE` while an entry into JS runs long (see
-  /// `crate::cpu`), so that its neighbours are delayed less.
+  /// `crate::limits::cpu`), so that its neighbours are delayed less.
   pub demote_long_entries: bool,
   /// Put load errors and handler stacks into the bodies of 503/500 answers (for
   /// development); off, the body names the request id and the details stay in the log.
   pub error_details: bool,
+  /// Shards: threads that each serve HTTP and run isolates (0: one per core available to
+  /// the process).
+  pub shards: usize,
+  /// An entry into JS past this much CPU time counts against its function; after a few
+  /// the function moves to the slow lane (0: functions never move).
+  pub slow_lane_entry_ms: u64,
+}
+
+impl ServerConfig {
+  /// How many shards to start: `shards`, or one per core available to the process.
+  pub fn shard_count(&self) -> usize {
+    if self.shards > 0 {
+      return self.shards;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+  }
 }
 
 impl Default for ServerConfig {
@@ -313,6 +325,8 @@ impl Default for ServerConfig {
       queue_timeout_ms: 1000,
       demote_long_entries: true,
       error_details: false,
+      shards: 0,
+      slow_lane_entry_ms: 2,
     }
   }
 }
@@ -357,7 +371,7 @@ struct RawConfig {
   #[serde(default)]
   log: Option<Spanned<LogConfig>>,
   #[serde(default)]
-  tracing: Option<Spanned<crate::otlp::TracingConfig>>,
+  tracing: Option<Spanned<crate::observe::otlp::TracingConfig>>,
   /// A separate file holding `[node]`, `[geo]`, `[[regions]]` and `[[overrides]]`.
   #[serde(default)]
   geo_file: Option<Spanned<String>>,
@@ -567,7 +581,7 @@ impl Config {
         if let (Some(cert), Some(key)) = (cert_path, key_path) {
           let certificate = CertificateConfig { cert, key };
           // Read now, so that a certificate that cannot serve is reported at its entry.
-          if let Err(err) = crate::tls::server_config(std::slice::from_ref(&certificate)) {
+          if let Err(err) = crate::http::tls::server_config(std::slice::from_ref(&certificate)) {
             errors.push(locate.error(0..0, &cert_key, err.to_string()));
           }
           tls.push(certificate);
@@ -591,7 +605,7 @@ impl Config {
     let tracing = locate.table(
       &raw.tracing,
       "tracing",
-      crate::otlp::TracingConfig::problems,
+      crate::observe::otlp::TracingConfig::problems,
       &mut errors,
     );
     let mut geo = geo_locate.table(&raw.geo, "geo", GeoConfig::problems, &mut errors);
@@ -931,15 +945,15 @@ impl Config {
       geo: GeoConfig::default(),
       log: LogConfig::default(),
       limits: LimitsConfig::default(),
-      tracing: crate::otlp::TracingConfig::default(),
+      tracing: crate::observe::otlp::TracingConfig::default(),
     })
   }
 }
 
 impl Config {
   /// The egress policy of a function on this node.
-  pub fn egress_policy(&self, function: &FunctionConfig) -> crate::egress::EgressPolicy {
-    crate::egress::EgressPolicy::new(&function.egress, &self.egress)
+  pub fn egress_policy(&self, function: &FunctionConfig) -> crate::limits::egress::EgressPolicy {
+    crate::limits::egress::EgressPolicy::new(&function.egress, &self.egress)
   }
 
   /// The `env` a function's handler receives: its own variables plus the node identity

@@ -11,7 +11,7 @@ use prometheus::{
   Registry, TextEncoder,
 };
 
-use crate::edge_cache::CacheStatsSnapshot;
+use crate::cache::edge_cache::CacheStatsSnapshot;
 
 /// Histogram buckets in seconds, from 50 µs (a warm hello-world) to 30 s (the default
 /// wall-clock limit).
@@ -52,6 +52,7 @@ pub struct NodeMetrics {
   queue_depth: IntGauge,
   cache: IntCounterVec,
   cache_size: IntGaugeVec,
+  lane_moves: IntCounter,
 }
 
 /// What the scrape reads from the node at that moment.
@@ -62,6 +63,8 @@ pub struct NodeReading {
   pub queued: usize,
   /// Requests in flight on isolates.
   pub in_flight: usize,
+  /// Functions moved from the shards to the slow lane so far.
+  pub lane_moves: u64,
   /// Cache counters per function.
   pub cache: Vec<(String, CacheStatsSnapshot)>,
 }
@@ -156,6 +159,17 @@ impl NodeMetrics {
         "Shared cache events per function: hit, miss, store, refusal, eviction",
         &["function", "event"],
       ),
+      lane_moves: {
+        let metric = IntCounter::new(
+          "outpost_lane_moves_total",
+          "Functions moved from the shards to the slow lane (their entries into JS ran long)",
+        )
+        .expect("valid metric");
+        registry
+          .register(Box::new(metric.clone()))
+          .expect("unique metric");
+        metric
+      },
       cache_size: gauges(
         "outpost_cache_size",
         "Shared cache contents per function: bytes and entries",
@@ -217,6 +231,8 @@ impl NodeMetrics {
     }
     self.queue_depth.set(reading.queued as i64);
     self.in_flight.set(reading.in_flight as i64);
+    let moves = reading.lane_moves.saturating_sub(self.lane_moves.get());
+    self.lane_moves.inc_by(moves);
     for (function, stats) in &reading.cache {
       for (event, total) in [
         ("hit", stats.hits),

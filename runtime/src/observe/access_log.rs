@@ -17,10 +17,10 @@ use outpost_ext_dispatch::{Body, BoxError, RequestUsage};
 
 use opentelemetry::KeyValue;
 
-use crate::metrics::{Completed, NodeMetrics};
-use crate::otlp::RequestSpan;
-use crate::trace_context::TraceContext;
-use crate::usage_ledger::{RequestCost, UsageLedger};
+use super::metrics::{Completed, NodeMetrics};
+use super::otlp::RequestSpan;
+use super::trace_context::TraceContext;
+use super::usage_ledger::{RequestCost, UsageLedger};
 
 /// Where completed requests are counted.
 pub struct Observers {
@@ -219,7 +219,7 @@ impl AccessRecord {
           usage.cpu.as_secs_f64() * 1e3,
         ));
       }
-      crate::otlp::record(
+      super::otlp::record(
         tracer,
         RequestSpan {
           trace_id: trace.trace_id,

@@ -9,8 +9,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::CertificateConfig;
 use crate::error::Error;
+
+/// One certificate of a TLS listener: PEM files of its chain and private key.
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+  pub cert: std::path::PathBuf,
+  pub key: std::path::PathBuf,
+}
 
 /// Builds the rustls server config of one listener.
 pub fn server_config(

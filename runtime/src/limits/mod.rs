@@ -1,10 +1,15 @@
-//! Request limits: wall-clock time per request, concurrency per function and node-wide, and
-//! the bounded queue in front of them.
+//! Limits: CPU time per entry into JS ([`cpu`]), memory per isolate ([`memory`]), where
+//! `fetch` may go ([`egress`]), and here the request limits: wall-clock time per request,
+//! concurrency per function and node-wide, and the bounded queue in front of them.
 //!
 //! A request first needs a node-wide slot (`server.max_in_flight`) and a slot of its
 //! function (`limits.max_concurrency`). When none is free it may wait in a queue of
 //! `server.queue_depth` requests for up to `server.queue_timeout_ms`; past that it is turned
 //! away with 503 and `Retry-After`, so memory stays bounded under overload.
+
+pub mod cpu;
+pub mod egress;
+pub mod memory;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

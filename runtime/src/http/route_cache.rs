@@ -21,11 +21,11 @@ use http_body_util::BodyExt;
 use outpost_ext_cache::{CacheNamespace, CachedResponse, EdgeCache};
 use outpost_ext_dispatch::{Body, BoxError, full_body};
 
-use crate::access_log::AccessRecord;
-use crate::compression;
-use crate::edge_cache::{Lookup, SharedCache, Store as CacheStore};
-use crate::server::{ConnectionActivity, FunctionCall, NodeState, call_function, outpost_error};
-use crate::trace_context::TraceContext;
+use crate::cache::edge_cache::{Lookup, SharedCache, Store as CacheStore};
+use crate::node::NodeState;
+use crate::node::call::{ConnectionActivity, FunctionCall, call_function, outpost_error};
+use crate::observe::access_log::AccessRecord;
+use crate::observe::trace_context::TraceContext;
 
 /// Response header saying how route caching answered.
 pub const CACHE_HEADER: &str = "outpost-cache";
@@ -33,53 +33,45 @@ pub const CACHE_HEADER: &str = "outpost-cache";
 /// Answers a GET or HEAD to a function with route caching on. A HEAD is answered from the
 /// stored GET response (its head; the body is dropped on the way out); when nothing fresh is
 /// stored it goes to the function, and nothing is stored from it.
-pub(crate) async fn serve(state: &Arc<NodeState>, call: FunctionCall) -> Response<Body> {
+pub async fn serve(state: &Arc<NodeState>, call: FunctionCall) -> Response<Body> {
   let namespace = CacheNamespace(call.function.name().into());
   let mut request = call.cache_request();
   let is_head = request.method == Method::HEAD;
   request.method = Method::GET;
-  let encoding = call.encoding;
   match state
     .cache
     .lookup_in(&namespace, CacheStore::Route, &request)
   {
-    Lookup::Fresh(found) => cached(state, found, "HIT", encoding, is_head),
+    Lookup::Fresh(found) => cached(found, "HIT"),
     Lookup::StaleWhileRevalidate(found) => {
       revalidate(state, &call, namespace, request);
-      cached(state, found, "STALE", encoding, is_head)
+      cached(found, "STALE")
     }
     Lookup::Miss { if_error } => {
-      let store = (!is_head).then(|| ResponseStore {
-        cache: state.cache.clone(),
-        namespace,
-        request,
-      });
-      let response = call_function(state, call, store).await;
-      match if_error {
-        Some(stale) if response.status().is_server_error() => {
-          cached(state, stale, "STALE", encoding, is_head)
+      let response = match call_function(state, call).await {
+        Ok(response) if is_head => response,
+        Ok(response) => ResponseStore {
+          cache: state.cache.clone(),
+          namespace,
+          request,
         }
+        .keep(response),
+        Err(response) => response,
+      };
+      match if_error {
+        Some(stale) if response.status().is_server_error() => cached(stale, "STALE"),
         _ => response,
       }
     }
   }
 }
 
-/// A response from the cache, compressed for the client when eligible.
-fn cached(
-  state: &NodeState,
-  found: CachedResponse,
-  how: &'static str,
-  encoding: Option<compression::Encoding>,
-  is_head: bool,
-) -> Response<Body> {
+/// A response from the cache.
+fn cached(found: CachedResponse, how: &'static str) -> Response<Body> {
   let mut response = Response::from_parts(found.head, full_body(found.body));
   response
     .headers_mut()
     .insert(CACHE_HEADER, HeaderValue::from_static(how));
-  if state.compression {
-    compression::compress_response(&mut response, encoding, is_head);
-  }
   response
 }
 
@@ -122,15 +114,15 @@ fn revalidate(
   access.set_trace(&trace);
   let refresh = FunctionCall {
     function: call.function.clone(),
+    shard: call.shard.clone(),
     trace,
-    encoding: None,
     method: Method::GET,
     url: call.url.clone(),
     headers,
     body: None,
     body_exceeded: Arc::new(AtomicBool::new(false)),
     access: access.clone(),
-    active: Arc::new(ConnectionActivity::new()).begin(),
+    active: Arc::new(ConnectionActivity::default()).begin(),
     cf: call.cf.clone(),
   };
   let store = ResponseStore {
@@ -139,8 +131,12 @@ fn revalidate(
     request,
   };
   let state = state.clone();
-  tokio::spawn(async move {
-    let response = call_function(&state, refresh, Some(store)).await;
+  // On the shard the request came in on (a refresh of a service binding's call has none).
+  tokio::task::spawn_local(async move {
+    let response = match call_function(&state, refresh).await {
+      Ok(response) => store.keep(response),
+      Err(response) => response,
+    };
     let status = response.status().as_u16();
     let error = outpost_error(&response).map(str::to_string);
     let body = access.respond(status, error.as_deref(), response.into_body());
@@ -157,7 +153,7 @@ fn revalidate(
 }
 
 /// Where a function's response to a cacheable request may be kept.
-pub(crate) struct ResponseStore {
+struct ResponseStore {
   cache: Arc<SharedCache>,
   namespace: CacheNamespace,
   request: http::request::Parts,
@@ -167,7 +163,7 @@ impl ResponseStore {
   /// Marks the function's response `outpost-cache: MISS` and, when the caching rules allow
   /// storing it, copies its body into the cache as it streams out (up to
   /// `cache.max_entry_bytes`; a larger body is sent but not stored).
-  pub(crate) fn keep(self, response: Response<Body>) -> Response<Body> {
+  fn keep(self, response: Response<Body>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     let storable = self.cache.storable(&self.namespace, &self.request, &parts);
     let head = {

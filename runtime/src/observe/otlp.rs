@@ -1,7 +1,7 @@
 //! OTLP export of one span per request (`[tracing] otlp_endpoint`; off unless set), with the
 //! OpenTelemetry SDK: batched, sent over HTTP with the JSON encoding by a background thread.
 //!
-//! The span has the ids Outpost already uses for the request (`crate::trace_context`): its
+//! The span has the ids Outpost already uses for the request (`super::trace_context`): its
 //! trace id, and as span id the id every outbound `fetch()` names as its parent, so exported
 //! traces join up with what upstreams record. The SDK draws ids from an [`IdGenerator`];
 //! Outpost's generator hands it the request's ids, set just before the span is built.

@@ -7,10 +7,10 @@
 //!   function's entries: answers `{"purged": N}`, the number of URLs whose entries were
 //!   removed.
 //! - `GET /cache/stats`: the cache counters of every function, as JSON.
-//! - `GET /metrics`: Prometheus metrics (text format 0.0.4), see `crate::metrics`.
+//! - `GET /metrics`: Prometheus metrics (text format 0.0.4), see `crate::observe::metrics`.
 //! - `GET /usage?since=<unix seconds>`: requests, CPU and wall milliseconds, egress bytes and
 //!   subrequests per function from the minute of `since` (default: all kept, a day).
-//! - Deployments (with `[admin] data_dir`, see `crate::deployments`): `PUT /functions/{name}`
+//! - Deployments (with `[admin] data_dir`, see `super::deployments`): `PUT /functions/{name}`
 //!   with a bundle (`?activate=true` to serve it at once), `GET /functions`,
 //!   `GET /functions/{name}/versions`, `POST /functions/{name}/activate` with
 //!   `{"version": "..."}`, `POST /functions/{name}/rollback` (to what served before, or
@@ -19,8 +19,8 @@
 //!   `DELETE /functions/{name}`; `PUT|DELETE /functions/{name}/secrets/{NAME}` (the value is
 //!   the body) and `GET /functions/{name}/secrets` (names only).
 //! - `GET /functions/{name}/tail`: the function's access records and console output as
-//!   they come, one JSON object per line (see `crate::tail`).
-//! - `POST /reload`: re-reads the config file (as SIGHUP does; see `crate::server::reload`).
+//!   they come, one JSON object per line (see `crate::observe::tail`).
+//! - `POST /reload`: re-reads the config file (as SIGHUP does; see [`Reload`]).
 //! - `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 when the node serves
 //!   traffic, 503 while it drains on shutdown. These two need no token (load balancers and
 //!   process supervisors probe them) and say nothing about the node's contents.
@@ -39,9 +39,9 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::deployments::{Activation, DeployError};
-use crate::edge_cache::Purge;
-use crate::server::NodeState;
+use super::deployments::{Activation, DeployError, Deployments, MAX_BUNDLE_BYTES};
+use crate::cache::edge_cache::Purge;
+use crate::node::NodeState;
 
 /// Largest admin request body read.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -49,10 +49,22 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The body of admin answers: JSON or text, or a stream (a function's tail).
 type AdminBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
+/// Re-reads the node's configuration and applies it (`POST /reload`, as SIGHUP does).
+pub trait Reload: Send + Sync {
+  /// Reloads; the notes on what applies only at restart, or why nothing changed.
+  fn reload<'a>(
+    &'a self,
+    trigger: &'a str,
+  ) -> futures::future::BoxFuture<'a, Result<Vec<String>, String>>;
+}
+
 /// What the admin handlers work on.
 pub struct Admin {
-  pub(crate) node: Arc<NodeState>,
+  pub node: Arc<NodeState>,
   pub token: Option<String>,
+  /// The deploy API's functions, with `[admin] data_dir`.
+  pub deployments: Option<Arc<Deployments>>,
+  pub reload: Arc<dyn Reload>,
 }
 
 /// The body of `POST /cache/purge`.
@@ -135,12 +147,12 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<AdminBody
       let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
       response.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        HeaderValue::from_static(crate::observe::metrics::CONTENT_TYPE),
       );
       response
     }
     (&Method::GET, "/usage") => usage(admin, request.uri().query()),
-    (&Method::POST, "/reload") => match crate::server::reload(&admin.node, "POST /reload").await {
+    (&Method::POST, "/reload") => match admin.reload.reload("POST /reload").await {
       Ok(notes) => json(
         StatusCode::OK,
         &serde_json::json!({ "reloaded": true, "notes": notes }),
@@ -232,7 +244,7 @@ async fn purge(admin: &Admin, request: Request<Incoming>) -> Response<AdminBody>
 
 /// The deploy API: `rest` is the path after `/functions`.
 async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Response<AdminBody> {
-  let Some(deployments) = admin.node.deployments.clone() else {
+  let Some(deployments) = admin.deployments.clone() else {
     return json(
       StatusCode::NOT_FOUND,
       &serde_json::json!({ "error": "the deploy API is off on this node: set [admin] data_dir" }),
@@ -260,7 +272,7 @@ async fn functions(admin: &Admin, request: Request<Incoming>, rest: &str) -> Res
       json(StatusCode::OK, &serde_json::json!({ "functions": list }))
     }
     (Method::PUT, [name]) => {
-      let body = match read_body(request, crate::deployments::MAX_BUNDLE_BYTES).await {
+      let body = match read_body(request, MAX_BUNDLE_BYTES).await {
         Ok(body) => body,
         Err(response) => return response,
       };

@@ -42,13 +42,14 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::config::{Config, FunctionConfig, PoolConfig, RouteCacheConfig};
-use crate::egress::EgressConfig;
-use crate::function_code::{FunctionCode, TranspileCache};
-use crate::isolate::{FunctionSpec, IsolateFactory};
+use crate::isolate::FunctionSpec;
+use crate::isolate::function_code::{FunctionCode, TranspileCache};
+use crate::limits::egress::EgressConfig;
 use crate::limits::{Limits, LimitsConfig};
-use crate::pool::IsolatePool;
+use crate::node::DeployedFunctions;
+use crate::node::function::RoutedFunction;
 use crate::router::{RoutePattern, Router};
-use crate::server::RoutedFunction;
+use crate::shard::pool::{IsolatePool, PoolHost};
 
 /// Largest bundle accepted, compressed or not, and largest it may unpack to.
 pub const MAX_BUNDLE_BYTES: usize = 64 << 20;
@@ -203,7 +204,7 @@ impl LiveTable {
 pub struct Deployments {
   dir: PathBuf,
   config: Arc<Config>,
-  factory: Arc<IsolateFactory>,
+  pools: Arc<PoolHost>,
   transpiler: Arc<TranspileCache>,
   live: ArcSwap<LiveTable>,
   /// One change (upload, activation, deletion) at a time.
@@ -216,7 +217,7 @@ impl Deployments {
   pub async fn open(
     dir: &Path,
     config: Arc<Config>,
-    factory: Arc<IsolateFactory>,
+    pools: Arc<PoolHost>,
     transpiler: Arc<TranspileCache>,
   ) -> Result<Arc<Deployments>, DeployError> {
     let functions = dir.join("functions");
@@ -224,7 +225,7 @@ impl Deployments {
     let deployments = Arc::new(Deployments {
       dir: dir.to_path_buf(),
       config,
-      factory,
+      pools,
       transpiler,
       live: ArcSwap::default(),
       changes: tokio::sync::Mutex::new(()),
@@ -745,7 +746,7 @@ impl Deployments {
       secrets.insert(key.clone(), value.clone());
     }
     let (function, spec) = self.version_spec(name, dir, manifest, secrets)?;
-    let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
+    let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone()).await;
     if let Some(err) = pool.load_error() {
       return Err(DeployError::Unloadable(format!(
         "the version's module does not load: {err}"
@@ -773,7 +774,7 @@ impl Deployments {
       .map(|key| (key.clone(), String::new()))
       .collect();
     let (function, spec) = self.version_spec(name, dir, manifest, secrets)?;
-    let pool = IsolatePool::start(self.factory.clone(), spec, function.pool.clone()).await;
+    let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone()).await;
     pool.close();
     match pool.load_error() {
       Some(err) => Err(DeployError::Unloadable(format!(
@@ -878,6 +879,29 @@ fn weights_text(versions: &BTreeMap<String, u32>) -> String {
     .map(|(version, weight)| format!("{version}={weight}"))
     .collect::<Vec<_>>()
     .join(" ")
+}
+
+impl DeployedFunctions for Deployments {
+  fn route(
+    &self,
+    host: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+  ) -> Option<Arc<RoutedFunction>> {
+    Deployments::route(self, host, path, headers)
+  }
+
+  fn named(&self, name: &str, headers: &http::HeaderMap) -> Option<Arc<RoutedFunction>> {
+    Deployments::named(self, name, headers)
+  }
+
+  fn serving(&self) -> Vec<Arc<RoutedFunction>> {
+    Deployments::serving(self)
+  }
+
+  fn routes_of(&self, name: &str) -> Option<Vec<String>> {
+    Deployments::routes_of(self, name)
+  }
 }
 
 /// Secret names are environment variable names: A-Z, 0-9 and _, not starting with a digit.
