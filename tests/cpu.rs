@@ -82,7 +82,8 @@ async fn a_request_waiting_on_io_is_not_charged_for_its_neighbours() {
       &[(
         "shared",
         "shared.js",
-        "routes = [\"/\"]\nlimits = { cpu_ms = 50 }",
+        // One isolate: the neighbours share it with the waiting request.
+        "routes = [\"/\"]\nlimits = { cpu_ms = 50 }\npool = { max_isolates = 1 }",
       )],
     ),
     &[(

@@ -27,7 +27,7 @@ fn node(data: &Path) -> Outpost {
 }
 
 /// A function directory answering `body`.
-fn function_dir(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
+pub fn function_dir(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
   let dir = root.join(name);
   std::fs::create_dir_all(&dir).unwrap();
   std::fs::write(
@@ -39,7 +39,7 @@ fn function_dir(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
 }
 
 /// Runs an `outpost` admin command against `outpost`; returns its output, or panics.
-async fn cli(outpost: &Outpost, args: &[&str]) -> String {
+pub async fn cli(outpost: &Outpost, args: &[&str]) -> String {
   let admin = format!("http://{}", outpost.admin.unwrap());
   let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
   full.extend(["--admin".to_string(), admin]);

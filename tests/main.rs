@@ -16,5 +16,6 @@ mod observability;
 mod pool;
 mod protocols;
 mod reload;
+mod shards;
 mod streaming;
 mod support;

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, SendForText, functions_config, http1};
+use crate::support::{
+  Outpost, SendForText, access_record, admin_get, functions_config, http1, scrape_until, value,
+};
 
 const HANDLERS: &[(&str, &str)] = &[
   (
@@ -49,62 +51,6 @@ async fn get(outpost: &Outpost, host: &str, path: &str) -> reqwest::Response {
     .send()
     .await
     .unwrap()
-}
-
-async fn admin_get(outpost: &Outpost, path: &str) -> reqwest::Response {
-  http1()
-    .get(format!("http://{}{path}", outpost.admin.unwrap()))
-    .send()
-    .await
-    .unwrap()
-}
-
-/// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
-async fn scrape(outpost: &Outpost) -> prometheus_parse::Scrape {
-  let response = admin_get(outpost, "/metrics").await;
-  assert_eq!(response.status(), 200);
-  let content_type = response.headers()["content-type"]
-    .to_str()
-    .unwrap()
-    .to_string();
-  assert!(
-    content_type.starts_with("text/plain; version=0.0.4"),
-    "{content_type}"
-  );
-  let text = response.text().await.unwrap();
-  let lines = text.lines().map(|l| Ok(l.to_string()));
-  prometheus_parse::Scrape::parse(lines).unwrap_or_else(|err| panic!("{err}:\n{text}"))
-}
-
-/// The value of the sample of `name` whose labels include all of `labels`.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-  scrape
-    .samples
-    .iter()
-    .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-    .map(|s| match s.value {
-      prometheus_parse::Value::Counter(v)
-      | prometheus_parse::Value::Gauge(v)
-      | prometheus_parse::Value::Untyped(v) => v,
-      prometheus_parse::Value::Histogram(ref buckets) => buckets.last().map_or(0.0, |b| b.count),
-      prometheus_parse::Value::Summary(_) => f64::NAN,
-    })
-}
-
-/// Scrapes until `ready` holds: requests are counted once their isolate has charged them,
-/// just after the response arrives.
-async fn scrape_until(
-  outpost: &Outpost,
-  ready: impl Fn(&prometheus_parse::Scrape) -> bool,
-) -> prometheus_parse::Scrape {
-  let deadline = Instant::now() + Duration::from_secs(10);
-  loop {
-    let scrape = scrape(outpost).await;
-    if ready(&scrape) || Instant::now() > deadline {
-      return scrape;
-    }
-    tokio::time::sleep(Duration::from_millis(20)).await;
-  }
 }
 
 #[tokio::test]
@@ -207,19 +153,6 @@ async fn metrics_parse_and_count_the_requests_sent() {
       );
     }
   }
-}
-
-/// The JSON access record of `response`'s request, once written (just after the response:
-/// when the request is complete).
-fn access_record(outpost: &Outpost, response: &reqwest::Response) -> serde_json::Value {
-  let request_id = response.headers()["outpost-request-id"].to_str().unwrap();
-  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
-  let logs = outpost.wait_for_log(&needle);
-  let line = logs
-    .lines()
-    .find(|l| l.contains(&needle) && l.contains("\"target\":\"outpost::access\""))
-    .unwrap_or_else(|| panic!("no access record for {request_id}:\n{logs}"));
-  serde_json::from_str(line).unwrap()
 }
 
 #[tokio::test]

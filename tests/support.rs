@@ -82,6 +82,21 @@ impl Outpost {
   /// As [`Outpost::start`], after `prepare` has written more files (binary ones, say) into
   /// the directory.
   pub fn start_with(config: &str, files: Files<'_>, prepare: impl FnOnce(&Path)) -> Outpost {
+    Outpost::start_configured(config, files, prepare, None)
+  }
+
+  /// As [`Outpost::start`] on exactly `shards` shards, whatever `OUTPOST_SHARDS` the tests
+  /// run with.
+  pub fn start_on_shards(shards: usize, config: &str, files: Files<'_>) -> Outpost {
+    Outpost::start_configured(config, files, |_| {}, Some(shards))
+  }
+
+  fn start_configured(
+    config: &str,
+    files: Files<'_>,
+    prepare: impl FnOnce(&Path),
+    shards: Option<usize>,
+  ) -> Outpost {
     let dir = tempfile::tempdir().unwrap();
     write_files(dir.path(), files);
     prepare(dir.path());
@@ -91,7 +106,7 @@ impl Outpost {
       "--config".to_string(),
       dir.path().join("outpost.toml").display().to_string(),
     ];
-    Outpost::spawn(dir, &args, config.matches("[[listen]]").count())
+    Outpost::spawn(dir, &args, config.matches("[[listen]]").count(), shards)
   }
 
   /// Serves one handler file with no config (the embedded default).
@@ -104,11 +119,20 @@ impl Outpost {
       "--listen".to_string(),
       "127.0.0.1:0".to_string(),
     ];
-    Outpost::spawn(dir, &args, 1)
+    Outpost::spawn(dir, &args, 1, None)
   }
 
-  fn spawn(dir: tempfile::TempDir, args: &[String], listeners: usize) -> Outpost {
-    let mut child = outpost_command()
+  fn spawn(
+    dir: tempfile::TempDir,
+    args: &[String],
+    listeners: usize,
+    shards: Option<usize>,
+  ) -> Outpost {
+    let mut command = outpost_command();
+    if let Some(shards) = shards {
+      command.env("OUTPOST_SHARDS", shards.to_string());
+    }
+    let mut child = command
       .args(args)
       .env("OUTPOST_LOG", "info,outpost::usage=debug")
       .stdin(Stdio::null())
@@ -318,6 +342,80 @@ pub fn run_outpost(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
     .read_to_string(&mut output)
     .unwrap();
   (child.wait().unwrap(), output)
+}
+
+/// GETs `path` on the admin listener.
+pub async fn admin_get(outpost: &Outpost, path: &str) -> reqwest::Response {
+  http1()
+    .get(format!("http://{}{path}", outpost.admin.unwrap()))
+    .send()
+    .await
+    .unwrap()
+}
+
+/// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
+pub async fn scrape(outpost: &Outpost) -> prometheus_parse::Scrape {
+  let response = admin_get(outpost, "/metrics").await;
+  assert_eq!(response.status(), 200);
+  let content_type = response.headers()["content-type"]
+    .to_str()
+    .unwrap()
+    .to_string();
+  assert!(
+    content_type.starts_with("text/plain; version=0.0.4"),
+    "{content_type}"
+  );
+  let text = response.text().await.unwrap();
+  let lines = text.lines().map(|l| Ok(l.to_string()));
+  prometheus_parse::Scrape::parse(lines).unwrap_or_else(|err| panic!("{err}:\n{text}"))
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+pub fn value(
+  scrape: &prometheus_parse::Scrape,
+  name: &str,
+  labels: &[(&str, &str)],
+) -> Option<f64> {
+  scrape
+    .samples
+    .iter()
+    .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+    .map(|s| match s.value {
+      prometheus_parse::Value::Counter(v)
+      | prometheus_parse::Value::Gauge(v)
+      | prometheus_parse::Value::Untyped(v) => v,
+      prometheus_parse::Value::Histogram(ref buckets) => buckets.last().map_or(0.0, |b| b.count),
+      prometheus_parse::Value::Summary(_) => f64::NAN,
+    })
+}
+
+/// Scrapes until `ready` holds: requests are counted once their isolate has charged them,
+/// just after the response arrives.
+pub async fn scrape_until(
+  outpost: &Outpost,
+  ready: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+  let deadline = Instant::now() + Duration::from_secs(10);
+  loop {
+    let scrape = scrape(outpost).await;
+    if ready(&scrape) || Instant::now() > deadline {
+      return scrape;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+  }
+}
+
+/// The JSON access record of `response`'s request, once written (just after the response:
+/// when the request is complete).
+pub fn access_record(outpost: &Outpost, response: &reqwest::Response) -> serde_json::Value {
+  let request_id = response.headers()["outpost-request-id"].to_str().unwrap();
+  let needle = format!("\"message\":\"access\",\"request_id\":\"{request_id}\"");
+  let logs = outpost.wait_for_log(&needle);
+  let line = logs
+    .lines()
+    .find(|l| l.contains(&needle) && l.contains("\"target\":\"outpost::access\""))
+    .unwrap_or_else(|| panic!("no access record for {request_id}:\n{logs}"));
+  serde_json::from_str(line).unwrap()
 }
 
 /// A plain HTTP/1.1 client.

@@ -254,7 +254,7 @@ pub struct ServerConfig {
   pub shutdown_grace_s: u64,
   /// Compress compressible responses with brotli or gzip per `Accept-Encoding`.
   pub compression: bool,
-  /// Blank isolates kept ready for pools that grow and functions seen for the first time.
+  /// Blank isolates each shard keeps ready for pools that grow and functions new to it.
   pub spare_isolates: usize,
   /// How long loading a function's module may take before the isolate is terminated and
   /// the function reported as failed to load.
@@ -282,8 +282,8 @@ pub struct ServerConfig {
   pub queue_depth: usize,
   /// How long a request may wait in that queue before it gets 503.
   pub queue_timeout_ms: u64,
-  /// Switch an isolate thread to `SCHED_IDLE` while an entry into JS runs long (see
-  /// `crate::limits::cpu`), so that its neighbours are delayed less.
+  /// Switch a slow-lane isolate thread to `SCHED_IDLE` while an entry into JS runs long (see
+  /// `crate::limits::cpu`), so that the shards are delayed less.
   pub demote_long_entries: bool,
   /// Put load errors and handler stacks into the bodies of 503/500 answers (for
   /// development); off, the body names the request id and the details stay in the log.

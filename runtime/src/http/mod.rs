@@ -396,6 +396,7 @@ impl ShardFront {
       request.method().as_str(),
       request.uri().path(),
     );
+    access.set_shard(self.shard.id);
     let is_head = request.method() == Method::HEAD;
     let encoding = compression::negotiate(request.headers());
     let mut response = self

@@ -11,7 +11,7 @@ pub mod geo;
 pub mod hop_by_hop;
 pub mod services;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -166,12 +166,17 @@ impl NodeState {
   pub fn reading(&self) -> NodeReading {
     // Isolates per function name: the versions of a deployed function add up.
     let mut isolates = BTreeMap::<String, (usize, usize)>::new();
+    let mut shards = BTreeMap::<String, BTreeSet<usize>>::new();
     let mut in_flight = 0;
     for function in self.serving() {
       let (idle, busy) = function.pool.isolate_counts();
       let counts = isolates.entry(function.name().to_string()).or_default();
       counts.0 += idle;
       counts.1 += busy;
+      shards
+        .entry(function.name().to_string())
+        .or_default()
+        .extend(function.pool.shards_hosting());
       in_flight += function.pool.in_flight();
     }
     NodeReading {
@@ -179,11 +184,19 @@ impl NodeState {
         .into_iter()
         .map(|(name, (idle, busy))| (name, idle, busy))
         .collect(),
+      shards: shards
+        .into_iter()
+        .map(|(name, hosting)| (name, hosting.len()))
+        .collect(),
       queued: self.admission.waiting(),
       in_flight,
       lane_moves: self
         .pools
         .lane_moves
+        .load(std::sync::atomic::Ordering::Relaxed),
+      forwarded: self
+        .pools
+        .forwarded
         .load(std::sync::atomic::Ordering::Relaxed),
       cache: self
         .cache

@@ -48,6 +48,8 @@ struct Outcome {
   error: Option<String>,
   cold: Option<bool>,
   isolate: Option<IsolateUsage>,
+  /// The shard that took the request from the client.
+  shard: Option<usize>,
 }
 
 /// A request's record, filled in while it is served. It is written when its last holder
@@ -117,6 +119,11 @@ impl AccessRecord {
     self.outcome().trace = Some(trace.clone());
   }
 
+  /// The shard that took the request from the client.
+  pub fn set_shard(&self, shard: usize) {
+    self.outcome().shard = Some(shard);
+  }
+
   /// Whether the request was its isolate's first.
   pub fn set_cold(&self, cold: bool) {
     self.outcome().cold = Some(cold);
@@ -179,6 +186,7 @@ impl AccessRecord {
       wall_ms = wall.as_secs_f64() * 1e3,
       cpu_ms = isolate.map(|u| u.cpu.as_secs_f64() * 1e3),
       cold = outcome.cold,
+      shard = outcome.shard,
       bytes_in = self.bytes_in.load(Ordering::Relaxed),
       bytes_out,
       subrequests = isolate.map_or(0, |u| u.subrequests),

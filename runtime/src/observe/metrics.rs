@@ -53,6 +53,8 @@ pub struct NodeMetrics {
   cache: IntCounterVec,
   cache_size: IntGaugeVec,
   lane_moves: IntCounter,
+  forwarded: IntCounter,
+  function_shards: IntGaugeVec,
 }
 
 /// What the scrape reads from the node at that moment.
@@ -63,8 +65,12 @@ pub struct NodeReading {
   pub queued: usize,
   /// Requests in flight on isolates.
   pub in_flight: usize,
+  /// Per function: how many shards have an isolate of it.
+  pub shards: Vec<(String, usize)>,
   /// Functions moved from the shards to the slow lane so far.
   pub lane_moves: u64,
+  /// Requests forwarded from the shard that took them to another so far.
+  pub forwarded: u64,
   /// Cache counters per function.
   pub cache: Vec<(String, CacheStatsSnapshot)>,
 }
@@ -90,6 +96,13 @@ impl NodeMetrics {
     };
     let gauges = |name: &str, help: &str, labels: &[&str]| {
       let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+      registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+      metric
+    };
+    let scraped_counter = |name: &str, help: &str| {
+      let metric = IntCounter::new(name, help).expect("valid metric");
       registry
         .register(Box::new(metric.clone()))
         .expect("unique metric");
@@ -159,17 +172,19 @@ impl NodeMetrics {
         "Shared cache events per function: hit, miss, store, refusal, eviction",
         &["function", "event"],
       ),
-      lane_moves: {
-        let metric = IntCounter::new(
-          "outpost_lane_moves_total",
-          "Functions moved from the shards to the slow lane (their entries into JS ran long)",
-        )
-        .expect("valid metric");
-        registry
-          .register(Box::new(metric.clone()))
-          .expect("unique metric");
-        metric
-      },
+      lane_moves: scraped_counter(
+        "outpost_lane_moves_total",
+        "Functions moved from the shards to the slow lane (their entries into JS ran long)",
+      ),
+      forwarded: scraped_counter(
+        "outpost_forwarded_requests_total",
+        "Requests handed to another shard than the one that took them (service-binding calls included), where their function has an isolate",
+      ),
+      function_shards: gauges(
+        "outpost_function_shards",
+        "Shards with an isolate of the function (0 while it has none, or runs in the slow lane)",
+        &["function"],
+      ),
       cache_size: gauges(
         "outpost_cache_size",
         "Shared cache contents per function: bytes and entries",
@@ -231,8 +246,18 @@ impl NodeMetrics {
     }
     self.queue_depth.set(reading.queued as i64);
     self.in_flight.set(reading.in_flight as i64);
-    let moves = reading.lane_moves.saturating_sub(self.lane_moves.get());
-    self.lane_moves.inc_by(moves);
+    for (function, shards) in &reading.shards {
+      self
+        .function_shards
+        .with_label_values(&[function])
+        .set(*shards as i64);
+    }
+    for (counter, total) in [
+      (&self.lane_moves, reading.lane_moves),
+      (&self.forwarded, reading.forwarded),
+    ] {
+      counter.inc_by(total.saturating_sub(counter.get()));
+    }
     for (function, stats) in &reading.cache {
       for (event, total) in [
         ("hit", stats.hits),

@@ -59,6 +59,8 @@ pub struct PoolHost {
   pub slow_entry: Option<Duration>,
   /// Functions moved to the slow lane so far (`outpost_lane_moves_total`).
   pub lane_moves: AtomicU64,
+  /// Requests forwarded to another shard so far (`outpost_forwarded_requests_total`).
+  pub forwarded: AtomicU64,
   next_id: AtomicU64,
 }
 
@@ -69,6 +71,7 @@ impl PoolHost {
       lane,
       slow_entry,
       lane_moves: AtomicU64::new(0),
+      forwarded: AtomicU64::new(0),
       next_id: AtomicU64::new(1),
     }
   }
@@ -256,6 +259,7 @@ impl IsolatePool {
     target: usize,
     request: DispatchRequest,
   ) -> Result<InFlightGuard, Error> {
+    self.host.forwarded.fetch_add(1, Ordering::Relaxed);
     let pool = self.clone();
     self
       .host
@@ -401,7 +405,7 @@ impl IsolatePool {
     shards + self.lane.get().map_or(0, SlowLane::in_flight)
   }
 
-  /// Shard ids the pool has isolates on (for tests and metrics).
+  /// Shard ids the pool has isolates on (`outpost_function_shards`).
   pub fn shards_hosting(&self) -> Vec<usize> {
     let isolates = self.isolates.lock().expect("pool lock");
     let mut shards: Vec<usize> = isolates
