@@ -12,6 +12,7 @@ import { op_bootstrap_console } from "ext:core/ops";
 import {
   claimSubrequest,
   currentScope,
+  dispatchId,
   fail,
   isResponse,
   newRequestScope,
@@ -490,13 +491,9 @@ async function callHandler(handler, request, env, ctx) {
 }
 
 async function handleRequest(next, handler, env, pending, { maxSubrequests, consoleCap }) {
-  const id = next.id;
+  const id = dispatchId(next);
   // The handler, and the stream of its response, run as this request's work.
-  const trace = next.traceparent
-    ? { traceparent: next.traceparent, tracestate: next.tracestate ?? null }
-    : null;
-  const scope = newRequestScope(id, next.requestId, maxSubrequests, trace);
-  scope.consoleCap = consoleCap;
+  const scope = newRequestScope(next, maxSubrequests, consoleCap);
   let result;
   try {
     const request = toRequest(next);
@@ -584,17 +581,23 @@ function serve(namespace, env, maxSubrequests, consoleCap, services) {
  * create_snapshot's warmup_script, produced snapshots that crashed on load here.)
  */
 function warmup() {
-  const next = {
-    id: 0,
-    method: "POST",
-    url: "http://warmup.invalid/path?query=1",
-    headers: [["content-type", "text/plain"], ["accept-encoding", "br"]],
-    bodyRid: null,
-    cf: [["colo", "warmup"], ["asn", "1"]],
-  };
+  // As op_dispatch_next gives it (see ext/dispatch).
+  const next = [
+    0,
+    "POST",
+    "http://warmup.invalid/path?query=1",
+    [["content-type", "text/plain"], ["accept-encoding", "br"]],
+    null,
+    [["colo", "warmup"], ["asn", "1"]],
+    "warmup",
+    null,
+    null,
+  ];
   const request = toRequest(next);
   const url = new URL(request.url);
   request.headers.get(url.searchParams.get("query") ?? "accept");
+  newRequestScope(next, 1, 1);
+  if (request.cf.colo !== "warmup") throw new Error("request.cf is not wired");
   const handler = findHandler({ default: { fetch: () => new Response("") } });
   callHandler(handler, request, {}, new ExecutionContext(new SafeSet()));
   for (

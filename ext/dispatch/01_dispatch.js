@@ -15,17 +15,19 @@ import {
 } from "ext:core/ops";
 
 const {
+  ArrayIsArray,
+  Number,
   ObjectDefineProperty,
   ObjectFreeze,
   ObjectPrototypeIsPrototypeOf,
   PromisePrototypeThen,
-  SafeArrayIterator,
+  SymbolFor,
   TypeError,
   TypedArrayPrototypeGetSymbolToStringTag,
 } = primordials;
 
 const { InnerBody } = core.loadExtScript("ext:deno_fetch/22_body.js");
-const { fromInnerRequest, newInnerRequest, Request, toInnerRequest } = core
+const { fromInnerRequest, Request, RequestPrototype, toInnerRequest } = core
   .loadExtScript("ext:deno_fetch/23_request.js");
 const {
   nullBodyStatus,
@@ -42,30 +44,63 @@ const {
   resourceForReadableStream,
 } = core.loadExtScript("ext:deno_web/06_streams.js");
 
-/**
- * The request that running code works for. V8 carries it (as the async context) through
- * promise continuations, and deno_web carries it through timers, so everything a handler
- * starts, waitUntil() work included, stays attributed to its request.
- */
-const currentRequest = new core.AsyncVariable();
+// A request from op_dispatch_next is one array (see NextRequest in lib.rs):
+// [id, method, url, headers, bodyRid, cf, requestId, traceparent, tracestate].
+const NEXT_ID = 0;
+const NEXT_METHOD = 1;
+const NEXT_URL = 2;
+const NEXT_HEADERS = 3;
+const NEXT_BODY_RID = 4;
+const NEXT_CF = 5;
+const NEXT_REQUEST_ID = 6;
+const NEXT_TRACEPARENT = 7;
+const NEXT_TRACESTATE = 8;
+
+/** The dispatch id of a request from op_dispatch_next. */
+function dispatchId(next) {
+  return next[NEXT_ID];
+}
 
 /**
- * What is counted against one request while its handler runs (subrequests, console bytes),
- * its request id, and the trace headers its fetch() calls carry ({ traceparent, tracestate }
- * or null).
+ * What is counted against one request from op_dispatch_next while its handler runs
+ * (subrequests, console bytes against `consoleCap`), its request id, and the trace headers
+ * its fetch() calls carry ({ traceparent, tracestate } or null).
  */
-function newRequestScope(id, requestId, maxSubrequests, trace) {
-  return { id, requestId, subrequests: 0, maxSubrequests, trace, consoleBytes: 0 };
+function newRequestScope(next, maxSubrequests, consoleCap) {
+  const traceparent = next[NEXT_TRACEPARENT];
+  const trace = traceparent === null
+    ? null
+    : { traceparent, tracestate: next[NEXT_TRACESTATE] };
+  return {
+    id: next[NEXT_ID],
+    requestId: next[NEXT_REQUEST_ID],
+    subrequests: 0,
+    maxSubrequests,
+    trace,
+    consoleBytes: 0,
+    consoleCap,
+  };
 }
+
+/**
+ * The request that running code works for is V8's async context (continuation-preserved
+ * embedder data): V8 carries it through promise continuations, and deno_web carries it
+ * through timers, so everything a handler starts, waitUntil() work included, stays
+ * attributed to its request. Outpost is its only user in an isolate (tenants get no
+ * AsyncLocalStorage), so the context is the request's scope itself: entering a request
+ * allocates nothing (core.AsyncVariable would make a dictionary-mode object and a WeakMap
+ * entry each time).
+ */
 
 /** The scope of the request running code works for, or undefined outside any request. */
 function currentScope() {
-  return currentRequest.get();
+  return core.getAsyncContext() ?? undefined;
 }
 
 /** Calls `fn` as work of the request `scope` belongs to; returns what it returns. */
 function runForRequest(scope, fn) {
-  const previous = currentRequest.enter(scope);
+  const previous = core.getAsyncContext();
+  core.setAsyncContext(scope);
   try {
     return fn();
   } finally {
@@ -78,7 +113,7 @@ function runForRequest(scope, fn) {
  * go ahead, or the TypeError that refuses it.
  */
 function claimSubrequest() {
-  const scope = currentRequest.get();
+  const scope = currentScope();
   if (scope === undefined) {
     return new TypeError(
       "fetch() is only allowed while handling a request: at module top level (or in a " +
@@ -102,33 +137,95 @@ function nextRequest() {
 }
 
 /**
- * Builds a Request from a record returned by op_dispatch_next, with `cf`: what is known of
- * the client (country, city, ..., colo = the PoP, clientIp), as in Workers.
+ * The inner request (deno_fetch's fields) of a request from the server. One class, its
+ * accessors on the prototype, so that every request has the same hidden class; deno_fetch's
+ * own newInnerRequest() builds an object literal with accessors, new closures and a new
+ * shape transition on every request. The header list arrives whole from op_dispatch_next.
  */
-function toRequest(next) {
-  const body = next.bodyRid === undefined || next.bodyRid === null
-    ? null
-    : new InnerBody(readableStreamForRid(next.bodyRid, true));
-  const headers = next.headers;
-  const inner = newInnerRequest(next.method, next.url, () => headers, body, false);
-  // request.signal aborts when the request is cut short (the client went away, or a limit
-  // ended it). deno_fetch asks for this only when a handler reads the signal.
-  const id = next.id;
-  inner.onCancel = (abort) => {
-    PromisePrototypeThen(op_dispatch_cancelled(id), (cancelled) => {
+class ServerInnerRequest {
+  constructor(id, method, url, headerList, body) {
+    this.dispatchId = id;
+    this.methodInner = method;
+    this.headerListInner = headerList;
+    this.body = body;
+    this.redirectMode = "follow";
+    this.redirectCount = 0;
+    this.urlList = [() => url];
+    this.urlListProcessed = [url];
+    this.clientRid = null;
+    this.blobUrlEntry = null;
+  }
+  get method() {
+    return this.methodInner;
+  }
+  set method(value) {
+    this.methodInner = value;
+  }
+  get headerList() {
+    return this.headerListInner;
+  }
+  set headerList(value) {
+    this.headerListInner = value;
+  }
+  url() {
+    return this.urlListProcessed[0];
+  }
+  currentUrl() {
+    const current = this.urlList.length - 1;
+    if (this.urlListProcessed[current] === undefined) {
+      this.urlListProcessed[current] = this.urlList[current]();
+    }
+    return this.urlListProcessed[current];
+  }
+  /**
+   * request.signal aborts when the request is cut short (the client went away, or a limit
+   * ended it). deno_fetch asks for this only when a handler reads the signal.
+   */
+  onCancel(abort) {
+    PromisePrototypeThen(op_dispatch_cancelled(this.dispatchId), (cancelled) => {
       if (cancelled) abort();
     });
-  };
-  const request = fromInnerRequest(inner, "immutable");
-  const cf = { __proto__: null };
-  for (const { 0: name, 1: value } of new SafeArrayIterator(next.cf ?? [])) {
-    cf[name] = name === "asn" ? Number(value) : value;
   }
-  ObjectDefineProperty(request, "cf", {
-    __proto__: null,
-    value: ObjectFreeze(cf),
-    enumerable: true,
-  });
+}
+
+/**
+ * `request.cf` of requests from the server: the [field, value] pairs op_dispatch_next gave,
+ * until the handler first reads it; then the frozen object made of them.
+ */
+const kCf = SymbolFor("outpost.cf");
+
+// `request.cf`, as in Workers: what is known of the client (country, city, ..., colo = the
+// PoP, clientIp); undefined on requests a handler builds itself. A getter on the prototype,
+// so that a request costs nothing for it unless read.
+ObjectDefineProperty(RequestPrototype, "cf", {
+  __proto__: null,
+  get() {
+    const cf = this[kCf];
+    if (!ArrayIsArray(cf)) return cf;
+    const fields = {};
+    for (let i = 0; i < cf.length; i++) {
+      const { 0: name, 1: value } = cf[i];
+      fields[name] = name === "asn" ? Number(value) : value;
+    }
+    return (this[kCf] = ObjectFreeze(fields));
+  },
+  enumerable: true,
+  configurable: true,
+});
+
+/** Builds a Request from a request of op_dispatch_next. */
+function toRequest(next) {
+  const bodyRid = next[NEXT_BODY_RID];
+  const body = bodyRid === null ? null : new InnerBody(readableStreamForRid(bodyRid, true));
+  const inner = new ServerInnerRequest(
+    next[NEXT_ID],
+    next[NEXT_METHOD],
+    next[NEXT_URL],
+    next[NEXT_HEADERS],
+    body,
+  );
+  const request = fromInnerRequest(inner, "immutable");
+  request[kCf] = next[NEXT_CF];
   return request;
 }
 
@@ -184,7 +281,7 @@ function isResponse(value) {
 
 /**
  * Takes a Response apart for sending: `[status, headerList, bytes, stream]`, where at most
- * one of `bytes` (a Uint8Array) and `stream` (a ReadableStream) is set. Throws a TypeError
+ * one of `bytes` (a string or a Uint8Array) and `stream` (a ReadableStream) is set. Throws a TypeError
  * when the response cannot be sent.
  */
 function responseParts(response) {
@@ -207,10 +304,12 @@ function responseParts(response) {
   if (source.consumed) {
     throw new TypeError("the Response body was already used");
   }
-  const bytes = typeof source.body === "string"
-    ? core.encode(source.body)
-    : source.body;
-  if (TypedArrayPrototypeGetSymbolToStringTag(bytes) !== "Uint8Array") {
+  // A string goes as it is: op_dispatch_respond encodes it.
+  const bytes = source.body;
+  if (
+    typeof bytes !== "string" &&
+    TypedArrayPrototypeGetSymbolToStringTag(bytes) !== "Uint8Array"
+  ) {
     throw new TypeError("unsupported Response body type");
   }
   return [inner.status, headers, bytes, null];
@@ -239,6 +338,7 @@ function fail(id, notAResponse, detail) {
 
 export {
   claimSubrequest,
+  dispatchId,
   serviceFetch,
   currentScope,
   fail,

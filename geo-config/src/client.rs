@@ -173,7 +173,17 @@ impl GeoConfig {
   ) -> ClientGeo {
     let trusted = self.is_trusted(peer);
     let mut geo = ClientGeo::default();
-    for (field, header) in self.header_names() {
+    let names = self.header_names();
+    // From an untrusted peer, geo headers are removed; most requests carry none, which one
+    // look at each of their headers tells (cheaper than a lookup of every geo header name).
+    if !trusted
+      && !headers
+        .keys()
+        .any(|name| names.iter().any(|(_, geo)| geo == name))
+    {
+      return self.client_without_headers(peer, headers, databases, geo);
+    }
+    for (field, header) in names {
       let field = *field;
       if !trusted {
         headers.remove(header);
@@ -189,6 +199,18 @@ impl GeoConfig {
         }
       }
     }
+    self.client_without_headers(peer, headers, databases, geo)
+  }
+
+  /// The rest of [`GeoConfig::client`] once the geo headers have been read or removed: the
+  /// client's address, and what the databases know of it.
+  fn client_without_headers(
+    &self,
+    peer: IpAddr,
+    headers: &HeaderMap,
+    databases: Option<&GeoDatabases>,
+    mut geo: ClientGeo,
+  ) -> ClientGeo {
     let client_ip = self.client_ip(peer, headers);
     if let (GeoSource::Maxmind, Some(databases)) = (self.source, databases) {
       geo.fields.extend(databases.lookup(client_ip));

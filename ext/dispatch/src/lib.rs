@@ -20,7 +20,7 @@ use bytes::Bytes;
 use deno_core::convert::{ByteString, Uint8Array};
 use deno_core::{
   AsyncRefCell, AsyncResult, BufView, CancelHandle, CancelTryFuture, OpState, RcRef, Resource,
-  ResourceId, ToV8, op2,
+  ResourceId, ToV8, op2, v8,
 };
 use deno_error::JsErrorBox;
 use http_body::Frame;
@@ -355,18 +355,112 @@ deno_core::extension!(
   },
 );
 
-/// A request as the JS side sees it when it comes off the queue.
-#[derive(ToV8)]
+/// A request as the JS side sees it when it comes off the queue. It crosses into JS once,
+/// as one array of fixed layout (see [`NextRequest::to_v8`]): every request then has the
+/// same shape in V8. (`#[derive(ToV8)]` makes an object with a null prototype, which V8
+/// builds in dictionary mode, a slow object, on every request.)
 pub struct NextRequest {
   id: u32,
-  method: String,
+  method: http::Method,
   url: String,
-  headers: Vec<(ByteString, ByteString)>,
+  headers: http::HeaderMap,
   body_rid: Option<u32>,
-  cf: Vec<(String, String)>,
+  cf: Vec<(&'static str, String)>,
   request_id: String,
-  traceparent: Option<String>,
-  tracestate: Option<String>,
+  trace: Option<OutboundTrace>,
+}
+
+impl<'a> ToV8<'a> for NextRequest {
+  type Error = std::convert::Infallible;
+
+  /// `[id, method, url, headers, bodyRid, cf, requestId, traceparent, tracestate]`:
+  /// `headers` as `[[name, value], ...]`, the header list deno_fetch keeps (byte strings),
+  /// `cf` as `[[field, value], ...]`; absent values are `null`.
+  fn to_v8<'i>(
+    self,
+    scope: &mut v8::PinScope<'a, 'i>,
+  ) -> Result<v8::Local<'a, v8::Value>, Self::Error> {
+    let null: v8::Local<v8::Value> = v8::null(scope).into();
+    let headers: Vec<v8::Local<v8::Value>> = self
+      .headers
+      .iter()
+      .map(|(name, value)| {
+        let pair = [
+          byte_string(
+            scope,
+            name.as_str().as_bytes(),
+            v8::NewStringType::Internalized,
+          ),
+          byte_string(scope, value.as_bytes(), v8::NewStringType::Normal),
+        ];
+        v8::Array::new_with_elements(scope, &pair).into()
+      })
+      .collect();
+    let cf: Vec<v8::Local<v8::Value>> = self
+      .cf
+      .iter()
+      .map(|(field, value)| {
+        let pair = [
+          text(scope, field, v8::NewStringType::Internalized),
+          text(scope, value, v8::NewStringType::Normal),
+        ];
+        v8::Array::new_with_elements(scope, &pair).into()
+      })
+      .collect();
+    let (traceparent, tracestate) = match &self.trace {
+      Some(trace) => (
+        text(scope, &trace.traceparent, v8::NewStringType::Normal),
+        trace
+          .tracestate
+          .as_deref()
+          .map_or(null, |state| text(scope, state, v8::NewStringType::Normal)),
+      ),
+      None => (null, null),
+    };
+    let elements = [
+      v8::Integer::new_from_unsigned(scope, self.id).into(),
+      byte_string(
+        scope,
+        self.method.as_str().as_bytes(),
+        v8::NewStringType::Internalized,
+      ),
+      text(scope, &self.url, v8::NewStringType::Normal),
+      v8::Array::new_with_elements(scope, &headers).into(),
+      self.body_rid.map_or(null, |rid| {
+        v8::Integer::new_from_unsigned(scope, rid).into()
+      }),
+      v8::Array::new_with_elements(scope, &cf).into(),
+      text(scope, &self.request_id, v8::NewStringType::Normal),
+      traceparent,
+      tracestate,
+    ];
+    Ok(v8::Array::new_with_elements(scope, &elements).into())
+  }
+}
+
+/// A JS string of the bytes, one per character (a ByteString, as header values are).
+fn byte_string<'a>(
+  scope: &mut v8::PinScope<'a, '_>,
+  bytes: &[u8],
+  kind: v8::NewStringType,
+) -> v8::Local<'a, v8::Value> {
+  match v8::String::new_from_one_byte(scope, bytes, kind) {
+    Some(string) => string.into(),
+    // Only past V8's maximum string length, which the server's limits never let through.
+    None => v8::String::empty(scope).into(),
+  }
+}
+
+/// A JS string of UTF-8 text.
+fn text<'a>(
+  scope: &mut v8::PinScope<'a, '_>,
+  text: &str,
+  kind: v8::NewStringType,
+) -> v8::Local<'a, v8::Value> {
+  match v8::String::new_from_utf8(scope, text.as_bytes(), kind) {
+    Some(string) => string.into(),
+    None => v8::String::empty(scope).into(),
+  }
 }
 
 /// Waits for the next request. Resolves to `null` once the queue is closed, which ends the
@@ -411,42 +505,56 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
       cpu_alone: Duration::ZERO,
     },
   );
-  let headers = request
-    .headers
-    .iter()
-    .map(|(name, value)| {
-      (
-        ByteString::from(name.as_str()),
-        ByteString::from(value.as_bytes()),
-      )
-    })
-    .collect();
   Some(NextRequest {
     id,
-    method: request.method.to_string(),
+    method: request.method,
     url: request.url,
-    headers,
+    headers: request.headers,
     body_rid,
-    cf: request
-      .cf
-      .into_iter()
-      .map(|(name, value)| (name.to_string(), value))
-      .collect(),
+    cf: request.cf,
     request_id,
-    traceparent: request.trace.as_ref().map(|t| t.traceparent.clone()),
-    tracestate: request.trace.and_then(|t| t.tracestate),
+    trace: request.trace,
   })
 }
 
-/// Sends the handler's response. The body is either inline bytes (`body`), a stream resource
-/// (`body_rid`, streamed out chunk by chunk), or neither (empty body).
+/// A response body the handler gave whole: a string (encoded as UTF-8 here, so JS makes no
+/// `Uint8Array` of it first), a `Uint8Array`, or nothing (`null`).
+pub struct InlineBody(Bytes);
+
+impl<'a> deno_core::FromV8<'a> for InlineBody {
+  type Error = JsErrorBox;
+
+  fn from_v8<'i>(
+    scope: &mut v8::PinScope<'a, 'i>,
+    value: v8::Local<'a, v8::Value>,
+  ) -> Result<Self, Self::Error> {
+    if value.is_null_or_undefined() {
+      return Ok(InlineBody(Bytes::new()));
+    }
+    if let Ok(text) = v8::Local::<v8::String>::try_from(value) {
+      // Lone surrogates become U+FFFD, as TextEncoder makes them.
+      return Ok(InlineBody(Bytes::from(
+        text.to_rust_string_lossy(scope).into_bytes(),
+      )));
+    }
+    if let Ok(bytes) = <Uint8Array as deno_core::convert::FromV8Scopeless>::from_v8(value) {
+      return Ok(InlineBody(Bytes::from(bytes.0)));
+    }
+    Err(JsErrorBox::type_error(
+      "a response body must be a string, a Uint8Array or null",
+    ))
+  }
+}
+
+/// Sends the handler's response. The body is either inline (`body`: text or bytes), a stream
+/// resource (`body_rid`, streamed out chunk by chunk), or neither (empty body).
 #[op2]
 fn op_dispatch_respond(
   state: &mut OpState,
   #[smi] id: u32,
   #[smi] status: u32,
   #[scoped] headers: Vec<(ByteString, ByteString)>,
-  body: Option<Uint8Array>,
+  #[scoped] body: InlineBody,
   #[smi] body_rid: Option<ResourceId>,
 ) -> Result<(), DispatchError> {
   if !state.borrow::<InFlight>().pending.contains_key(&id) {
@@ -466,10 +574,9 @@ fn op_dispatch_respond(
   let in_flight = state.borrow_mut::<InFlight>();
   let pending = in_flight.pending.remove(&id).expect("checked above");
   in_flight.answered.push(pending.usage.clone());
-  let body = match (resource, body) {
-    (Some(resource), _) => stream_resource_body(resource, pending.cancel.clone()),
-    (None, Some(bytes)) => full_body(Bytes::from(bytes.0)),
-    (None, None) => full_body(Bytes::new()),
+  let body = match resource {
+    Some(resource) => stream_resource_body(resource, pending.cancel.clone()),
+    None => full_body(body.0),
   };
   let mut response = http::Response::new(body);
   *response.status_mut() = status;

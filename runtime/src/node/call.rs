@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -29,15 +29,15 @@ use super::hop_by_hop;
 use crate::isolate::InFlightGuard;
 use crate::limits::Admitted;
 use crate::observe::access_log::AccessRecord;
-use crate::observe::trace_context::TraceContext;
+use crate::observe::trace_context::{TraceContext, push_hex};
 use crate::shard::Shard;
 
 /// Response header naming the request id on every response.
-pub const REQUEST_ID_HEADER: &str = "outpost-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("outpost-request-id");
 /// Response header set on responses Outpost generated itself, naming why.
-pub const ERROR_HEADER: &str = "outpost-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("outpost-error");
 /// Response header naming the limit that ended a request.
-pub const TERMINATION_HEADER: &str = "outpost-termination";
+pub const TERMINATION_HEADER: HeaderName = HeaderName::from_static("outpost-termination");
 
 /// A request on its way into a function.
 pub struct FunctionCall {
@@ -439,12 +439,13 @@ impl Default for RequestIds {
 }
 
 impl RequestIds {
+  /// The next id: 8 hex digits of the prefix, 12 of the counter.
   pub fn next(&self) -> String {
-    format!(
-      "{:08x}{:012x}",
-      self.prefix,
-      self.counter.fetch_add(1, Ordering::Relaxed)
-    )
+    let count = self.counter.fetch_add(1, Ordering::Relaxed);
+    let mut id = String::with_capacity(20);
+    push_hex(&mut id, &self.prefix.to_be_bytes());
+    push_hex(&mut id, &count.to_be_bytes()[2..]);
+    id
   }
 }
 

@@ -7,11 +7,16 @@ use http::header::{
 };
 
 /// Headers that are always connection-specific.
-const HOP_BY_HOP: [&str; 4] = [
-  "keep-alive",
-  "proxy-connection",
-  "proxy-authorization",
-  "http2-settings",
+static HOP_BY_HOP: [HeaderName; 9] = [
+  CONNECTION,
+  TE,
+  TRAILER,
+  TRANSFER_ENCODING,
+  UPGRADE,
+  HeaderName::from_static("keep-alive"),
+  HeaderName::from_static("proxy-connection"),
+  HeaderName::from_static("proxy-authorization"),
+  HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes hop-by-hop headers from a request, including any named in `Connection`.
@@ -27,6 +32,10 @@ pub fn strip_response(headers: &mut HeaderMap) {
 }
 
 fn strip(headers: &mut HeaderMap) {
+  // Most messages have none: one look at each header instead of a lookup of each name.
+  if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    return;
+  }
   let named: Vec<HeaderName> = headers
     .get_all(CONNECTION)
     .iter()
@@ -44,10 +53,7 @@ fn strip(headers: &mut HeaderMap) {
       v.split(',')
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
     });
-  for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-    headers.remove(name);
-  }
-  for name in HOP_BY_HOP {
+  for name in &HOP_BY_HOP {
     headers.remove(name);
   }
   if keep_te_trailers {

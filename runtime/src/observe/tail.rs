@@ -44,12 +44,35 @@ impl Tails {
     self.sender.subscribe()
   }
 
-  /// The `tracing` layer that feeds the tails.
-  pub fn layer(&self) -> TailLayer {
+  /// The `tracing` layer that feeds the tails, with its filter: it takes access records
+  /// and console output while someone follows a tail, and nothing else, so that an event
+  /// the log does not record either is not even built.
+  pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+  where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+  {
+    use tracing_subscriber::Layer as _;
+    let sender = self.sender.clone();
+    let filter = tracing_subscriber::filter::DynFilterFn::new(move |metadata, _| {
+      tailed(metadata) && sender.receiver_count() > 0
+    })
+    .with_callsite_filter(|metadata| {
+      if tailed(metadata) {
+        tracing::subscriber::Interest::sometimes()
+      } else {
+        tracing::subscriber::Interest::never()
+      }
+    });
     TailLayer {
       sender: self.sender.clone(),
     }
+    .with_filter(filter)
   }
+}
+
+/// Whether tails show events of this kind.
+fn tailed(metadata: &tracing::Metadata<'_>) -> bool {
+  matches!(metadata.target(), "outpost::access" | "outpost::console")
 }
 
 /// See the module docs.

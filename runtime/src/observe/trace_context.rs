@@ -5,6 +5,10 @@
 //! `tracestate`, unless the handler set those headers itself.
 
 use http::HeaderMap;
+use http::header::HeaderName;
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// One request's place in a trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +26,7 @@ impl TraceContext {
   /// Continues the trace of `headers`' `traceparent` when it is valid, or starts one.
   pub fn from_headers(headers: &HeaderMap) -> TraceContext {
     let incoming = headers
-      .get("traceparent")
+      .get(TRACEPARENT)
       .and_then(|v| v.to_str().ok())
       .and_then(parse_traceparent);
     match incoming {
@@ -33,7 +37,7 @@ impl TraceContext {
         flags,
         // tracestate is only meaningful with the traceparent it came with.
         tracestate: headers
-          .get("tracestate")
+          .get(TRACESTATE)
           .and_then(|v| v.to_str().ok())
           .map(str::to_string),
       },
@@ -50,12 +54,14 @@ impl TraceContext {
 
   /// The `traceparent` of this hop's outbound requests.
   pub fn outbound_traceparent(&self) -> String {
-    format!(
-      "00-{}-{}-{:02x}",
-      hex(&self.trace_id),
-      hex(&self.span_id),
-      self.flags
-    )
+    let mut traceparent = String::with_capacity(55);
+    traceparent.push_str("00-");
+    push_hex(&mut traceparent, &self.trace_id);
+    traceparent.push('-');
+    push_hex(&mut traceparent, &self.span_id);
+    traceparent.push('-');
+    push_hex(&mut traceparent, &[self.flags]);
+    traceparent
   }
 
   /// The trace id as 32 lowercase hex digits.
@@ -79,7 +85,19 @@ fn nonzero<const N: usize>(random: impl Fn() -> [u8; N]) -> [u8; N] {
 }
 
 fn hex(bytes: &[u8]) -> String {
-  bytes.iter().map(|b| format!("{b:02x}")).collect()
+  let mut text = String::with_capacity(2 * bytes.len());
+  push_hex(&mut text, bytes);
+  text
+}
+
+/// Appends `bytes` as lowercase hex digits, two per byte (ids made on every request: no
+/// formatting machinery).
+pub fn push_hex(text: &mut String, bytes: &[u8]) {
+  const DIGITS: &[u8; 16] = b"0123456789abcdef";
+  for byte in bytes {
+    text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+    text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+  }
 }
 
 /// `version-traceid-parentid-flags`, lowercase hex. Version 00 must have exactly four
