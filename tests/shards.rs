@@ -446,7 +446,24 @@ fn answers_after(
   seen: &[(Instant, String, String)],
   after: Instant,
 ) -> (BTreeSet<u64>, BTreeSet<String>) {
-  let records = access_records(outpost);
+  // A record is written when its response body ends, which may be just after the client
+  // has read it: wait until every answered request has one.
+  let deadline = Instant::now() + Duration::from_secs(10);
+  let records = loop {
+    let records = access_records(outpost);
+    let missing = seen
+      .iter()
+      .filter(|(_, _, id)| !records.contains_key(id))
+      .count();
+    if missing == 0 {
+      break records;
+    }
+    assert!(
+      Instant::now() < deadline,
+      "{missing} answered requests have no access record"
+    );
+    std::thread::sleep(Duration::from_millis(20));
+  };
   let later = seen.iter().filter(|(sent, _, _)| *sent >= after);
   let shards = later
     .clone()
