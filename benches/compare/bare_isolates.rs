@@ -47,7 +47,10 @@ fn settled_rss_kib() -> u64 {
   last
 }
 
-#[expect(clippy::print_stdout, reason = "the figures on stdout are the program's output")]
+#[expect(
+  clippy::print_stdout,
+  reason = "the figures on stdout are the program's output"
+)]
 fn main() {
   let count: usize = match std::env::args().nth(1).map(|n| n.parse()) {
     Some(Ok(n)) if n > 1 => n,

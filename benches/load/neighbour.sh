@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Neighbour degradation: the p99 latency of a hello-world function under load, alone and
-# while another tenant's function burns 40 ms of CPU per request on 4 connections, on a
-# node that demotes long entries into JS (`server.demote_long_entries`, the default) and on
-# one that does not.
+# while another tenant's function burns 40 ms of CPU per request on 4 connections, on three
+# nodes:
+#   lane          the defaults: the hog moves to the slow lane (a thread of its own) and its
+#                 long entries are demoted to SCHED_IDLE (`server.demote_long_entries`)
+#   lane-only     the hog moves to the slow lane, no demotion
+#   no-lane       the hog stays on the shards (`server.slow_lane_entry_ms = 0`), no demotion
 #
 #   benches/load/neighbour.sh [OUTPOST_BINARY]
 #
-# Runs `alone` and `with hog` on both nodes interleaved, ROUNDS times (default 3), each for
+# Runs `alone` and `with hog` on the three nodes interleaved, ROUNDS times (default 3), each for
 # DURATION seconds (default 10), with wrk (Debian package `wrk`), and prints the median p99
 # of each and their ratio. Uses target/release/outpost unless a binary is given.
 set -euo pipefail
@@ -43,16 +46,19 @@ entry = "hog.js"
 routes = ["hog.test/"]
 limits = { cpu_ms = 100 }
 EOF
-# One node with long entries demoted (the default), one without: measured side by side.
+# The three nodes, measured side by side.
 start_node() { # name, extra [server] lines
   { printf '[server]\n%s\n' "$2"; cat "$scratch/outpost.toml"; } >"$scratch/$1.toml"
   start_outpost "$1"
 }
+variants=(lane lane-only no-lane)
 declare -A urls
-start_node demoted "demote_long_entries = true"
-urls[demoted]=$url
-start_node not-demoted "demote_long_entries = false"
-urls[not-demoted]=$url
+start_node lane "demote_long_entries = true"
+urls[lane]=$url
+start_node lane-only "demote_long_entries = false"
+urls[lane-only]=$url
+start_node no-lane $'demote_long_entries = false\nslow_lane_entry_ms = 0'
+urls[no-lane]=$url
 
 # The p99 wrk reports for the healthy function at $1, in milliseconds.
 p99_ms() {
@@ -63,11 +69,13 @@ p99_ms() {
 }
 
 declare -A alone hog
-for variant in demoted not-demoted; do
+for variant in "${variants[@]}"; do
   wrk -t1 -c8 -d2s "${urls[$variant]}/" >/dev/null # warm-up
+  # The hog's first requests show it is slow; it then moves to the slow lane (where allowed).
+  wrk -t1 -c4 -d3s -H "Host: hog.test" "${urls[$variant]}/" >/dev/null
 done
 for round in $(seq "$rounds"); do
-  for variant in demoted not-demoted; do
+  for variant in "${variants[@]}"; do
     url=${urls[$variant]}
     a=$(p99_ms "$url")
     wrk -t1 -c4 -d"$((duration + 2))s" -H "Host: hog.test" "$url/" >/dev/null &
@@ -82,7 +90,7 @@ for round in $(seq "$rounds"); do
 done
 echo "healthy function p99, median of $rounds rounds ($(nproc) cores, $(uname -r)):"
 printf '%-12s %10s %10s %7s\n' variant alone_ms hog_ms ratio
-for variant in demoted not-demoted; do
+for variant in "${variants[@]}"; do
   a=$(printf '%s\n' ${alone[$variant]} | median)
   h=$(printf '%s\n' ${hog[$variant]} | median)
   printf '%-12s %10s %10s %7s\n' "$variant" "$a" "$h" "$(awk -v a="$a" -v h="$h" 'BEGIN { printf "%.2f", h / a }')"

@@ -15,7 +15,7 @@ use outpost_ext_dispatch::DispatchRequest;
 use tokio::sync::{mpsc, oneshot};
 
 use super::pool::IsolatePool;
-use super::{IsolateWatch, drive};
+use super::{IsolateWatch, drive, thread_runtime};
 use crate::config::PoolConfig;
 use crate::error::Error;
 use crate::isolate::{
@@ -193,18 +193,14 @@ fn run_lane_isolate(
   mut requests: mpsc::UnboundedReceiver<DispatchRequest>,
   ready: oneshot::Sender<Result<Arc<IsolateStatus>, Error>>,
 ) {
-  let runtime = match tokio::runtime::Builder::new_current_thread()
-    .enable_all()
-    .build()
-  {
+  let runtime = match thread_runtime() {
     Ok(runtime) => runtime,
     Err(err) => {
-      let _ = ready.send(Err(Error::IsolateThread(err.to_string())));
+      let _ = ready.send(Err(err));
       return;
     }
   };
-  let local = tokio::task::LocalSet::new();
-  local.block_on(&runtime, async move {
+  tokio::task::LocalSet::new().block_on(&runtime, async move {
     let meter = ThreadMeter::for_this_thread(&host.watchdog, host.demote);
     let started = match BlankIsolate::new(&host.settings) {
       Ok(blank) => {

@@ -311,6 +311,15 @@ pub async fn drive(mut isolate: Isolate, status: Arc<IsolateStatus>, mut watch: 
   drop(isolate);
 }
 
+/// The runtime of a thread that hosts isolates (a shard or a slow-lane isolate): current-thread,
+/// its isolates' event loops are local tasks on it.
+fn thread_runtime() -> Result<tokio::runtime::Runtime, Error> {
+  tokio::runtime::Builder::new_current_thread()
+    .enable_all()
+    .build()
+    .map_err(|err| Error::IsolateThread(err.to_string()))
+}
+
 /// A shard thread: its runtime, its spares, and the jobs sent to it until the node stops.
 fn run_shard(
   id: usize,
@@ -320,18 +329,14 @@ fn run_shard(
   mut jobs: mpsc::UnboundedReceiver<ShardJob>,
   ready: std::sync::mpsc::Sender<Result<(), Error>>,
 ) {
-  let runtime = match tokio::runtime::Builder::new_current_thread()
-    .enable_all()
-    .build()
-  {
+  let runtime = match thread_runtime() {
     Ok(runtime) => runtime,
     Err(err) => {
-      let _ = ready.send(Err(Error::IsolateThread(err.to_string())));
+      let _ = ready.send(Err(err));
       return;
     }
   };
-  let local = tokio::task::LocalSet::new();
-  local.block_on(&runtime, async move {
+  tokio::task::LocalSet::new().block_on(&runtime, async move {
     let shard = Rc::new(Shard {
       id,
       meter: ThreadMeter::for_this_thread(&watchdog, false),
