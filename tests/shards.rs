@@ -334,6 +334,80 @@ async fn a_hog_moves_to_the_slow_lane_and_its_neighbour_keeps_answering_meanwhil
   assert_eq!(hog.await.unwrap(), "hog");
 }
 
+/// Killed at its CPU limit on the first request of a fresh isolate (never a warm-up entry),
+/// a function leaves the shards at once instead of holding a shard for its whole limit on
+/// every request.
+#[tokio::test]
+async fn a_function_killed_at_its_cpu_limit_moves_to_the_slow_lane() {
+  let outpost = Outpost::start_on_shards(
+    1,
+    &functions_config(
+      "[admin]\naddress = \"127.0.0.1:0\"",
+      &[
+        (
+          "spin",
+          "spin.js",
+          "routes = [\"spin.test/\"]\nlimits = { cpu_ms = 20 }",
+        ),
+        ("neighbour", "hello.js", "routes = [\"neighbour.test/\"]"),
+      ],
+    ),
+    &[
+      ("spin.js", "export default { fetch() { for (;;) {} } };"),
+      (
+        "hello.js",
+        "export default { fetch: () => new Response('hello') };",
+      ),
+    ],
+  );
+  let client = http1();
+  let spin = || async {
+    let response = client
+      .get(outpost.url("/"))
+      .header("host", "spin.test")
+      .send()
+      .await
+      .unwrap();
+    (
+      response.status(),
+      response.headers().get("outpost-termination").cloned(),
+    )
+  };
+  let (status, termination) = spin().await;
+  assert_eq!(status, 503);
+  assert_eq!(
+    termination.unwrap(),
+    "cpu-limit",
+    "the spin was killed at its limit"
+  );
+  outpost.wait_for_log("terminated at the CPU limit");
+  let metrics = scrape_until(&outpost, |metrics| {
+    value(metrics, "outpost_lane_moves_total", &[]) == Some(1.0)
+  })
+  .await;
+  assert_eq!(
+    value(&metrics, "outpost_function_shards", &[("function", "spin")]),
+    Some(0.0),
+    "the function left the shard"
+  );
+  assert_eq!(
+    value(
+      &metrics,
+      "outpost_function_shards",
+      &[("function", "neighbour")]
+    ),
+    Some(1.0)
+  );
+  // Still limited in the slow lane.
+  let (status, termination) = spin().await;
+  assert_eq!(status, 503);
+  assert_eq!(termination.unwrap(), "cpu-limit");
+  assert_eq!(
+    get(&client, &outpost, "neighbour.test", "/").await.0,
+    "hello"
+  );
+}
+
 #[tokio::test]
 async fn sigterm_drains_the_requests_in_flight_on_every_shard() {
   let mut outpost = Outpost::start_on_shards(

@@ -292,7 +292,8 @@ pub struct ServerConfig {
   /// the process).
   pub shards: usize,
   /// An entry into JS past this much CPU time counts against its function; after a few
-  /// the function moves to the slow lane (0: functions never move).
+  /// the function moves to the slow lane, as it does at once when an entry is killed at its
+  /// CPU limit (0: neither moves a function; its soft CPU limit still does).
   pub slow_lane_entry_ms: u64,
 }
 

@@ -472,6 +472,13 @@ impl IsolateWatch for PoolWatch {
     let Some(threshold) = pool.host.slow_entry else {
       return;
     };
+    // An entry killed at the CPU limit held the shard for the whole limit. It is never an
+    // isolate's warm-up (below) and its isolate is replaced, so the next one would be on its
+    // first request again: without this, a function killed on every request would stay.
+    if status.terminated_for_cpu().is_some() {
+      pool.move_to_slow_lane("terminated at the CPU limit");
+      return;
+    }
     // The work of an entry per request it answered: an entry that answers many requests at
     // once (their timers fired together) is busy, not slow. An isolate's first request
     // compiles and warms up its code: not held against it.
