@@ -83,7 +83,7 @@ fn benches(c: &mut Criterion) {
   let settings = serving::settings();
   let meter = serving::meter();
   let blank = BlankIsolate::new(&settings).unwrap();
-  let queue = local.block_on(&tokio, serving::serve(blank, &spec, &meter));
+  let (queue, _driver) = local.block_on(&tokio, serving::serve(blank, &spec, &meter));
   let headers = request_headers();
   let body = Bytes::from(vec![b'x'; 1024]);
 

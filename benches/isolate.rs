@@ -53,9 +53,9 @@ fn benches(c: &mut Criterion) {
       index += 1;
       let spec = new_spec(dir.path(), file, source, index);
       let blank = BlankIsolate::new(&settings).unwrap();
-      let (queue, elapsed) = timing::timed(|| {
+      let ((queue, driver), elapsed) = timing::timed(|| {
         local.block_on(&tokio, async {
-          let queue = serving::serve(blank, &spec, &meter).await;
+          let (queue, driver) = serving::serve(blank, &spec, &meter).await;
           let response = serving::send(
             &queue,
             http::Method::GET,
@@ -65,12 +65,12 @@ fn benches(c: &mut Criterion) {
           )
           .await;
           assert_eq!(response.status(), 200);
-          queue
+          (queue, driver)
         })
       });
-      // The isolate ends (and is dropped) outside the timing.
+      // The isolate ends and is dropped outside the timing, before the next run starts.
       queue.close();
-      local.block_on(&tokio, tokio::task::yield_now());
+      local.block_on(&tokio, driver).unwrap();
       elapsed
     });
   }

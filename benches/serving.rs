@@ -10,6 +10,7 @@ use outpost::limits::cpu::{CpuWatchdog, ThreadMeter};
 use outpost::shard::{IsolateWatch, drive};
 use outpost_ext_dispatch::{Body, DispatchRequest, RequestQueue, RequestUsage};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::spec::HEAP;
@@ -37,20 +38,23 @@ impl IsolateWatch for Unwatched {
   fn ended(self, _: &IsolateStatus, _: Result<(), String>) {}
 }
 
-/// Gives `blank` the function and starts its event loop as a local task; returns its queue.
+/// Gives `blank` the function and starts its event loop as a local task; returns its queue
+/// and the task, which ends (and drops the isolate) once the queue is closed.
 pub async fn serve(
   blank: BlankIsolate,
   spec: &FunctionSpec,
   meter: &Arc<ThreadMeter>,
-) -> Rc<RequestQueue> {
+) -> (Rc<RequestQueue>, JoinHandle<()>) {
   let isolate = blank
     .start_function(spec, meter, Duration::from_secs(10))
     .await
     .unwrap();
   let queue = isolate.queue().clone();
   let status = IsolateStatus::new(&isolate);
-  tokio::task::spawn_local(drive(isolate, status, Unwatched));
-  queue
+  (
+    queue,
+    tokio::task::spawn_local(drive(isolate, status, Unwatched)),
+  )
 }
 
 /// Sends one request through `queue` and waits for the response.
