@@ -258,6 +258,32 @@ export default {
 };
 "#;
 
+/// One lane move, counted: `function` has left the shard, its neighbour is still there.
+async fn assert_moved_to_the_slow_lane(outpost: &Outpost, function: &str) {
+  let metrics = scrape_until(outpost, |metrics| {
+    value(metrics, "outpost_lane_moves_total", &[]) == Some(1.0)
+  })
+  .await;
+  assert_eq!(value(&metrics, "outpost_lane_moves_total", &[]), Some(1.0));
+  assert_eq!(
+    value(
+      &metrics,
+      "outpost_function_shards",
+      &[("function", function)]
+    ),
+    Some(0.0),
+    "{function} left the shard"
+  );
+  assert_eq!(
+    value(
+      &metrics,
+      "outpost_function_shards",
+      &[("function", "neighbour")]
+    ),
+    Some(1.0)
+  );
+}
+
 // Multi-threaded: the hog's request runs on while the test waits for the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hog_moves_to_the_slow_lane_and_its_neighbour_keeps_answering_meanwhile() {
@@ -288,24 +314,7 @@ async fn a_hog_moves_to_the_slow_lane_and_its_neighbour_keeps_answering_meanwhil
     assert_eq!(get(&client, &outpost, "hog.test", "/?ms=10").await.0, "hog");
   }
   outpost.wait_for_log("function moved to the slow lane");
-  let metrics = scrape_until(&outpost, |metrics| {
-    value(metrics, "outpost_lane_moves_total", &[]) == Some(1.0)
-  })
-  .await;
-  assert_eq!(value(&metrics, "outpost_lane_moves_total", &[]), Some(1.0));
-  assert_eq!(
-    value(
-      &metrics,
-      "outpost_function_shards",
-      &[("function", "neighbour")]
-    ),
-    Some(1.0)
-  );
-  assert_eq!(
-    value(&metrics, "outpost_function_shards", &[("function", "hog")]),
-    Some(0.0),
-    "the hog left the shard"
-  );
+  assert_moved_to_the_slow_lane(&outpost, "hog").await;
 
   // A three-second entry of the hog no longer holds the shard: the neighbour answers while
   // it runs.
@@ -381,23 +390,7 @@ async fn a_function_killed_at_its_cpu_limit_moves_to_the_slow_lane() {
     "the spin was killed at its limit"
   );
   outpost.wait_for_log("terminated at the CPU limit");
-  let metrics = scrape_until(&outpost, |metrics| {
-    value(metrics, "outpost_lane_moves_total", &[]) == Some(1.0)
-  })
-  .await;
-  assert_eq!(
-    value(&metrics, "outpost_function_shards", &[("function", "spin")]),
-    Some(0.0),
-    "the function left the shard"
-  );
-  assert_eq!(
-    value(
-      &metrics,
-      "outpost_function_shards",
-      &[("function", "neighbour")]
-    ),
-    Some(1.0)
-  );
+  assert_moved_to_the_slow_lane(&outpost, "spin").await;
   // Still limited in the slow lane.
   let (status, termination) = spin().await;
   assert_eq!(status, 503);
