@@ -276,7 +276,7 @@ done
 for mode in "${modes[@]}"; do
   : >"$out/results-$mode.tsv"
   for server in "${all[@]}" outpost-spread; do
-    for scenario in $(printf '%s\n' "${scenarios[@]}"); do
+    for scenario in "${scenarios[@]}"; do
       [[ " $(servers_of "$scenario") " == *" $server "* ]] || continue
       pick() { awk -F'\t' -v m="$mode" -v s="$server" -v c="$scenario" -v k="$1" '$1 == m && $2 == s && $3 == c { print $k }' "$scratch/raw.tsv" | median; }
       printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$server" "$scenario" "$(pick 4)" "$(pick 5)" "$(pick 6)" "$(pick 7)" >>"$out/results-$mode.tsv"
