@@ -64,7 +64,9 @@ if [ -z "${RUSTY_V8_ARCHIVE:-}" ] && [ -d ../shared/v8 ]; then
   RUSTY_V8_ARCHIVE=$(ls "$(cd ../shared/v8 && pwd)"/librusty_v8_*.a.gz | head -n 1)
   export RUSTY_V8_ARCHIVE
 fi
-cargo build --release --quiet -p outpost -p outpost-benches --example bare_hyper --example bare_isolates --example chart
+# Two builds: with --example, cargo builds only the examples of the packages named.
+cargo build --release --quiet -p outpost
+cargo build --release --quiet -p outpost-benches --example bare_hyper --example bare_isolates --example chart
 
 scratch=$(mktemp -d)
 servers=()
@@ -198,7 +200,8 @@ await_ready() {
     fi
     sleep 0.005
   done
-  echo "server at $url did not answer" >&2
+  echo "server at $url did not answer; its output:" >&2
+  cat "$scratch"/*.log >&2
   exit 1
 }
 
