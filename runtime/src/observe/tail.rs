@@ -54,10 +54,10 @@ impl Tails {
     use tracing_subscriber::Layer as _;
     let sender = self.sender.clone();
     let filter = tracing_subscriber::filter::DynFilterFn::new(move |metadata, _| {
-      tailed(metadata) && sender.receiver_count() > 0
+      tail_kind(metadata).is_some() && sender.receiver_count() > 0
     })
     .with_callsite_filter(|metadata| {
-      if tailed(metadata) {
+      if tail_kind(metadata).is_some() {
         tracing::subscriber::Interest::sometimes()
       } else {
         tracing::subscriber::Interest::never()
@@ -70,9 +70,13 @@ impl Tails {
   }
 }
 
-/// Whether tails show events of this kind.
-fn tailed(metadata: &tracing::Metadata<'_>) -> bool {
-  matches!(metadata.target(), "outpost::access" | "outpost::console")
+/// What tails show an event as (`access` or `console`), or `None` for events they skip.
+fn tail_kind(metadata: &tracing::Metadata<'_>) -> Option<&'static str> {
+  match metadata.target() {
+    "outpost::access" => Some("access"),
+    "outpost::console" => Some("console"),
+    _ => None,
+  }
 }
 
 /// See the module docs.
@@ -81,14 +85,11 @@ pub struct TailLayer {
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TailLayer {
+  /// Events reach this layer through the filter of [`Tails::layer`]: tailed kinds, while
+  /// someone follows a tail.
   fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-    if self.sender.receiver_count() == 0 {
+    let Some(kind) = tail_kind(event.metadata()) else {
       return;
-    }
-    let kind = match event.metadata().target() {
-      "outpost::access" => "access",
-      "outpost::console" => "console",
-      _ => return,
     };
     let mut fields = JsonFields(Map::new());
     event.record(&mut fields);
