@@ -61,19 +61,29 @@ fn shards_that_took(outpost: &Outpost, function: &str) -> BTreeSet<u64> {
     .collect()
 }
 
-/// GETs `path` on host `host` over a new connection; returns the body and the request id.
+/// GETs `path` on host `host`.
+async fn send(
+  client: &reqwest::Client,
+  outpost: &Outpost,
+  host: &str,
+  path: &str,
+) -> reqwest::Response {
+  client
+    .get(outpost.url(path))
+    .header("host", host)
+    .send()
+    .await
+    .unwrap()
+}
+
+/// GETs `path` on host `host`, which must answer 200; returns the body and the request id.
 async fn get(
   client: &reqwest::Client,
   outpost: &Outpost,
   host: &str,
   path: &str,
 ) -> (String, String) {
-  let response = client
-    .get(outpost.url(path))
-    .header("host", host)
-    .send()
-    .await
-    .unwrap();
+  let response = send(client, outpost, host, path).await;
   assert_eq!(response.status(), 200, "{host}{path}");
   let id = response.headers()["outpost-request-id"]
     .to_str()
@@ -371,12 +381,7 @@ async fn a_function_killed_at_its_cpu_limit_moves_to_the_slow_lane() {
   );
   let client = http1();
   let spin = || async {
-    let response = client
-      .get(outpost.url("/"))
-      .header("host", "spin.test")
-      .send()
-      .await
-      .unwrap();
+    let response = send(&client, &outpost, "spin.test", "/").await;
     (
       response.status(),
       response.headers().get("outpost-termination").cloned(),
