@@ -32,7 +32,7 @@ use crate::suite::{SUITES, TestFile};
 struct Args {
   /// The WPT root to read tests from (never copied). Default: `../shared/wpt` beside the
   /// project.
-  #[arg(long, value_name = "DIR")]
+  #[arg(long, value_name = "DIR", env = "OUTPOST_WPT_DIR")]
   wpt_dir: Option<PathBuf>,
   /// Where the expectation files are. Default: `wpt/expectations` in the project.
   #[arg(long, value_name = "DIR")]

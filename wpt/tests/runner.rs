@@ -4,12 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The WPT copy beside the project, whose harness the fake tree borrows.
+/// The WPT copy the runner reads (`OUTPOST_WPT_DIR`, or `../shared/wpt` beside the
+/// project), whose harness the fake tree borrows.
 fn shared_wpt() -> PathBuf {
-  let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/wpt");
+  let dir = std::env::var_os("OUTPOST_WPT_DIR").map_or_else(
+    || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/wpt"),
+    PathBuf::from,
+  );
   assert!(
     dir.join("resources/testharness.js").is_file(),
-    "the WPT files are expected in {} (../shared/wpt beside the project)",
+    "the WPT files are expected in {} (OUTPOST_WPT_DIR, or ../shared/wpt beside the project)",
     dir.display()
   );
   dir
