@@ -23,6 +23,9 @@ use outpost::server::{Node, NodeServices};
 
 use crate::admin_client::AdminCommand;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
   name = "outpost",
