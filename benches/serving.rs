@@ -8,7 +8,7 @@ use std::time::Duration;
 use outpost::isolate::{BlankIsolate, Entry, FunctionSpec, IsolateSettings, IsolateStatus};
 use outpost::limits::cpu::{CpuWatchdog, ThreadMeter};
 use outpost::shard::{IsolateWatch, drive};
-use outpost_ext_dispatch::{Body, DispatchRequest, RequestQueue, RequestUsage};
+use outpost_ext_dispatch::{Body, DispatchRequest, RequestId, RequestQueue, RequestUsage};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -74,7 +74,7 @@ pub async fn send(
     cancel: CancellationToken::new(),
     finished: Arc::default(),
     reply,
-    usage: Arc::new(RequestUsage::new("bench".into())),
+    usage: Arc::new(RequestUsage::new(RequestId::new(0, 0))),
     cf: Vec::new(),
     trace: None,
   };

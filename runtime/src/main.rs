@@ -62,7 +62,28 @@ enum Command {
 
 /// Starts the server log as `[log]` says (`OUTPOST_LOG` overrides the level), with the
 /// function tails beside it (they see access records and console output at any level).
+/// Writes text with its line breaks escaped (`\r`, `\n`), so that one event stays one line,
+/// without a copy of the text.
+struct OneLine<'a, 'w>(&'a mut tracing_subscriber::fmt::format::Writer<'w>);
+
+impl std::fmt::Write for OneLine<'_, '_> {
+  fn write_str(&mut self, text: &str) -> std::fmt::Result {
+    let mut rest = text;
+    while let Some(at) = rest.find(['\r', '\n']) {
+      self.0.write_str(&rest[..at])?;
+      self.0.write_str(if rest.as_bytes()[at] == b'\r' {
+        "\\r"
+      } else {
+        "\\n"
+      })?;
+      rest = &rest[at + 1..];
+    }
+    self.0.write_str(rest)
+  }
+}
+
 fn init_log(log: &LogConfig, tails: &Tails) {
+  use std::fmt::Write as _;
   use tracing_subscriber::Layer as _;
   use tracing_subscriber::layer::SubscriberExt as _;
   use tracing_subscriber::util::SubscriberInitExt as _;
@@ -74,14 +95,10 @@ fn init_log(log: &LogConfig, tails: &Tails) {
     LogFormat::Text => tracing_subscriber::fmt::layer()
       .fmt_fields(
         tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-          let text = format!("{value:?}")
-            .replace('\r', "\\r")
-            .replace('\n', "\\n");
-          if field.name() == "message" {
-            write!(writer, "{text}")
-          } else {
-            write!(writer, "{}={text}", field.name())
+          if field.name() != "message" {
+            write!(writer, "{}=", field.name())?;
           }
+          write!(OneLine(writer), "{value:?}")
         })
         .delimited(" "),
       )

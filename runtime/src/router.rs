@@ -169,9 +169,13 @@ impl Router {
 
   /// The function for a request's host (port and trailing dot ignored) and path.
   pub fn route(&self, host: &str, path: &str) -> Option<usize> {
-    let host = host_without_port(host)
-      .trim_end_matches('.')
-      .to_ascii_lowercase();
+    let host = host_without_port(host).trim_end_matches('.');
+    // Most clients send the host in lower case already: no copy for them.
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+      std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+      std::borrow::Cow::Borrowed(host)
+    };
     self
       .routes
       .iter()

@@ -177,65 +177,104 @@ struct PendingReply {
   cpu_alone: Duration,
 }
 
+/// A request's id (the `outpost-request-id` response header): 20 lowercase hex digits, 8
+/// of a per-process prefix and 12 of a counter, kept inline so that handing it around (to
+/// the access record, the isolate, the logs) allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId([u8; 20]);
+
+impl RequestId {
+  /// The id made of `prefix` and the low 48 bits of `count`.
+  pub fn new(prefix: u32, count: u64) -> RequestId {
+    let mut bytes = [0u8; 10];
+    bytes[..4].copy_from_slice(&prefix.to_be_bytes());
+    bytes[4..].copy_from_slice(&count.to_be_bytes()[2..]);
+    let mut id = [0u8; 20];
+    // 10 bytes make exactly 20 digits: this cannot fail.
+    let _ = hex::encode_to_slice(bytes, &mut id);
+    RequestId(id)
+  }
+
+  pub fn as_str(&self) -> &str {
+    // Hex digits only, by construction.
+    std::str::from_utf8(&self.0).unwrap_or_default()
+  }
+}
+
+impl std::fmt::Display for RequestId {
+  fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    f.write_str(self.as_str())
+  }
+}
+
+impl std::fmt::Debug for RequestId {
+  fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    f.write_str(self.as_str())
+  }
+}
+
 /// What a request used inside its isolate, shared between the server and the isolate. It
 /// is complete when the last holder lets go, after the entry into JS that answered the
-/// request has been charged; its completion hook is called then.
-#[derive(Debug)]
+/// request has been charged; its observer is told then.
 pub struct RequestUsage {
-  request_id: String,
+  request_id: RequestId,
   cpu_ns: AtomicU64,
   heap_peak: AtomicUsize,
   subrequests: AtomicU32,
-  completion: Completion,
+  observer: Option<Arc<dyn UsageObserver>>,
 }
 
-/// Called once with the complete usage, when the last holder lets go.
-pub type CompletionHook = Box<dyn FnOnce(&RequestUsage) + Send>;
+/// Told once of a request's complete usage, when the last holder of its [`RequestUsage`]
+/// lets go.
+pub trait UsageObserver: Send + Sync {
+  fn complete(&self, usage: &RequestUsage);
+}
 
-#[derive(Default)]
-struct Completion(std::sync::Mutex<Option<CompletionHook>>);
-
-impl std::fmt::Debug for Completion {
+impl std::fmt::Debug for RequestUsage {
   fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-    f.write_str("Completion")
+    f.debug_struct("RequestUsage")
+      .field("request_id", &self.request_id)
+      .field("cpu", &self.cpu())
+      .field("heap_peak", &self.heap_peak())
+      .field("subrequests", &self.subrequests())
+      .finish_non_exhaustive()
   }
 }
 
 impl Drop for RequestUsage {
   fn drop(&mut self) {
-    let hook = self
-      .completion
-      .0
-      .lock()
-      .ok()
-      .and_then(|mut hook| hook.take());
-    if let Some(hook) = hook {
-      hook(self);
+    if let Some(observer) = self.observer.take() {
+      observer.complete(self);
     }
   }
 }
 
 impl RequestUsage {
-  pub fn new(request_id: String) -> RequestUsage {
+  pub fn new(request_id: RequestId) -> RequestUsage {
+    RequestUsage::with_observer(request_id, None)
+  }
+
+  /// The id of the request (the `outpost-request-id` response header).
+  pub fn request_id(&self) -> RequestId {
+    self.request_id
+  }
+
+  /// Usage that tells `observer` of itself once complete.
+  pub fn observed_by(request_id: RequestId, observer: Arc<dyn UsageObserver>) -> RequestUsage {
+    RequestUsage::with_observer(request_id, Some(observer))
+  }
+
+  fn with_observer(
+    request_id: RequestId,
+    observer: Option<Arc<dyn UsageObserver>>,
+  ) -> RequestUsage {
     RequestUsage {
       request_id,
       cpu_ns: AtomicU64::new(0),
       heap_peak: AtomicUsize::new(0),
       subrequests: AtomicU32::new(0),
-      completion: Completion::default(),
+      observer,
     }
-  }
-
-  /// The id of the request (the `outpost-request-id` response header).
-  pub fn request_id(&self) -> &str {
-    &self.request_id
-  }
-
-  /// Usage that calls `hook` with itself once complete.
-  pub fn with_completion(request_id: String, hook: CompletionHook) -> RequestUsage {
-    let usage = RequestUsage::new(request_id);
-    *usage.completion.0.lock().expect("fresh lock") = Some(hook);
-    usage
   }
 
   /// CPU time charged to the request, its share of entries into JS it was in flight for
@@ -366,7 +405,7 @@ pub struct NextRequest {
   headers: http::HeaderMap,
   body_rid: Option<u32>,
   cf: Vec<(&'static str, String)>,
-  request_id: String,
+  request_id: RequestId,
   trace: Option<OutboundTrace>,
 }
 
@@ -430,7 +469,7 @@ impl<'a> ToV8<'a> for NextRequest {
         v8::Integer::new_from_unsigned(scope, rid).into()
       }),
       v8::Array::new_with_elements(scope, &cf).into(),
-      text(scope, &self.request_id, v8::NewStringType::Normal),
+      text(scope, self.request_id.as_str(), v8::NewStringType::Normal),
       traceparent,
       tracestate,
     ];
@@ -478,7 +517,7 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
       .resource_table
       .add(RequestBodyResource::new(body, request.cancel.clone()))
   });
-  let request_id = request.usage.request_id().to_string();
+  let request_id = request.usage.request_id();
   let in_flight = state.borrow_mut::<InFlight>();
   let id = in_flight.next_id;
   in_flight.next_id = in_flight.next_id.wrapping_add(1);
@@ -797,7 +836,9 @@ pub struct InvalidHeader {
 pub fn header_map(
   headers: Vec<(ByteString, ByteString)>,
 ) -> Result<http::HeaderMap, InvalidHeader> {
-  let mut map = http::HeaderMap::with_capacity(headers.len());
+  // Room for the headers Outpost adds on the way out (request id, `Vary`, compression), so
+  // that the map is not grown once per added header.
+  let mut map = http::HeaderMap::with_capacity(headers.len() + 4);
   for (name, value) in headers {
     let invalid = |reason: String| InvalidHeader {
       name: String::from_utf8_lossy(&name).into_owned(),

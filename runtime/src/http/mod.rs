@@ -42,7 +42,7 @@ use crate::node::call::{
   call_function, outpost_error, outpost_response,
 };
 use crate::node::hop_by_hop;
-use crate::observe::access_log::{AccessRecord, MeteredBody};
+use crate::observe::access_log::{AccessRecord, MeteredBody, RequestHead};
 use crate::observe::trace_context::TraceContext;
 use crate::shard::Shard;
 
@@ -355,8 +355,8 @@ fn record_refusal(state: &NodeState, peer: SocketAddr, err: &(dyn std::error::Er
     return;
   };
   let request_id = state.request_ids.next();
-  tracing::info!(request_id, %peer, error = %err, "request refused by the HTTP parser");
-  let access = AccessRecord::new(state.observers.clone(), &request_id, "", "", "");
+  tracing::info!(%request_id, %peer, error = %err, "request refused by the HTTP parser");
+  let access = AccessRecord::new(state.observers.clone(), request_id, None);
   drop(access.respond(status, Some(reason), full_body(Bytes::new())));
 }
 
@@ -391,10 +391,12 @@ impl ShardFront {
       });
     let access = AccessRecord::new(
       node.observers.clone(),
-      &request_id,
-      authority.as_deref().unwrap_or(""),
-      request.method().as_str(),
-      request.uri().path(),
+      request_id,
+      Some(RequestHead {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        host: request.headers().get(http::header::HOST).cloned(),
+      }),
     );
     access.set_shard(self.shard.id);
     let is_head = request.method() == Method::HEAD;
@@ -410,7 +412,7 @@ impl ShardFront {
     if is_head {
       response = without_body(response);
     }
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
       response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     let status = response.status().as_u16();
@@ -454,7 +456,7 @@ impl ShardFront {
         format!("outpost: no function is routed for {authority}{path}\n"),
       );
     };
-    access.set_function(function.name(), function.version());
+    access.set_function(&function.identity);
     if let Some(status) = function.disabled {
       return outpost_response(
         status,

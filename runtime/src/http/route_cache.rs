@@ -24,7 +24,7 @@ use outpost_ext_dispatch::{Body, BoxError, full_body};
 use crate::cache::edge_cache::{Lookup, SharedCache, Store as CacheStore};
 use crate::node::NodeState;
 use crate::node::call::{ConnectionActivity, FunctionCall, call_function, outpost_error};
-use crate::observe::access_log::AccessRecord;
+use crate::observe::access_log::{AccessRecord, RequestHead};
 use crate::observe::trace_context::TraceContext;
 
 /// Response header saying how route caching answered.
@@ -98,18 +98,16 @@ fn revalidate(
   }
   // The refresh is a request of its own, with its own access record (method GET, the
   // client request's host and path).
-  let uri: Option<http::Uri> = call.url.parse().ok();
   let access = AccessRecord::new(
     state.observers.clone(),
-    &state.request_ids.next(),
-    uri
-      .as_ref()
-      .and_then(|u| u.authority())
-      .map_or("", |a| a.as_str()),
-    "GET",
-    uri.as_ref().map_or("/", |u| u.path()),
+    state.request_ids.next(),
+    Some(RequestHead {
+      method: Method::GET,
+      uri: call.url.parse().unwrap_or_default(),
+      host: None,
+    }),
   );
-  access.set_function(call.function.name(), call.function.version());
+  access.set_function(&call.function.identity);
   let trace = TraceContext::from_headers(&headers);
   access.set_trace(&trace);
   let refresh = FunctionCall {

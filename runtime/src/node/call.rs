@@ -18,7 +18,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use outpost_ext_dispatch::{
-  Body, BoxError, DispatchRequest, FailureKind, OutboundTrace, full_body,
+  Body, BoxError, DispatchRequest, FailureKind, OutboundTrace, RequestId, full_body,
 };
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -29,7 +29,7 @@ use super::hop_by_hop;
 use crate::isolate::InFlightGuard;
 use crate::limits::Admitted;
 use crate::observe::access_log::AccessRecord;
-use crate::observe::trace_context::{TraceContext, push_hex};
+use crate::observe::trace_context::TraceContext;
 use crate::shard::Shard;
 
 /// Response header naming the request id on every response.
@@ -103,12 +103,13 @@ pub async fn call_function(
     slots,
     ..
   } = &*function;
-  // The wall-clock limit covers everything from here on, the response body included.
-  let deadline = tokio::time::Instant::now() + limits.wall;
+  // The wall-clock limit covers everything from here on, the response body included: one
+  // timer, registered once, watches the dispatch, the handler and the body in turn.
+  let mut deadline = Box::pin(tokio::time::sleep(limits.wall));
   let admitted = match state.admission.admit(slots).await {
     Ok(admitted) => admitted,
     Err(rejection) => {
-      tracing::warn!(request_id, function = pool.name(), ?rejection, "overloaded");
+      tracing::warn!(%request_id, function = pool.name(), ?rejection, "overloaded");
       let mut response = outpost_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "overloaded",
@@ -147,14 +148,14 @@ pub async fn call_function(
       }),
     },
   );
-  let in_flight = match tokio::time::timeout_at(deadline, dispatched).await {
-    Err(_) => return Err(wall_time_exceeded(pool.name(), limits.wall)),
-    Ok(Ok(guard)) => {
+  let in_flight = match before(&mut deadline, dispatched).await {
+    None => return Err(wall_time_exceeded(pool.name(), limits.wall)),
+    Some(Ok(guard)) => {
       access.set_cold(guard.first());
       guard
     }
-    Ok(Err(err)) => {
-      tracing::warn!(request_id, function = pool.name(), error = %err, "function unavailable");
+    Some(Err(err)) => {
+      tracing::warn!(%request_id, function = pool.name(), error = %err, "function unavailable");
       // The reason names server paths and source lines: it stays in the log unless the
       // node shows error details (`server.error_details`, for development).
       let details = if state.error_details {
@@ -172,11 +173,11 @@ pub async fn call_function(
       ));
     }
   };
-  let Ok(replied) = tokio::time::timeout_at(deadline, replied).await else {
+  let Some(replied) = before(&mut deadline, replied).await else {
     // Dropping the guard cancels the request's token: body streaming stops.
     drop(cancel_on_drop);
     tracing::warn!(
-      request_id,
+      %request_id,
       function = pool.name(),
       "wall-clock limit reached"
     );
@@ -198,7 +199,7 @@ pub async fn call_function(
         GuardedBody {
           inner: body,
           finished,
-          deadline: Box::pin(tokio::time::sleep_until(deadline)),
+          deadline,
           _active: active,
           _in_flight: in_flight,
           _admitted: admitted,
@@ -213,7 +214,7 @@ pub async fn call_function(
         FailureKind::NotAResponse => "did not return a Response",
       };
       tracing::error!(
-        request_id,
+        %request_id,
         function = pool.name(),
         "handler {what}: {}",
         failure.detail
@@ -236,7 +237,7 @@ pub async fn call_function(
       // Every request in flight on an isolate terminated for CPU ends here: JS cannot be
       // stopped for one request only.
       tracing::warn!(
-        request_id,
+        %request_id,
         function = pool.name(),
         cpu_limit = ?limits.cpu,
         cpu_used = ?used,
@@ -255,7 +256,7 @@ pub async fn call_function(
     }
     Err(_) if in_flight.isolate().terminated_for_memory() => {
       tracing::warn!(
-        request_id,
+        %request_id,
         function = pool.name(),
         "isolate terminated: memory limit"
       );
@@ -270,7 +271,7 @@ pub async fn call_function(
     }
     Err(_) => {
       tracing::error!(
-        request_id,
+        %request_id,
         function = pool.name(),
         "the isolate stopped before answering"
       );
@@ -282,6 +283,18 @@ pub async fn call_function(
     }
   };
   Err(answer)
+}
+
+/// `future`'s output, or `None` once `deadline` has passed first.
+async fn before<F: Future>(
+  deadline: &mut Pin<Box<tokio::time::Sleep>>,
+  future: F,
+) -> Option<F::Output> {
+  tokio::select! {
+    biased;
+    output = future => Some(output),
+    () = deadline.as_mut() => None,
+  }
 }
 
 /// 504 for a request that ran past its function's wall-clock limit.
@@ -440,12 +453,8 @@ impl Default for RequestIds {
 
 impl RequestIds {
   /// The next id: 8 hex digits of the prefix, 12 of the counter.
-  pub fn next(&self) -> String {
-    let count = self.counter.fetch_add(1, Ordering::Relaxed);
-    let mut id = String::with_capacity(20);
-    push_hex(&mut id, &self.prefix.to_be_bytes());
-    push_hex(&mut id, &count.to_be_bytes()[2..]);
-    id
+  pub fn next(&self) -> RequestId {
+    RequestId::new(self.prefix, self.counter.fetch_add(1, Ordering::Relaxed))
   }
 }
 

@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::isolate::FunctionSpec;
 use crate::isolate::function_code::{FunctionCode, TranspileCache};
 use crate::limits::Limits;
+use crate::observe::metrics::FunctionIdentity;
 use crate::router::Router;
 use crate::shard::pool::{IsolatePool, PoolHost};
 
@@ -25,8 +26,9 @@ pub struct RoutedFunction {
   pub route_cache: bool,
   /// The status its routes answer when `[[overrides]]` switch it off on this node.
   pub disabled: Option<StatusCode>,
-  /// The deployed version this is; `None` for a function of the config file.
-  version: Option<String>,
+  /// Its name, and the deployed version this is (`None` for a function of the config
+  /// file), as access records name it.
+  pub identity: Arc<FunctionIdentity>,
 }
 
 impl RoutedFunction {
@@ -36,7 +38,7 @@ impl RoutedFunction {
     version: Option<String>,
   ) -> RoutedFunction {
     RoutedFunction {
-      version,
+      identity: Arc::new(FunctionIdentity::new(pool.name().to_string(), version)),
       pool,
       limits: function.limits,
       slots: Arc::new(Semaphore::new(function.limits.max_concurrency)),
@@ -54,7 +56,7 @@ impl RoutedFunction {
 
   /// The deployed version, if it is one.
   pub fn version(&self) -> Option<&str> {
-    self.version.as_deref()
+    self.identity.version.as_deref()
   }
 }
 

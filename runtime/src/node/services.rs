@@ -15,7 +15,7 @@ use super::call::{
   ConnectionActivity, FunctionCall, REQUEST_ID_HEADER, call_function, outpost_error,
 };
 use super::hop_by_hop;
-use crate::observe::access_log::AccessRecord;
+use crate::observe::access_log::{AccessRecord, RequestHead};
 use crate::observe::trace_context::TraceContext;
 
 /// The node's side of service bindings (`outpost_ext_dispatch::ServiceDispatch`): a call is a
@@ -44,12 +44,14 @@ impl outpost_ext_dispatch::ServiceDispatch for ServiceCalls {
       let request_id = node.request_ids.next();
       let access = AccessRecord::new(
         node.observers.clone(),
-        &request_id,
-        parts.uri.authority().map_or("", |a| a.as_str()),
-        parts.method.as_str(),
-        parts.uri.path(),
+        request_id,
+        Some(RequestHead {
+          method: parts.method.clone(),
+          uri: parts.uri.clone(),
+          host: None,
+        }),
       );
-      access.set_function(target.name(), target.version());
+      access.set_function(&target.identity);
       let mut headers = parts.headers;
       hop_by_hop::strip_request(&mut headers);
       let trace = TraceContext::from_headers(&headers);
@@ -68,7 +70,7 @@ impl outpost_ext_dispatch::ServiceDispatch for ServiceCalls {
         cf: Vec::new(),
       };
       let (Ok(mut response) | Err(mut response)) = call_function(&node, call).await;
-      if let Ok(value) = HeaderValue::from_str(&request_id) {
+      if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
       }
       let status = response.status().as_u16();

@@ -12,14 +12,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use http::{HeaderValue, Method, Uri};
 use http_body::Frame;
-use outpost_ext_dispatch::{Body, BoxError, RequestUsage};
+use outpost_ext_dispatch::{Body, BoxError, RequestId, RequestUsage, UsageObserver};
 
 use opentelemetry::KeyValue;
 
-use super::metrics::{Completed, NodeMetrics};
+use super::metrics::{Completed, FunctionIdentity, NodeMetrics};
 use super::otlp::RequestSpan;
-use super::trace_context::TraceContext;
+use super::trace_context::{TraceContext, TraceIdText};
 use super::usage_ledger::{RequestCost, UsageLedger};
 
 /// Where completed requests are counted.
@@ -38,10 +39,31 @@ struct IsolateUsage {
   subrequests: u32,
 }
 
+/// The request a record is about, as the client sent it (shared, not copied: hyper's
+/// method, URI and header values are reference-counted views of what it read).
+pub struct RequestHead {
+  pub method: Method,
+  pub uri: Uri,
+  /// The `Host` header; the URI's authority when it has one is used first.
+  pub host: Option<HeaderValue>,
+}
+
+impl RequestHead {
+  fn host(&self) -> &str {
+    match self.uri.authority() {
+      Some(authority) => authority.as_str(),
+      None => self
+        .host
+        .as_ref()
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or(""),
+    }
+  }
+}
+
 #[derive(Debug, Default)]
 struct Outcome {
-  function: Option<String>,
-  version: Option<String>,
+  function: Option<Arc<FunctionIdentity>>,
   trace: Option<TraceContext>,
   status: u16,
   /// The `outpost-error` / `outpost-termination` value of a response Outpost made.
@@ -57,10 +79,9 @@ struct Outcome {
 /// an isolate) the request's [`RequestUsage`] once complete.
 pub struct AccessRecord {
   observers: Arc<Observers>,
-  request_id: String,
-  host: String,
-  method: String,
-  path: String,
+  request_id: RequestId,
+  /// `None` for a request the HTTP parser refused.
+  head: Option<RequestHead>,
   arrived: Instant,
   /// The same moment by the wall clock, for exported spans.
   arrived_at: SystemTime,
@@ -77,17 +98,13 @@ pub struct AccessRecord {
 impl AccessRecord {
   pub fn new(
     observers: Arc<Observers>,
-    request_id: &str,
-    host: &str,
-    method: &str,
-    path: &str,
+    request_id: RequestId,
+    head: Option<RequestHead>,
   ) -> Arc<AccessRecord> {
     Arc::new(AccessRecord {
       observers,
-      request_id: request_id.to_string(),
-      host: host.to_string(),
-      method: method.to_string(),
-      path: path.to_string(),
+      request_id,
+      head,
       arrived: Instant::now(),
       arrived_at: SystemTime::now(),
       bytes_in: Arc::default(),
@@ -99,8 +116,8 @@ impl AccessRecord {
   }
 
   /// The request id.
-  pub fn request_id(&self) -> &str {
-    &self.request_id
+  pub fn request_id(&self) -> RequestId {
+    self.request_id
   }
 
   fn outcome(&self) -> std::sync::MutexGuard<'_, Outcome> {
@@ -108,10 +125,8 @@ impl AccessRecord {
   }
 
   /// The function the request was routed to, and its version when it is a deployed one.
-  pub fn set_function(&self, function: &str, version: Option<&str>) {
-    let mut outcome = self.outcome();
-    outcome.function = Some(function.to_string());
-    outcome.version = version.map(str::to_string);
+  pub fn set_function(&self, function: &Arc<FunctionIdentity>) {
+    self.outcome().function = Some(function.clone());
   }
 
   /// Where the request is in its W3C trace.
@@ -132,18 +147,7 @@ impl AccessRecord {
   /// A [`RequestUsage`] whose completion is this record's second holder.
   pub fn usage(self: &Arc<Self>) -> RequestUsage {
     self.holders.fetch_add(1, Ordering::AcqRel);
-    let record = self.clone();
-    RequestUsage::with_completion(
-      self.request_id.clone(),
-      Box::new(move |usage: &RequestUsage| {
-        record.outcome().isolate = Some(IsolateUsage {
-          cpu: usage.cpu(),
-          heap_peak: usage.heap_peak(),
-          subrequests: usage.subrequests(),
-        });
-        record.release();
-      }),
-    )
+    RequestUsage::observed_by(self.request_id, self.clone())
   }
 
   /// The server's part: the response's status and, for responses Outpost made, why. The
@@ -172,16 +176,25 @@ impl AccessRecord {
     let isolate = outcome.isolate;
     let wall = Duration::from_nanos(self.wall_ns.load(Ordering::Relaxed));
     let bytes_out = self.bytes_out.load(Ordering::Relaxed);
-    let function = outcome.function.as_deref();
+    let function = outcome.function.as_deref().map(|f| f.name.as_str());
+    let version = outcome
+      .function
+      .as_deref()
+      .and_then(|f| f.version.as_deref());
+    let trace_id = outcome.trace.as_ref().map(TraceContext::trace_id_hex);
+    let (method, host, path) = match &self.head {
+      Some(head) => (head.method.as_str(), head.host(), head.uri.path()),
+      None => ("", "", ""),
+    };
     tracing::info!(
       target: "outpost::access",
-      request_id = self.request_id,
-      trace_id = outcome.trace.as_ref().map(TraceContext::trace_id_hex),
+      request_id = self.request_id.as_str(),
+      trace_id = trace_id.as_ref().map(TraceIdText::as_str),
       function = function.unwrap_or(""),
-      version = outcome.version.as_deref(),
-      host = self.host,
-      method = self.method,
-      path = self.path,
+      version,
+      host,
+      method,
+      path,
       status = outcome.status,
       wall_ms = wall.as_secs_f64() * 1e3,
       cpu_ms = isolate.map(|u| u.cpu.as_secs_f64() * 1e3),
@@ -195,8 +208,7 @@ impl AccessRecord {
       "access"
     );
     self.observers.metrics.record(&Completed {
-      function,
-      version: outcome.version.as_deref(),
+      function: outcome.function.as_deref(),
       status: outcome.status,
       error: outcome.error.as_deref(),
       wall_seconds: wall.as_secs_f64(),
@@ -205,15 +217,15 @@ impl AccessRecord {
     });
     if let (Some(tracer), Some(trace)) = (&self.observers.tracer, &outcome.trace) {
       let mut attributes = vec![
-        KeyValue::new("outpost.request_id", self.request_id.clone()),
-        KeyValue::new("http.request.method", self.method.clone()),
-        KeyValue::new("server.address", self.host.clone()),
-        KeyValue::new("url.path", self.path.clone()),
+        KeyValue::new("outpost.request_id", self.request_id.to_string()),
+        KeyValue::new("http.request.method", method.to_string()),
+        KeyValue::new("server.address", host.to_string()),
+        KeyValue::new("url.path", path.to_string()),
         KeyValue::new("http.response.status_code", i64::from(outcome.status)),
       ];
       let optional = [
         ("outpost.function", function),
-        ("outpost.version", outcome.version.as_deref()),
+        ("outpost.version", version),
         ("outpost.termination", outcome.error.as_deref()),
       ];
       for (key, value) in optional {
@@ -250,13 +262,22 @@ impl AccessRecord {
         egress_bytes: bytes_out,
         subrequests: isolate.map_or(0, |usage| u64::from(usage.subrequests)),
       };
-      self.observers.usage.record(
-        function,
-        outcome.version.as_deref(),
-        &cost,
-        SystemTime::now(),
-      );
+      self
+        .observers
+        .usage
+        .record(function, version, &cost, SystemTime::now());
     }
+  }
+}
+
+impl UsageObserver for AccessRecord {
+  fn complete(&self, usage: &RequestUsage) {
+    self.outcome().isolate = Some(IsolateUsage {
+      cpu: usage.cpu(),
+      heap_peak: usage.heap_peak(),
+      subrequests: usage.subrequests(),
+    });
+    self.release();
   }
 }
 

@@ -54,19 +54,29 @@ impl TraceContext {
 
   /// The `traceparent` of this hop's outbound requests.
   pub fn outbound_traceparent(&self) -> String {
-    let mut traceparent = String::with_capacity(55);
-    traceparent.push_str("00-");
-    push_hex(&mut traceparent, &self.trace_id);
-    traceparent.push('-');
-    push_hex(&mut traceparent, &self.span_id);
-    traceparent.push('-');
-    push_hex(&mut traceparent, &[self.flags]);
-    traceparent
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    // Each id fills exactly the digits between the dashes: these cannot fail.
+    let _ = hex::encode_to_slice(self.trace_id, &mut text[3..35]);
+    let _ = hex::encode_to_slice(self.span_id, &mut text[36..52]);
+    let _ = hex::encode_to_slice([self.flags], &mut text[53..55]);
+    String::from_utf8_lossy(&text).into_owned()
   }
 
-  /// The trace id as 32 lowercase hex digits.
-  pub fn trace_id_hex(&self) -> String {
-    hex(&self.trace_id)
+  /// The trace id as 32 lowercase hex digits (kept inline: made for every access record).
+  pub fn trace_id_hex(&self) -> TraceIdText {
+    let mut text = [0u8; 32];
+    let _ = hex::encode_to_slice(self.trace_id, &mut text);
+    TraceIdText(text)
+  }
+}
+
+/// A trace id as text: 32 lowercase hex digits.
+pub struct TraceIdText([u8; 32]);
+
+impl TraceIdText {
+  pub fn as_str(&self) -> &str {
+    // Hex digits only, by construction.
+    std::str::from_utf8(&self.0).unwrap_or_default()
   }
 }
 
@@ -81,22 +91,6 @@ fn nonzero<const N: usize>(random: impl Fn() -> [u8; N]) -> [u8; N] {
     if id.iter().any(|b| *b != 0) {
       return id;
     }
-  }
-}
-
-fn hex(bytes: &[u8]) -> String {
-  let mut text = String::with_capacity(2 * bytes.len());
-  push_hex(&mut text, bytes);
-  text
-}
-
-/// Appends `bytes` as lowercase hex digits, two per byte (ids made on every request: no
-/// formatting machinery).
-pub fn push_hex(text: &mut String, bytes: &[u8]) {
-  const DIGITS: &[u8; 16] = b"0123456789abcdef";
-  for byte in bytes {
-    text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-    text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
   }
 }
 
@@ -156,7 +150,10 @@ mod tests {
     let context = TraceContext::from_headers(&headers(
       "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     ));
-    assert_eq!(context.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+      context.trace_id_hex().as_str(),
+      "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
     assert_eq!(context.flags, 1);
     assert_eq!(context.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
     let outbound = context.outbound_traceparent();
@@ -170,7 +167,10 @@ mod tests {
     let context = TraceContext::from_headers(&headers(
       "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra",
     ));
-    assert_eq!(context.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+      context.trace_id_hex().as_str(),
+      "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
     assert_eq!(context.flags, 0);
   }
 
@@ -187,7 +187,7 @@ mod tests {
     ] {
       let context = TraceContext::from_headers(&headers(invalid));
       assert_ne!(
-        context.trace_id_hex(),
+        context.trace_id_hex().as_str(),
         "4bf92f3577b34da6a3ce929d0e0e4736",
         "{invalid}"
       );

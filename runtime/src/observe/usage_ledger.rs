@@ -67,8 +67,9 @@ pub struct FunctionUsage {
   pub versions: BTreeMap<String, UsageTotals>,
 }
 
-/// Totals per function and version (empty for functions of the config file).
-type MinuteTotals = BTreeMap<(String, String), UsageTotals>;
+/// Totals per function, then per version (empty for functions of the config file): nested
+/// so that a request of a function already counted this minute is added by lookup alone.
+type MinuteTotals = BTreeMap<String, BTreeMap<String, UsageTotals>>;
 
 /// Per-minute totals per function.
 #[derive(Default)]
@@ -101,11 +102,18 @@ impl UsageLedger {
       .find(|(m, _)| *m <= minute)
       .map(|(_, totals)| totals);
     if let Some(totals) = slot {
-      let key = (
-        function.to_string(),
-        version.unwrap_or_default().to_string(),
-      );
-      totals.entry(key).or_default().add(cost);
+      if !totals.contains_key(function) {
+        totals.insert(function.to_string(), BTreeMap::new());
+      }
+      let version = version.unwrap_or_default();
+      if let Some(versions) = totals.get_mut(function) {
+        if !versions.contains_key(version) {
+          versions.insert(version.to_string(), UsageTotals::default());
+        }
+        if let Some(totals) = versions.get_mut(version) {
+          totals.add(cost);
+        }
+      }
     }
   }
 
@@ -117,15 +125,17 @@ impl UsageLedger {
     let since = (since / 60 * 60).max(oldest_kept);
     let mut functions = BTreeMap::<String, FunctionUsage>::new();
     for (_, totals) in minutes.iter().filter(|(m, _)| m * 60 >= since) {
-      for ((function, version), usage) in totals {
+      for (function, versions) in totals {
         let entry = functions.entry(function.clone()).or_default();
-        entry.totals.merge(usage);
-        if !version.is_empty() {
-          entry
-            .versions
-            .entry(version.clone())
-            .or_default()
-            .merge(usage);
+        for (version, usage) in versions {
+          entry.totals.merge(usage);
+          if !version.is_empty() {
+            entry
+              .versions
+              .entry(version.clone())
+              .or_default()
+              .merge(usage);
+          }
         }
       }
     }
