@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, SendForText, functions_config, http1, run_outpost};
+use crate::support::{
+  Outpost, SendForText, functions_config, http1, run_outpost, scrape_until, value,
+};
 
 /// A node with the deploy API on, keeping deployments in `data` (outside its own temporary
 /// directory, so a second node can be started on them).
@@ -850,6 +852,107 @@ async fn the_config_file_wins_names_and_routes() {
 
 /// `DELETE /functions/{name}` (and `outpost delete`) stops serving a function and removes it;
 /// a deleted secret is gone from the list, and a version that needs it no longer starts.
+/// The code cache counts of `api` once `ready` holds for them: (used, rejected, stored).
+async fn code_cache_counts(
+  outpost: &Outpost,
+  ready: impl Fn((f64, f64, f64)) -> bool,
+) -> (f64, f64, f64) {
+  let counts = |scrape: &prometheus_parse::Scrape| {
+    let event = |event| {
+      value(
+        scrape,
+        "outpost_code_cache_events_total",
+        &[("function", "api"), ("event", event)],
+      )
+      .unwrap_or(0.0)
+    };
+    (event("used"), event("rejected"), event("stored"))
+  };
+  counts(&scrape_until(outpost, |scrape| ready(counts(scrape))).await)
+}
+
+/// A deployed version's modules are compiled once: V8's code cache is kept in `data_dir`,
+/// and the isolates of a restarted node compile from it. A damaged file is ignored (and
+/// said so), the modules compile from source, and a good file replaces it.
+#[tokio::test]
+async fn a_deployed_versions_code_cache_outlives_a_restart_and_a_damaged_one_is_replaced() {
+  let data = tempfile::tempdir().unwrap();
+  let work = tempfile::tempdir().unwrap();
+  let v1 = function_dir(work.path(), "v1", "v1");
+  let written = |file: &Path| {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.is_file() && Instant::now() < deadline {
+      std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::read(file).unwrap_or_else(|err| panic!("{}: {err}", file.display()))
+  };
+  let file = {
+    let outpost = node(data.path());
+    let output = cli(&outpost, &["deploy", v1.to_str().unwrap(), "--name", "api"]).await;
+    wait_for(&outpost, "v1").await;
+    let (used, rejected, stored) =
+      code_cache_counts(&outpost, |(_, _, stored)| stored >= 1.0).await;
+    assert_eq!(
+      (used, rejected),
+      (0.0, 0.0),
+      "nothing to use on a first deploy"
+    );
+    assert!(stored >= 1.0);
+    data.path().join(format!(
+      "functions/api/code-cache/{}.bin",
+      version_of(&output)
+    ))
+  };
+  let kept = written(&file);
+
+  {
+    let outpost = node(data.path());
+    wait_for(&outpost, "v1").await;
+    let (used, rejected, stored) = code_cache_counts(&outpost, |(used, _, _)| used >= 1.0).await;
+    assert!(
+      used >= 1.0,
+      "the restarted node's isolates compile from the file"
+    );
+    assert_eq!(
+      (rejected, stored),
+      (0.0, 0.0),
+      "V8 took the cache: none made anew"
+    );
+  }
+
+  let mut damaged = kept.clone();
+  let middle = damaged.len() / 2;
+  damaged[middle] ^= 0xff;
+  std::fs::write(&file, &damaged).unwrap();
+  {
+    let outpost = node(data.path());
+    wait_for(&outpost, "v1").await;
+    outpost.wait_for_log("code cache file ignored");
+    let (used, rejected, stored) = code_cache_counts(&outpost, |(_, rejected, stored)| {
+      rejected >= 1.0 && stored >= 1.0
+    })
+    .await;
+    assert_eq!(used, 0.0);
+    assert!(
+      rejected >= 1.0 && stored >= 1.0,
+      "rejected {rejected}, stored {stored}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read(&file).unwrap() == damaged && Instant::now() < deadline {
+      tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+  }
+  assert_ne!(
+    written(&file),
+    damaged,
+    "a new file replaced the damaged one"
+  );
+  let outpost = node(data.path());
+  wait_for(&outpost, "v1").await;
+  let (used, rejected, _) = code_cache_counts(&outpost, |(used, _, _)| used >= 1.0).await;
+  assert_eq!((used >= 1.0, rejected), (true, 0.0));
+}
+
 #[tokio::test]
 async fn functions_and_secrets_can_be_deleted() {
   let data = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@ use std::io::Read;
 
 use reqwest::Version;
 
-use crate::support::{Outpost, TestCa, http1, peer_certificate};
+use crate::support::{Outpost, TestCa, http1, peer_certificate, scrape_until, value};
 
 const ECHO_PROTOCOL: &str = r#"export default {
   fetch(request) {
@@ -367,4 +367,74 @@ async fn the_header_count_limit_is_the_same_on_both_protocols_and_refusals_are_r
     let seen: usize = response.text().await.unwrap().parse().unwrap();
     assert!(seen >= 150, "{seen}");
   }
+}
+
+/// A TLS handshake naming a host starts the isolate of the function it routes to before any
+/// request arrives: none for a host that routes nowhere, and one however many handshakes
+/// race for it.
+#[tokio::test]
+async fn a_tls_handshake_naming_a_host_prewarms_its_function() {
+  let ca = TestCa::new();
+  let certs = tempfile::tempdir().unwrap();
+  let leaf = ca.leaf(certs.path(), "hosts", &["a.test", "nowhere.test"]);
+  let config = format!(
+    r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listen]]
+address = "127.0.0.1:0"
+tls = [ {{ cert = "{}", key = "{}" }} ]
+
+[[functions]]
+name = "cold"
+entry = "echo.js"
+routes = ["a.test/"]
+pool = {{ prewarm = 0 }}
+"#,
+    leaf.cert_path.display(),
+    leaf.key_path.display(),
+  );
+  let outpost = Outpost::start(&config, &[("echo.js", ECHO_PROTOCOL)]);
+  let address = outpost.https[0];
+  let handshake = |host: &'static str| {
+    let connector = ca.connector();
+    async move {
+      let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+      let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+      connector.connect(name, tcp).await.unwrap()
+    }
+  };
+  let idle = |scrape: &prometheus_parse::Scrape| {
+    value(
+      scrape,
+      "outpost_isolates",
+      &[("function", "cold"), ("state", "idle")],
+    )
+    .unwrap_or(0.0)
+  };
+  let prewarms = || outpost.logs().matches("pre-warming an isolate").count();
+
+  // A host that routes nowhere starts nothing.
+  let nowhere = handshake("nowhere.test").await;
+  tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+  assert_eq!(prewarms(), 0, "{}", outpost.logs());
+  assert_eq!(idle(&scrape_until(&outpost, |_| true).await), 0.0);
+
+  // Eight handshakes at once, no request on any of them.
+  let connections = futures::future::join_all((0..8).map(|_| handshake("a.test"))).await;
+  let scrape = scrape_until(&outpost, |scrape| idle(scrape) >= 1.0).await;
+  assert_eq!(
+    idle(&scrape),
+    1.0,
+    "the handshakes started the function's isolate"
+  );
+  assert_eq!(prewarms(), 1, "{}", outpost.logs());
+
+  // Once it has an isolate, handshakes start no other.
+  let later = handshake("a.test").await;
+  tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+  assert_eq!(prewarms(), 1, "{}", outpost.logs());
+  assert_eq!(idle(&scrape_until(&outpost, |_| true).await), 1.0);
+  drop((nowhere, connections, later));
 }

@@ -469,6 +469,20 @@ impl TestCa {
   pub fn root(&self) -> reqwest::Certificate {
     reqwest::Certificate::from_der(self.issuer.der()).unwrap()
   }
+
+  /// A TLS client (rustls) that trusts this CA only.
+  pub fn connector(&self) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(self.issuer.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+      rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+  }
 }
 
 /// Sends a request and reads its body as text, failing the test on any error.

@@ -169,18 +169,36 @@ impl Router {
 
   /// The function for a request's host (port and trailing dot ignored) and path.
   pub fn route(&self, host: &str, path: &str) -> Option<usize> {
-    let host = host_without_port(host).trim_end_matches('.');
-    // Most clients send the host in lower case already: no copy for them.
-    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-      std::borrow::Cow::Owned(host.to_ascii_lowercase())
-    } else {
-      std::borrow::Cow::Borrowed(host)
-    };
+    let host = normalized_host(host);
     self
       .routes
       .iter()
       .find(|(pattern, _)| pattern.matches(&host, path))
       .map(|(_, function)| *function)
+  }
+
+  /// The functions some route of which matches `host` (at any path), each once, in routing
+  /// order.
+  pub fn for_host(&self, host: &str) -> Vec<usize> {
+    let host = normalized_host(host);
+    let mut functions = Vec::new();
+    for (pattern, function) in &self.routes {
+      if pattern.matches_host(&host) && !functions.contains(function) {
+        functions.push(*function);
+      }
+    }
+    functions
+  }
+}
+
+/// A host as routes name it: no port, no trailing dot, lower case (most clients send it in
+/// lower case already: no copy for them).
+fn normalized_host(host: &str) -> std::borrow::Cow<'_, str> {
+  let host = host_without_port(host).trim_end_matches('.');
+  if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    std::borrow::Cow::Owned(host.to_ascii_lowercase())
+  } else {
+    std::borrow::Cow::Borrowed(host)
   }
 }
 
@@ -229,6 +247,22 @@ mod tests {
     assert_eq!(r.route("example.com", "/"), None);
     assert_eq!(r.route("example.com", "/v1"), None);
     assert_eq!(r.route("[::1]:80", "/v1/x"), Some(1));
+  }
+
+  #[test]
+  fn a_host_reaches_the_functions_routed_under_it_at_any_path() {
+    let r = router(&[
+      ("example.com/api/", 2),
+      ("example.com/", 5),
+      ("*.example.com/", 4),
+      ("example.com/static/", 5),
+      ("other.org/", 6),
+    ]);
+    assert_eq!(r.for_host("Example.COM:443"), vec![5, 2]);
+    assert_eq!(r.for_host("www.example.com"), vec![4]);
+    assert_eq!(r.for_host("nowhere.test"), Vec::<usize>::new());
+    let catch_all = router(&[("/", 0), ("api.test/", 1)]);
+    assert_eq!(catch_all.for_host("api.test"), vec![1, 0]);
   }
 
   #[test]

@@ -256,6 +256,10 @@ pub struct ServerConfig {
   pub compression: bool,
   /// Blank isolates each shard keeps ready for pools that grow and functions new to it.
   pub spare_isolates: usize,
+  /// Isolates a shard may be starting at once ahead of requests: when a TLS ClientHello names
+  /// a host whose function would need a new isolate for its request, one is started during
+  /// the handshake (0: never).
+  pub sni_prewarm: usize,
   /// How long loading a function's module may take before the isolate is terminated and
   /// the function reported as failed to load.
   pub load_timeout_ms: u64,
@@ -313,6 +317,7 @@ impl Default for ServerConfig {
       shutdown_grace_s: 30,
       compression: true,
       spare_isolates: 1,
+      sni_prewarm: 4,
       load_timeout_ms: 10_000,
       max_header_bytes: 64 * 1024,
       max_headers: 100,

@@ -29,7 +29,6 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use outpost_ext_dispatch::{Body, BoxError, full_body};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -241,10 +240,7 @@ async fn accept_loop(
       () = stop.cancelled() => return,
     };
     let _ = stream.set_nodelay(true);
-    let tls = listener
-      .tls
-      .as_ref()
-      .map(|tls| TlsAcceptor::from(tls.load_full()));
+    let tls = listener.tls.as_ref().map(|tls| tls.load_full());
     let connection = serve_connection(
       stream,
       peer,
@@ -270,12 +266,13 @@ async fn serve_connection(
   mut stream: TcpStream,
   mut peer: SocketAddr,
   proxy_protocol: bool,
-  tls: Option<TlsAcceptor>,
+  tls: Option<Arc<rustls::ServerConfig>>,
   front: Rc<ShardFront>,
   scheme: &'static str,
   stop: CancellationToken,
 ) -> Result<(), BoxError> {
   let settings = &front.settings;
+  front.shard.arrived();
   if proxy_protocol {
     // Bounded like the TLS handshake; a connection without a valid header is closed.
     let header = tokio::time::timeout(
@@ -297,9 +294,19 @@ async fn serve_connection(
   }
   let stream = match tls {
     None => Either::Left(stream),
-    Some(acceptor) => {
-      let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
-      match handshake.await {
+    Some(config) => {
+      let handshake = async {
+        let hello =
+          tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+            .await?;
+        // The client named the host: its function's isolate can load during the rest of
+        // the handshake.
+        if let Some(host) = hello.client_hello().server_name() {
+          front.prewarm(host);
+        }
+        hello.into_stream(config).await
+      };
+      match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(stream)) => Either::Right(stream),
         Ok(Err(err)) => return Err(format!("TLS handshake failed: {err}").into()),
         Err(_) => return Err("TLS handshake timed out".into()),
@@ -368,6 +375,18 @@ struct Origin {
 }
 
 impl ShardFront {
+  /// Starts isolates here for the functions `host` routes to that would need a new one for
+  /// a request (`server.sni_prewarm` at most under way at once).
+  fn prewarm(&self, host: &str) {
+    let limit = self.settings.server.sni_prewarm;
+    if limit == 0 {
+      return;
+    }
+    for function in self.node.functions_for_host(host) {
+      function.pool.prewarm_here(&self.shard, limit);
+    }
+  }
+
   /// One request, from routing to the response the client gets.
   async fn handle_request(
     &self,
@@ -375,6 +394,7 @@ impl ShardFront {
     origin: Origin,
     active: ActiveRequest,
   ) -> Response<MeteredBody> {
+    self.shard.arrived();
     let node = &self.node;
     let request_id = node.request_ids.next();
     // The host the client named: the :authority (HTTP/2, absolute-form) or the Host header.

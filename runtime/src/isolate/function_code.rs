@@ -15,9 +15,12 @@ use deno_core::error::ModuleLoaderError;
 use deno_core::{
   ModuleLoadOptions, ModuleLoadReferrer, ModuleLoadResponse, ModuleLoader, ModuleSource,
   ModuleSourceCode, ModuleSpecifier, ModuleType, RequestedModuleType, ResolutionKind,
+  SourceCodeCacheInfo,
 };
 use deno_error::{JsErrorBox, JsErrorClass as _};
 use sha2::{Digest, Sha256};
+
+use super::code_cache::{CodeCaches, source_hash};
 
 /// Transpiled modules by the hash of their media type and source text, shared by all
 /// functions of the process.
@@ -93,12 +96,16 @@ pub struct FunctionCode {
   entry: ModuleSpecifier,
   modules: Mutex<HashMap<ModuleSpecifier, Arc<LoadedModule>>>,
   transpiler: Arc<TranspileCache>,
+  /// V8's code caches of the modules, for the isolates after the first.
+  pub caches: CodeCaches,
 }
 
 struct LoadedModule {
   module_type: ModuleType,
   code: Arc<str>,
   source_map: Option<Arc<[u8]>>,
+  /// What its code cache is kept under (JavaScript modules).
+  source_hash: u64,
 }
 
 impl FunctionCode {
@@ -122,11 +129,45 @@ impl FunctionCode {
       entry,
       modules: Mutex::default(),
       transpiler,
+      caches: CodeCaches::default(),
     })
+  }
+
+  /// Keeps the modules' code caches in `file` as well as in memory (deployed versions),
+  /// starting from what it holds.
+  pub fn with_code_cache_file(mut self, file: PathBuf) -> Self {
+    self.caches = CodeCaches::in_file(file, &self.name);
+    self
   }
 
   pub fn entry(&self) -> &ModuleSpecifier {
     &self.entry
+  }
+
+  /// The code cache to compile `module` with, and the hash its new cache would be kept
+  /// under; `None` for modules V8 keeps no cache of (JSON).
+  fn code_cache_of(
+    &self,
+    specifier: &ModuleSpecifier,
+    module: &LoadedModule,
+  ) -> Option<SourceCodeCacheInfo> {
+    (module.module_type == ModuleType::JavaScript).then(|| SourceCodeCacheInfo {
+      hash: module.source_hash,
+      data: self
+        .caches
+        .offer(specifier, module.source_hash)
+        .map(|bytes| Cow::Owned(bytes.to_vec())),
+    })
+  }
+
+  /// Whether `hash` is that of the text this code serves for `specifier`.
+  fn serves(&self, specifier: &ModuleSpecifier, hash: u64) -> bool {
+    self
+      .modules
+      .lock()
+      .expect("module map lock")
+      .get(specifier)
+      .is_some_and(|module| module.source_hash == hash)
   }
 
   fn load(
@@ -147,6 +188,7 @@ impl FunctionCode {
         module_type: ModuleType::Json,
         code: text.into(),
         source_map: None,
+        source_hash: 0,
       },
       (_, MediaType::Json) => {
         return Err(JsErrorBox::type_error(format!(
@@ -155,6 +197,7 @@ impl FunctionCode {
       }
       (_, MediaType::JavaScript | MediaType::Mjs) => LoadedModule {
         module_type: ModuleType::JavaScript,
+        source_hash: source_hash(&text),
         code: text.into(),
         source_map: None,
       },
@@ -164,6 +207,7 @@ impl FunctionCode {
           module_type: ModuleType::JavaScript,
           code: transpiled.code.clone(),
           source_map: transpiled.source_map.clone(),
+          source_hash: source_hash(&transpiled.code),
         }
       }
       (_, other) => {
@@ -249,6 +293,9 @@ fn extension_hint(path: &Path) -> String {
 #[derive(Default)]
 pub struct FunctionModuleLoader {
   code: std::cell::OnceCell<Arc<FunctionCode>>,
+  /// Modules given a code cache: V8 hands a new cache back only for those whose cache it
+  /// refused.
+  offered: std::cell::RefCell<std::collections::HashSet<ModuleSpecifier>>,
 }
 
 impl FunctionModuleLoader {
@@ -292,32 +339,51 @@ impl ModuleLoader for FunctionModuleLoader {
     referrer: Option<&ModuleLoadReferrer>,
     options: ModuleLoadOptions,
   ) -> ModuleLoadResponse {
-    let loaded = self
-      .code()
-      .and_then(|code| code.load(specifier, &options.requested_module_type))
-      .map_err(|err| match referrer {
-        // Which import asked for it, at file:line:col.
-        Some(referrer) => JsErrorBox::new(
-          err.get_class(),
-          format!(
-            "{} (imported at {}:{}:{})",
-            err.get_message(),
-            referrer.specifier,
-            referrer.line_number,
-            referrer.column_number
-          ),
+    let loaded = self.code().and_then(|code| {
+      let module = code.load(specifier, &options.requested_module_type)?;
+      let cache = code.code_cache_of(specifier, &module);
+      if cache.as_ref().is_some_and(|cache| cache.data.is_some()) {
+        self.offered.borrow_mut().insert(specifier.clone());
+      }
+      Ok(ModuleSource::new(
+        module.module_type.clone(),
+        ModuleSourceCode::String(module.code.to_string().into()),
+        specifier,
+        cache,
+      ))
+    });
+    let loaded = loaded.map_err(|err| match referrer {
+      // Which import asked for it, at file:line:col.
+      Some(referrer) => JsErrorBox::new(
+        err.get_class(),
+        format!(
+          "{} (imported at {}:{}:{})",
+          err.get_message(),
+          referrer.specifier,
+          referrer.line_number,
+          referrer.column_number
         ),
-        None => err,
-      })
-      .map(|module| {
-        ModuleSource::new(
-          module.module_type.clone(),
-          ModuleSourceCode::String(module.code.to_string().into()),
-          specifier,
-          None,
-        )
-      });
+      ),
+      None => err,
+    });
     ModuleLoadResponse::Sync(loaded)
+  }
+
+  fn code_cache_ready(
+    &self,
+    specifier: ModuleSpecifier,
+    hash: u64,
+    code_cache: &[u8],
+  ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
+    if let Some(code) = self.code.get() {
+      if self.offered.borrow_mut().remove(&specifier) {
+        code.caches.refused(&code.name, &specifier);
+      }
+      if code.serves(&specifier, hash) {
+        code.caches.store(specifier, hash, code_cache);
+      }
+    }
+    Box::pin(std::future::ready(()))
   }
 
   fn get_source_map(&self, specifier: &str) -> Option<Cow<'_, [u8]>> {
@@ -375,6 +441,86 @@ mod tests {
       .err()
       .unwrap();
     assert!(err.to_string().contains("file:///f/bad.ts:2:"), "{err}");
+  }
+
+  /// Loads and evaluates `code`'s entry module in a fresh runtime, the way an isolate of
+  /// the function does, and runs its event loop (where V8's new code caches are handed out).
+  fn load_in_new_runtime(code: &Arc<FunctionCode>) {
+    let loader = std::rc::Rc::new(FunctionModuleLoader::default());
+    assert!(loader.assign(code.clone()).is_ok());
+    let mut guest = crate::isolate::guest::Guest::new(deno_core::RuntimeOptions {
+      module_loader: Some(loader),
+      ..Default::default()
+    })
+    .unwrap();
+    let tokio = tokio::runtime::Builder::new_current_thread()
+      .enable_all()
+      .build()
+      .unwrap();
+    guest.with(|runtime| {
+      tokio.block_on(async {
+        let module = runtime.load_main_es_module(code.entry()).await.unwrap();
+        let evaluated = runtime.mod_evaluate(module);
+        runtime
+          .run_event_loop(deno_core::PollEventLoopOptions::default())
+          .await
+          .unwrap();
+        evaluated.await.unwrap();
+      });
+    });
+  }
+
+  #[test]
+  fn later_isolates_compile_from_the_first_ones_code_cache_and_a_refused_one_is_replaced() {
+    use crate::isolate::code_cache::CodeCacheCounts;
+    crate::init_v8();
+    let dir = tempfile::tempdir().unwrap();
+    let main =
+      "export function area(r) { return Math.PI * r * r; }\nglobalThis.answer = area(2);\n";
+    let other = "export const other = [1, 2, 3].map((n) => n * 2);\n";
+    std::fs::write(dir.path().join("main.js"), main).unwrap();
+    std::fs::write(dir.path().join("other.js"), other).unwrap();
+    let counts = |used, rejected, stored| CodeCacheCounts {
+      used,
+      rejected,
+      stored,
+    };
+
+    let code =
+      Arc::new(FunctionCode::new("f", &dir.path().join("main.js"), Arc::default()).unwrap());
+    load_in_new_runtime(&code);
+    assert_eq!(
+      code.caches.counts(),
+      counts(0, 0, 1),
+      "the first isolate compiles and keeps a cache"
+    );
+    load_in_new_runtime(&code);
+    assert_eq!(
+      code.caches.counts(),
+      counts(1, 0, 1),
+      "the second compiles from it"
+    );
+
+    // A cache of other source under this module's name and hash: V8 refuses it (its source
+    // check), the module compiles from source, and the new cache replaces the bad one.
+    let other_code =
+      Arc::new(FunctionCode::new("g", &dir.path().join("other.js"), Arc::default()).unwrap());
+    load_in_new_runtime(&other_code);
+    let other_cache = other_code
+      .caches
+      .offer(other_code.entry(), source_hash(other))
+      .unwrap();
+    code
+      .caches
+      .store(code.entry().clone(), source_hash(main), &other_cache);
+    load_in_new_runtime(&code);
+    assert_eq!(code.caches.counts(), counts(1, 1, 3));
+    load_in_new_runtime(&code);
+    assert_eq!(
+      code.caches.counts(),
+      counts(2, 1, 3),
+      "the replacement is used"
+    );
   }
 
   #[test]

@@ -12,6 +12,7 @@
 //! 4. end when its queue is closed and `waitUntil` work has finished, or when a limit
 //!    terminates it; then the runtime is dropped.
 
+pub mod code_cache;
 pub mod function_code;
 pub mod guest;
 pub mod snapshot;

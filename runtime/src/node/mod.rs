@@ -18,6 +18,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 
 use crate::cache::edge_cache::SharedCache;
+use crate::isolate::code_cache::CodeCacheCounts;
 use crate::isolate::function_code::TranspileCache;
 use crate::limits::Admission;
 use crate::observe::access_log::Observers;
@@ -37,6 +38,9 @@ pub trait DeployedFunctions: Send + Sync {
   -> Option<Arc<RoutedFunction>>;
   /// The deployed function called `name`, and for a split, the version for this request.
   fn named(&self, name: &str, headers: &http::HeaderMap) -> Option<Arc<RoutedFunction>>;
+  /// The functions some route of which matches `host`, each in the version that serves
+  /// requests without a sticky choice.
+  fn for_host(&self, host: &str) -> Vec<Arc<RoutedFunction>>;
   /// Every serving version.
   fn serving(&self) -> Vec<Arc<RoutedFunction>>;
   /// The routes of deployed function `name`, when it is deployed.
@@ -88,6 +92,22 @@ impl NodeState {
       return configured.functions.get(index).cloned();
     }
     self.deployments.as_ref()?.route(host, path, headers)
+  }
+
+  /// The functions requests for `host` may reach (at any path): those a TLS handshake
+  /// naming `host` pre-warms.
+  pub fn functions_for_host(&self, host: &str) -> Vec<Arc<RoutedFunction>> {
+    let configured = self.configured.load();
+    let mut functions: Vec<Arc<RoutedFunction>> = configured
+      .router
+      .for_host(host)
+      .into_iter()
+      .filter_map(|index| configured.functions.get(index).cloned())
+      .collect();
+    if let Some(deployments) = &self.deployments {
+      functions.extend(deployments.for_host(host));
+    }
+    functions
   }
 
   /// The names of the `[[functions]]` of the config file.
@@ -167,8 +187,14 @@ impl NodeState {
     // Isolates per function name: the versions of a deployed function add up.
     let mut isolates = BTreeMap::<String, (usize, usize)>::new();
     let mut shards = BTreeMap::<String, BTreeSet<usize>>::new();
+    let mut code_caches = BTreeMap::<String, CodeCacheCounts>::new();
     let mut in_flight = 0;
     for function in self.serving() {
+      let counts = function.pool.code_cache_counts();
+      let total = code_caches.entry(function.name().to_string()).or_default();
+      total.used += counts.used;
+      total.rejected += counts.rejected;
+      total.stored += counts.stored;
       let (idle, busy) = function.pool.isolate_counts();
       let counts = isolates.entry(function.name().to_string()).or_default();
       counts.0 += idle;
@@ -190,6 +216,7 @@ impl NodeState {
         .collect(),
       queued: self.admission.waiting(),
       in_flight,
+      code_caches: code_caches.into_iter().collect(),
       lane_moves: self
         .pools
         .lane_moves

@@ -14,6 +14,7 @@ use prometheus::{
 };
 
 use crate::cache::edge_cache::CacheStatsSnapshot;
+use crate::isolate::code_cache::CodeCacheCounts;
 
 /// Histogram buckets in seconds, from 50 µs (a warm hello-world) to 30 s (the default
 /// wall-clock limit).
@@ -83,6 +84,7 @@ pub struct NodeMetrics {
   queue_depth: IntGauge,
   cache: IntCounterVec,
   cache_size: IntGaugeVec,
+  code_cache: IntCounterVec,
   lane_moves: IntCounter,
   forwarded: IntCounter,
   function_shards: IntGaugeVec,
@@ -104,6 +106,8 @@ pub struct NodeReading {
   pub forwarded: u64,
   /// Cache counters per function.
   pub cache: Vec<(String, CacheStatsSnapshot)>,
+  /// Code cache counters per function (its serving versions added up).
+  pub code_caches: Vec<(String, CodeCacheCounts)>,
 }
 
 impl NodeMetrics {
@@ -201,6 +205,11 @@ impl NodeMetrics {
       cache: counter(
         "outpost_cache_events_total",
         "Shared cache events per function: hit, miss, store, refusal, eviction",
+        &["function", "event"],
+      ),
+      code_cache: counter(
+        "outpost_code_cache_events_total",
+        "Modules compiled from a V8 code cache (used), caches refused by V8 or failing their file checks (rejected), caches made and kept (stored)",
         &["function", "event"],
       ),
       lane_moves: scraped_counter(
@@ -326,6 +335,18 @@ impl NodeMetrics {
       };
       size("bytes", stats.bytes);
       size("entries", stats.entries);
+    }
+    for (function, counts) in &reading.code_caches {
+      for (event, total) in [
+        ("used", counts.used),
+        ("rejected", counts.rejected),
+        ("stored", counts.stored),
+      ] {
+        advance(
+          &self.code_cache.with_label_values(&[function, event]),
+          total,
+        );
+      }
     }
     let mut text = Vec::new();
     let families = self.registry.gather();

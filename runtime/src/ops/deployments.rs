@@ -274,6 +274,20 @@ impl Deployments {
     pick_version(table.functions.get(index)?, headers)
   }
 
+  /// The deployed functions some route of which matches `host`, each in the version that
+  /// serves requests without a sticky choice.
+  pub(crate) fn for_host(&self, host: &str) -> Vec<Arc<RoutedFunction>> {
+    let table = self.live.load();
+    let Some(router) = table.router.as_ref() else {
+      return Vec::new();
+    };
+    router
+      .for_host(host)
+      .into_iter()
+      .filter_map(|index| pick_version(table.functions.get(index)?, &http::HeaderMap::new()))
+      .collect()
+  }
+
   /// The deployed function called `name`, and for a split, the version for this request.
   pub(crate) fn named(&self, name: &str, headers: &http::HeaderMap) -> Option<Arc<RoutedFunction>> {
     let table = self.live.load();
@@ -745,7 +759,12 @@ impl Deployments {
       })?;
       secrets.insert(key.clone(), value.clone());
     }
-    let (function, spec) = self.version_spec(name, dir, manifest, secrets)?;
+    // Its modules' code caches are kept beside the function's versions.
+    let code_cache = self
+      .function_dir(name)
+      .join("code-cache")
+      .join(format!("{version}.bin"));
+    let (function, spec) = self.version_spec(name, dir, manifest, secrets, Some(code_cache))?;
     let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone()).await;
     if let Some(err) = pool.load_error() {
       return Err(DeployError::Unloadable(format!(
@@ -773,7 +792,7 @@ impl Deployments {
       .iter()
       .map(|key| (key.clone(), String::new()))
       .collect();
-    let (function, spec) = self.version_spec(name, dir, manifest, secrets)?;
+    let (function, spec) = self.version_spec(name, dir, manifest, secrets, None)?;
     let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone()).await;
     pool.close();
     match pool.load_error() {
@@ -791,6 +810,7 @@ impl Deployments {
     dir: &Path,
     manifest: &Manifest,
     secrets: BTreeMap<String, String>,
+    code_cache: Option<PathBuf>,
   ) -> Result<(FunctionConfig, FunctionSpec), DeployError> {
     let routes = route_patterns(name, manifest)?;
     let function = FunctionConfig {
@@ -805,8 +825,11 @@ impl Deployments {
       disabled: None,
       services: manifest.services.clone(),
     };
-    let code = FunctionCode::new(name, &function.entry, self.transpiler.clone())
+    let mut code = FunctionCode::new(name, &function.entry, self.transpiler.clone())
       .map_err(|err| DeployError::Unloadable(format!("{}: {err}", manifest.entry)))?;
+    if let Some(file) = code_cache {
+      code = code.with_code_cache_file(file);
+    }
     let mut spec = FunctionSpec::new(&self.config, &function, code);
     let mut env = (*spec.env).clone();
     env.extend(secrets.clone());
@@ -897,6 +920,10 @@ impl DeployedFunctions for Deployments {
 
   fn serving(&self) -> Vec<Arc<RoutedFunction>> {
     Deployments::serving(self)
+  }
+
+  fn for_host(&self, host: &str) -> Vec<Arc<RoutedFunction>> {
+    Deployments::for_host(self, host)
   }
 
   fn routes_of(&self, name: &str) -> Option<Vec<String>> {

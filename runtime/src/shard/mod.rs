@@ -31,6 +31,11 @@ use crate::error::Error;
 use crate::isolate::{BlankIsolate, Entry, FunctionSpec, Isolate, IsolateSettings, IsolateStatus};
 use crate::limits::cpu::{CpuWatchdog, ThreadMeter};
 
+/// How long nothing may arrive on a shard before a spare isolate is created there.
+const SPARE_QUIET: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long a spare waits for a quiet moment at most.
+const SPARE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Work for a shard, run on its thread.
 pub type ShardJob = Box<dyn FnOnce(&Rc<Shard>) + Send>;
 
@@ -122,8 +127,13 @@ pub struct Shard {
   spare_target: usize,
   /// Whether a refill of the spares is under way.
   refilling: Cell<bool>,
+  /// Connections and requests this shard has taken so far: the spare refill waits for a
+  /// moment when it stops moving.
+  arrivals: Cell<u64>,
   /// Isolates of each function on this shard, by pool id.
   pools: RefCell<HashMap<u64, LocalPool>>,
+  /// Pools whose isolate is being started here ahead of a request (`IsolatePool::prewarm_here`).
+  prewarming: RefCell<std::collections::HashSet<u64>>,
 }
 
 /// The isolates of one function on one shard.
@@ -165,6 +175,17 @@ impl Shard {
       .filter(|i| i.open())
       .min_by_key(|i| i.status.in_flight() + i.queue.len())
       .cloned()
+  }
+
+  /// Marks pool `id` as pre-warming here, unless it already is or `limit` pre-warms are
+  /// under way; returns whether it was marked.
+  pub fn begin_prewarm(&self, id: u64, limit: usize) -> bool {
+    let mut prewarming = self.prewarming.borrow_mut();
+    prewarming.len() < limit && prewarming.insert(id)
+  }
+
+  pub fn end_prewarm(&self, id: u64) {
+    self.prewarming.borrow_mut().remove(&id);
   }
 
   /// Open isolates of pool `id` here, and those being started.
@@ -264,8 +285,16 @@ impl Shard {
     self.pools.borrow().keys().copied().collect()
   }
 
-  /// Creates spares up to the target, one at a time and after the work already queued on
-  /// the shard (creating one blocks the thread for a few milliseconds).
+  /// Counts a connection or request that arrived here.
+  pub fn arrived(&self) {
+    self.arrivals.set(self.arrivals.get() + 1);
+  }
+
+  /// Creates spares up to the target, one at a time, each at a quiet moment: creating one
+  /// blocks the thread for a few milliseconds, and a request that arrives meanwhile (often
+  /// the first request of the function that just took the spare) waits for it. So each
+  /// waits until [`SPARE_QUIET`] passes with nothing arriving on the shard, or at most
+  /// [`SPARE_PATIENCE`] on a shard that is never quiet.
   fn refill_spares(self: &Rc<Self>) {
     if self.refilling.get() || self.spares.borrow().len() >= self.spare_target {
       return;
@@ -274,7 +303,14 @@ impl Shard {
     let shard = self.clone();
     tokio::task::spawn_local(async move {
       while shard.spares.borrow().len() < shard.spare_target {
-        tokio::task::yield_now().await;
+        let deadline = tokio::time::Instant::now() + SPARE_PATIENCE;
+        loop {
+          let seen = shard.arrivals.get();
+          tokio::time::sleep(SPARE_QUIET).await;
+          if shard.arrivals.get() == seen || tokio::time::Instant::now() >= deadline {
+            break;
+          }
+        }
         match BlankIsolate::new(&shard.settings) {
           Ok(blank) => shard.spares.borrow_mut().push(blank),
           Err(err) => {
@@ -343,7 +379,9 @@ fn run_shard(
       spares: RefCell::new(Vec::with_capacity(spares)),
       spare_target: spares,
       refilling: Cell::new(false),
+      arrivals: Cell::new(0),
       pools: RefCell::default(),
+      prewarming: RefCell::default(),
       settings,
     });
     // The first spares exist before the shard takes traffic.

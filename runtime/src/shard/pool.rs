@@ -37,6 +37,7 @@ use super::lane::{LaneHost, SlowLane};
 use super::{IsolateWatch, LocalIsolate, Shard, Shards};
 use crate::config::PoolConfig;
 use crate::error::Error;
+use crate::isolate::code_cache::CodeCacheCounts;
 use crate::isolate::{Entry, FunctionSpec, InFlightGuard, IsolateStatus};
 
 /// Requests a second across the node from which a function gets an isolate on every shard
@@ -97,6 +98,8 @@ pub struct IsolatePool {
   /// Set once the function has moved to the slow lane.
   lane: OnceLock<SlowLane>,
   closed: AtomicBool,
+  /// Whether an isolate is being started ahead of a request (see `prewarm_here`).
+  prewarming: AtomicBool,
 }
 
 impl IsolatePool {
@@ -122,6 +125,7 @@ impl IsolatePool {
       window: Mutex::new((0, 0)),
       lane: OnceLock::new(),
       closed: AtomicBool::new(false),
+      prewarming: AtomicBool::new(false),
       host,
     });
     let first = home_shard(pool.name(), shards);
@@ -148,6 +152,11 @@ impl IsolatePool {
 
   pub fn name(&self) -> &str {
     &self.spec.code.name
+  }
+
+  /// How its isolates used the code caches of its modules.
+  pub fn code_cache_counts(&self) -> CodeCacheCounts {
+    self.spec.code.caches.counts()
   }
 
   pub fn idle_timeout(&self) -> Duration {
@@ -268,6 +277,44 @@ impl IsolatePool {
         pool.dispatch_here(&shard, request, false).await
       })
       .await?
+  }
+
+  /// Starts an isolate on `shard` ahead of a request that is on its way (a TLS handshake
+  /// named a host the function serves), when that request would start one anyway: the
+  /// function has no isolate here or being started, none elsewhere it would be forwarded
+  /// to, and room for one more. At most one pre-warm per function and shard, and `limit`
+  /// per shard, are under way at once. Returns whether it started one.
+  pub fn prewarm_here(self: &Arc<Self>, shard: &Rc<Shard>, limit: usize) -> bool {
+    if self.load_error().is_some()
+      || self.lane.get().is_some()
+      || self.closed.load(Ordering::Acquire)
+      || shard.counts(self.id) != (0, 0)
+      || self.starting_total() > 0
+      || !self.has_room()
+    {
+      return false;
+    }
+    let forwarded = self.shard_with_isolates(Some(shard.id)).is_some();
+    if forwarded && self.rate.per_second() < SPREAD_RATE {
+      return false;
+    }
+    if !shard.begin_prewarm(self.id, limit) {
+      return false;
+    }
+    // Handshakes for the host may arrive on several shards at once: one of them pre-warms.
+    if self.prewarming.swap(true, Ordering::AcqRel) {
+      shard.end_prewarm(self.id);
+      return false;
+    }
+    tracing::info!(function = %self.name(), shard = shard.id, "pre-warming an isolate for a TLS handshake naming its host");
+    let (pool, shard) = (self.clone(), shard.clone());
+    tokio::task::spawn_local(async move {
+      // A failure is recorded as start_here records it; the request that follows meets it.
+      let _ = pool.start_here(&shard).await;
+      shard.end_prewarm(pool.id);
+      pool.prewarming.store(false, Ordering::Release);
+    });
+    true
   }
 
   /// Whether the pool may have another isolate.
