@@ -255,17 +255,18 @@ impl AccessRecord {
     }
     // Every request routed to a function counts, those answered from the route cache
     // without entering JS included (their egress is billed like any other).
-    if let Some(function) = function {
+    if let Some(function) = &outcome.function {
       let cost = RequestCost {
         cpu: isolate.map_or(Duration::ZERO, |usage| usage.cpu),
         wall,
         egress_bytes: bytes_out,
         subrequests: isolate.map_or(0, |usage| u64::from(usage.subrequests)),
       };
+      // Complete now: arrival plus the wall time (no second clock read).
       self
         .observers
         .usage
-        .record(function, version, &cost, SystemTime::now());
+        .record(function, &cost, self.arrived_at + wall);
     }
   }
 }

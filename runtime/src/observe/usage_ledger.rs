@@ -2,11 +2,13 @@
 //! and wall time, egress bytes and subrequests, added up per minute and kept for a day. Read as JSON from the admin
 //! listener (`GET /usage?since=<unix seconds>`).
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use super::metrics::FunctionIdentity;
 
 /// Minutes kept.
 const RETAINED_MINUTES: u64 = 24 * 60;
@@ -67,9 +69,10 @@ pub struct FunctionUsage {
   pub versions: BTreeMap<String, UsageTotals>,
 }
 
-/// Totals per function, then per version (empty for functions of the config file): nested
-/// so that a request of a function already counted this minute is added by lookup alone.
-type MinuteTotals = BTreeMap<String, BTreeMap<String, UsageTotals>>;
+/// Totals per routed function (a function of the config file, or one deployed version), by
+/// the address of its identity: a request adds to its minute with one integer lookup. The
+/// map holds the identity, so the address is not reused while it is a key.
+type MinuteTotals = HashMap<usize, (Arc<FunctionIdentity>, UsageTotals)>;
 
 /// Per-minute totals per function.
 #[derive(Default)]
@@ -82,12 +85,12 @@ fn unix_seconds(time: SystemTime) -> u64 {
 }
 
 impl UsageLedger {
-  /// Adds one completed request of `function` (`version`) at `at`.
-  pub fn record(&self, function: &str, version: Option<&str>, cost: &RequestCost, at: SystemTime) {
+  /// Adds one completed request of `function` at `at`.
+  pub fn record(&self, function: &Arc<FunctionIdentity>, cost: &RequestCost, at: SystemTime) {
     let minute = unix_seconds(at) / 60;
     let mut minutes = self.minutes.lock().expect("usage lock");
     if minutes.back().is_none_or(|(last, _)| *last < minute) {
-      minutes.push_back((minute, BTreeMap::new()));
+      minutes.push_back((minute, HashMap::new()));
     }
     while minutes
       .front()
@@ -102,18 +105,11 @@ impl UsageLedger {
       .find(|(m, _)| *m <= minute)
       .map(|(_, totals)| totals);
     if let Some(totals) = slot {
-      if !totals.contains_key(function) {
-        totals.insert(function.to_string(), BTreeMap::new());
-      }
-      let version = version.unwrap_or_default();
-      if let Some(versions) = totals.get_mut(function) {
-        if !versions.contains_key(version) {
-          versions.insert(version.to_string(), UsageTotals::default());
-        }
-        if let Some(totals) = versions.get_mut(version) {
-          totals.add(cost);
-        }
-      }
+      totals
+        .entry(Arc::as_ptr(function) as usize)
+        .or_insert_with(|| (function.clone(), UsageTotals::default()))
+        .1
+        .add(cost);
     }
   }
 
@@ -125,17 +121,15 @@ impl UsageLedger {
     let since = (since / 60 * 60).max(oldest_kept);
     let mut functions = BTreeMap::<String, FunctionUsage>::new();
     for (_, totals) in minutes.iter().filter(|(m, _)| m * 60 >= since) {
-      for (function, versions) in totals {
-        let entry = functions.entry(function.clone()).or_default();
-        for (version, usage) in versions {
-          entry.totals.merge(usage);
-          if !version.is_empty() {
-            entry
-              .versions
-              .entry(version.clone())
-              .or_default()
-              .merge(usage);
-          }
+      for (function, usage) in totals.values() {
+        let entry = functions.entry(function.name.clone()).or_default();
+        entry.totals.merge(usage);
+        if let Some(version) = &function.version {
+          entry
+            .versions
+            .entry(version.clone())
+            .or_default()
+            .merge(usage);
         }
       }
     }
@@ -160,20 +154,38 @@ mod tests {
     }
   }
 
+  fn function(name: &str, version: Option<&str>) -> Arc<FunctionIdentity> {
+    Arc::new(FunctionIdentity::new(
+      name.to_string(),
+      version.map(str::to_string),
+    ))
+  }
+
   #[test]
   fn totals_per_function_from_the_minute_of_since() {
     let ledger = UsageLedger::default();
     let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    ledger.record("a", None, &cost(2), t0);
-    ledger.record("b", Some("v1"), &cost(5), t0 + Duration::from_secs(10));
-    ledger.record("a", None, &cost(3), t0 + Duration::from_secs(120));
+    let a = function("a", None);
+    ledger.record(&a, &cost(2), t0);
+    ledger.record(
+      &function("b", Some("v1")),
+      &cost(5),
+      t0 + Duration::from_secs(10),
+    );
+    ledger.record(&a, &cost(3), t0 + Duration::from_secs(120));
+    // The same function routed anew (a reload): counted together by name.
+    ledger.record(
+      &function("a", None),
+      &cost(4),
+      t0 + Duration::from_secs(121),
+    );
     let now = t0 + Duration::from_secs(130);
 
     let all = ledger.since(0, now);
-    assert_eq!(all.functions["a"].totals.requests, 2);
-    assert_eq!(all.functions["a"].totals.cpu_ms, 5.0);
-    assert_eq!(all.functions["a"].totals.wall_ms, 10.0);
-    assert_eq!(all.functions["a"].totals.egress_bytes, 200);
+    assert_eq!(all.functions["a"].totals.requests, 3);
+    assert_eq!(all.functions["a"].totals.cpu_ms, 9.0);
+    assert_eq!(all.functions["a"].totals.wall_ms, 18.0);
+    assert_eq!(all.functions["a"].totals.egress_bytes, 300);
     assert_eq!(all.functions["b"].totals.subrequests, 1);
     assert_eq!(all.functions["b"].versions["v1"].requests, 1);
     assert!(all.functions["a"].versions.is_empty());
@@ -182,16 +194,16 @@ mod tests {
     let later = ledger.since(unix_seconds(t0) + 125, now);
     assert_eq!(later.since, (unix_seconds(t0) + 120) / 60 * 60);
     assert_eq!(later.functions.len(), 1);
-    assert_eq!(later.functions["a"].totals.cpu_ms, 3.0);
+    assert_eq!(later.functions["a"].totals.cpu_ms, 7.0);
   }
 
   #[test]
   fn a_day_is_kept() {
     let ledger = UsageLedger::default();
     let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    ledger.record("old", None, &cost(1), t0);
+    ledger.record(&function("old", None), &cost(1), t0);
     let next_day = t0 + Duration::from_secs(RETAINED_MINUTES * 60);
-    ledger.record("new", None, &cost(1), next_day);
+    ledger.record(&function("new", None), &cost(1), next_day);
     let report = ledger.since(0, next_day);
     assert!(!report.functions.contains_key("old"), "{report:?}");
     assert_eq!(report.functions["new"].totals.requests, 1);
