@@ -7,6 +7,7 @@ mod cache;
 mod cli;
 mod cpu;
 mod deploy;
+mod dev;
 mod egress;
 mod geo;
 mod handlers;

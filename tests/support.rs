@@ -122,6 +122,15 @@ impl Outpost {
     Outpost::spawn(dir, &args, 1, None)
   }
 
+  /// Runs `outpost dev` with `args` in `dir` (which it keeps), on one plain listener.
+  pub fn start_dev(dir: tempfile::TempDir, args: &[&str]) -> Outpost {
+    let args: Vec<String> = std::iter::once("dev")
+      .chain(args.iter().copied())
+      .map(str::to_string)
+      .collect();
+    Outpost::spawn(dir, &args, 1, None)
+  }
+
   fn spawn(
     dir: tempfile::TempDir,
     args: &[String],

@@ -222,6 +222,24 @@ impl GeoConfig {
   }
 }
 
+/// Every `request.cf` field Outpost fills (Workers names): the geo fields, the client's
+/// address, and the PoP (`colo`, from `[node] pop`).
+pub const REQUEST_CF_FIELDS: [&str; 13] = [
+  "country",
+  "region",
+  "regionCode",
+  "city",
+  "postalCode",
+  "latitude",
+  "longitude",
+  "timezone",
+  "continent",
+  "asn",
+  "asOrganization",
+  "clientIp",
+  "colo",
+];
+
 /// IPv4-mapped IPv6 addresses as IPv4, so that `10.0.0.0/8` matches `::ffff:10.1.2.3`.
 fn canonical(ip: IpAddr) -> IpAddr {
   match ip {

@@ -50,6 +50,23 @@ enum Command {
     #[arg(long, default_value = "127.0.0.1:8787", requires = "handler")]
     listen: SocketAddr,
   },
+  /// Serve for development: reload on every save of a function's files or the config (the
+  /// last good version keeps serving when a save does not load), show error details.
+  Dev {
+    /// A handler file, a function directory (its outpost.toml, else its index/main file), or
+    /// nothing for the current directory.
+    path: Option<PathBuf>,
+    /// The config file (outpost.toml), instead of PATH.
+    #[arg(long, short, conflicts_with = "path")]
+    config: Option<PathBuf>,
+    /// Address for a handler served without a config file.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// `request.cf` fields every request gets, as a PoP would set them:
+    /// `country=DE,city=Berlin,...`.
+    #[arg(long, default_value = "")]
+    cf: String,
+  },
   /// Validate a config file and load every function without serving.
   Check {
     #[arg(long, short, conflicts_with = "handler")]
@@ -139,7 +156,37 @@ fn main() -> ExitCode {
       load_config(config, handler, listen).and_then(|config| {
         let tails = Tails::default();
         init_log(&config.log, &tails);
-        serve(config, tails)
+        serve_with(
+          config,
+          NodeServices {
+            tails: Some(tails),
+            ..NodeServices::default()
+          },
+          false,
+        )
+      })
+    }
+    Command::Dev {
+      path,
+      config,
+      listen,
+      cf,
+    } => {
+      prepare_engine();
+      let request_cf = outpost::ops::dev::parse_cf(&cf).map_err(anyhow::Error::from);
+      request_cf.and_then(|request_cf| {
+        let config = dev_config(path, config, listen)?;
+        let tails = Tails::default();
+        init_log(&config.log, &tails);
+        serve_with(
+          config,
+          NodeServices {
+            tails: Some(tails),
+            request_cf,
+            ..NodeServices::default()
+          },
+          true,
+        )
       })
     }
     Command::Check { config, handler } => {
@@ -198,7 +245,50 @@ fn load_config(
   Ok(config)
 }
 
-fn serve(config: Config, tails: Tails) -> anyhow::Result<()> {
+/// What `outpost dev` serves: `config`, or PATH (a handler file, or a directory with an
+/// outpost.toml or an index/main module), with error details in Outpost's 500 bodies.
+fn dev_config(
+  path: Option<PathBuf>,
+  config: Option<PathBuf>,
+  listen: SocketAddr,
+) -> anyhow::Result<Config> {
+  const ENTRIES: [&str; 6] = [
+    "index.ts",
+    "index.js",
+    "main.ts",
+    "main.js",
+    "handler.ts",
+    "handler.js",
+  ];
+  let path = path.unwrap_or_else(|| PathBuf::from("."));
+  let (config, handler) = match config {
+    Some(config) => (Some(config), None),
+    None if path.is_dir() && path.join("outpost.toml").is_file() => {
+      (Some(path.join("outpost.toml")), None)
+    }
+    None if path.is_dir() => {
+      let entry = ENTRIES
+        .iter()
+        .map(|name| path.join(name))
+        .find(|entry| entry.is_file())
+        .with_context(|| {
+          format!(
+            "{} has no outpost.toml and none of {}: give a handler file or a config",
+            path.display(),
+            ENTRIES.join(", ")
+          )
+        })?;
+      (None, Some(entry))
+    }
+    None => (None, Some(path)),
+  };
+  let mut config = load_config(config, handler, listen)?;
+  config.server.error_details = true;
+  Ok(config)
+}
+
+/// Serves until SIGTERM/SIGINT; with `watch` (`outpost dev`), reloads on file changes.
+fn serve_with(config: Config, services: NodeServices, watch: bool) -> anyhow::Result<()> {
   // Started outside the runtime (it sends from a thread of its own); dropped after it, which
   // flushes the spans still batched.
   let export = OtlpExport::start(&config.tracing).map_err(anyhow::Error::msg)?;
@@ -211,14 +301,15 @@ fn serve(config: Config, tails: Tails) -> anyhow::Result<()> {
     .context("starting the tokio runtime")?;
   let json = config.log.format == LogFormat::Json;
   runtime.block_on(async {
-    let node = Node::start_with(
-      &config,
-      NodeServices {
-        tracer,
-        tails: Some(tails),
-      },
-    )
-    .await?;
+    let node = Node::start_with(&config, NodeServices { tracer, ..services }).await?;
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    if watch {
+      let dirs = outpost::ops::dev::watched_dirs(&config);
+      outpost::ops::dev::reload_on_change(&dirs, node.reloader(), stop_watching.clone())?;
+      for dir in &dirs {
+        announce(json, "outpost dev watching", &dir.display().to_string());
+      }
+    }
     if let Some(address) = node.admin_address() {
       announce(
         json,
@@ -235,6 +326,7 @@ fn serve(config: Config, tails: Tails) -> anyhow::Result<()> {
       );
     }
     node.run(shutdown_signal()).await;
+    stop_watching.cancel();
     anyhow::Ok(())
   })?;
   // Isolate threads still finishing waitUntil work end with the process.

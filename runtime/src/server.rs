@@ -45,6 +45,8 @@ pub struct NodeServices {
   pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
   /// Function tails (`GET /functions/{name}/tail`), fed by the process's log.
   pub tails: Option<Tails>,
+  /// `request.cf` fields every request gets, over what `[geo]` says (`outpost dev --cf`).
+  pub request_cf: Vec<(&'static str, String)>,
 }
 
 /// A running node: functions loaded on the shards, listeners bound.
@@ -74,7 +76,11 @@ impl Node {
 
   /// As [`Node::start`], with what the process wired up around the node.
   pub async fn start_with(config: &Config, services: NodeServices) -> Result<Node, Error> {
-    let NodeServices { tracer, tails } = services;
+    let NodeServices {
+      tracer,
+      tails,
+      request_cf,
+    } = services;
     let transpiler = Arc::new(TranspileCache::default());
     // Isolates are created before their function is known, with the largest heap any
     // function may use; smaller limits are checked per function.
@@ -161,6 +167,7 @@ impl Node {
       revalidating: std::sync::Mutex::default(),
       geo,
       pop: config.node.as_ref().map(|node| node.pop.clone()),
+      request_cf,
       observers: Arc::new(Observers {
         metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
         usage: UsageLedger::default(),
@@ -192,6 +199,11 @@ impl Node {
       reloader,
       server: config.server.clone(),
     })
+  }
+
+  /// What re-reads the config (or handler file) and applies it, as SIGHUP does.
+  pub fn reloader(&self) -> Arc<dyn crate::ops::admin::Reload> {
+    self.reloader.clone()
   }
 
   /// The admin listener's address, when there is one.

@@ -508,6 +508,12 @@ impl ShardFront {
     if let Some(pop) = &node.pop {
       cf.push(("colo", pop.clone()));
     }
+    for (field, value) in &node.request_cf {
+      match cf.iter_mut().find(|(name, _)| name == field) {
+        Some(known) => known.1.clone_from(value),
+        None => cf.push((field, value.clone())),
+      }
+    }
     let declared_length = headers
       .get(http::header::CONTENT_LENGTH)
       .and_then(|v| v.to_str().ok())

@@ -69,6 +69,8 @@ pub struct NodeState {
   pub geo: Arc<LiveGeo>,
   /// This node's PoP: `request.cf.colo`.
   pub pop: Option<String>,
+  /// `request.cf` fields every request gets, over what `[geo]` says (`outpost dev --cf`).
+  pub request_cf: Vec<(&'static str, String)>,
   /// Metrics and usage, fed by every request's access record.
   pub observers: Arc<Observers>,
   /// Set once shutdown has begun: `/readyz` answers 503 while connections drain.
