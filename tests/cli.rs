@@ -126,6 +126,24 @@ async fn sighup_reloads_a_single_handler_and_never_kills_the_process() {
 /// Every problem of a config file in one run, each at its key: type errors, unknown keys,
 /// values out of range, certificates that do not load; and imports that name no file say
 /// where they are and what was probably meant.
+/// A TypeScript module that throws while loading: `outpost check` names the `.ts` line and
+/// column of the throw, not the transpiled JavaScript's.
+#[test]
+fn check_points_a_typescript_load_error_at_the_ts_source() {
+  let dir = tempfile::tempdir().unwrap();
+  write_files(
+    dir.path(),
+    &[(
+      "h.ts",
+      "interface A { x: number }\n\nconst a: A = { x: 1 };\nif (a.x === 1) throw new Error(\"top-level failure\");\nexport default { fetch: () => new Response(\"\") };\n",
+    )],
+  );
+  let (status, output) = run_outpost(&["check", "h.ts"], dir.path());
+  assert!(!status.success());
+  assert!(output.contains("top-level failure"), "{output}");
+  assert!(output.contains("h.ts:4:22"), "{output}");
+}
+
 #[test]
 fn check_reports_every_problem_at_its_key_in_one_run() {
   let dir = tempfile::tempdir().unwrap();

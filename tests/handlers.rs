@@ -551,3 +551,75 @@ async fn request_signal_aborts_on_disconnect_and_on_the_wall_clock_limit() {
   assert!(logs.contains("answered: aborted=false"), "{logs}");
   assert!(!logs.contains("aborted /answered"), "{logs}");
 }
+
+/// A bundle that ships its own source map (`//# sourceMappingURL=bundle.js.map`, as esbuild
+/// writes it) gets stacks that point at its original TypeScript file, line and column; a map
+/// named outside the function's directory is not read.
+#[tokio::test]
+async fn a_bundles_own_source_map_points_stacks_at_the_original_typescript() {
+  let source = "interface Order { id: number }\n\nexport function check(order: Order): number {\n  if (order.id < 0) throw new Error(\"bad order \" + order.id);\n  return order.id;\n}\n\nexport default {\n  fetch: (): Response => new Response(String(check({ id: -7 }))),\n};\n";
+  let specifier = deno_ast::ModuleSpecifier::parse("file:///src/app.ts").unwrap();
+  let emitted = deno_ast::parse_module(deno_ast::ParseParams {
+    specifier,
+    text: source.into(),
+    media_type: deno_ast::MediaType::TypeScript,
+    capture_tokens: false,
+    scope_analysis: false,
+    maybe_syntax: None,
+  })
+  .unwrap()
+  .transpile(
+    &deno_ast::TranspileOptions::default(),
+    &deno_ast::TranspileModuleOptions::default(),
+    &deno_ast::EmitOptions {
+      source_map: deno_ast::SourceMapOption::Separate,
+      ..Default::default()
+    },
+  )
+  .unwrap()
+  .into_source();
+  let bundle = format!("{}\n//# sourceMappingURL=bundle.js.map\n", emitted.text);
+  let outside = format!("{}\n//# sourceMappingURL=../bundle.js.map\n", emitted.text);
+  let map = emitted.source_map.unwrap().into_bytes();
+  let outpost = Outpost::start_with(
+    &functions_config(
+      "[server]\nerror_details = true",
+      &[
+        ("bundled", "fn/bundle.js", r#"routes = ["/bundled"]"#),
+        ("outside", "other/bundle.js", r#"routes = ["/outside"]"#),
+      ],
+    ),
+    &[("fn/bundle.js", &bundle), ("other/bundle.js", &outside)],
+    |dir| {
+      std::fs::write(dir.join("fn/bundle.js.map"), &map).unwrap();
+      std::fs::write(dir.join("bundle.js.map"), &map).unwrap();
+    },
+  );
+  let client = http1();
+  let body = client
+    .get(outpost.url("/bundled"))
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+  assert!(body.contains("bad order -7"), "{body}");
+  assert!(
+    body.contains("file:///src/app.ts:4:"),
+    "the stack names the .ts line:\n{body}"
+  );
+  let body = client
+    .get(outpost.url("/outside"))
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+  assert!(body.contains("bad order -7"), "{body}");
+  assert!(
+    !body.contains("app.ts") && body.contains("bundle.js:"),
+    "a map outside the function's directory is not read:\n{body}"
+  );
+}

@@ -386,6 +386,15 @@ impl ModuleLoader for FunctionModuleLoader {
     Box::pin(std::future::ready(()))
   }
 
+  /// A module's own `//# sourceMappingURL=file.map` (bundles that ship their maps), read
+  /// from the function's directory when a stack is mapped; never from outside it.
+  fn load_external_source_map(&self, source_map_url: &str) -> Option<Cow<'_, [u8]>> {
+    let code = self.code.get()?;
+    let specifier = ModuleSpecifier::parse(source_map_url).ok()?;
+    let path = code.path_inside_root(&specifier).ok()?;
+    std::fs::read(path).ok().map(Cow::Owned)
+  }
+
   fn get_source_map(&self, specifier: &str) -> Option<Cow<'_, [u8]>> {
     let specifier = ModuleSpecifier::parse(specifier).ok()?;
     let modules = self.code.get()?.modules.lock().expect("module map lock");
