@@ -8,10 +8,11 @@ use std::time::Duration;
 use outpost::isolate::{BlankIsolate, Entry, FunctionSpec, IsolateSettings, IsolateStatus};
 use outpost::limits::cpu::{CpuWatchdog, ThreadMeter};
 use outpost::shard::{IsolateWatch, drive};
-use outpost_ext_dispatch::{Body, DispatchRequest, RequestId, RequestQueue, RequestUsage};
+use outpost_ext_dispatch::{
+  Body, DispatchRequest, RequestEnd, RequestId, RequestQueue, RequestUsage,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::spec::HEAP;
 
@@ -71,8 +72,7 @@ pub async fn send(
     url: url.into(),
     headers,
     body,
-    cancel: CancellationToken::new(),
-    finished: Arc::default(),
+    end: RequestEnd::default(),
     reply,
     usage: Arc::new(RequestUsage::new(RequestId::new(0, 0))),
     cf: Vec::new(),

@@ -2,7 +2,7 @@
 //! carries responses back out.
 //!
 //! The server builds a [`DispatchRequest`] (method, URL, headers, a streaming body, a
-//! cancellation token and a oneshot reply) and pushes it onto the isolate's [`RequestQueue`]
+//! [`RequestEnd`] and a oneshot reply) and pushes it onto the isolate's [`RequestQueue`]
 //! on the isolate's thread. Inside the isolate, the JS serve loop pulls requests with
 //! `op_dispatch_next`, turns them into
 //! `Request` objects (`01_dispatch.js`), and answers with `op_dispatch_respond` or
@@ -26,7 +26,6 @@ use deno_error::JsErrorBox;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 /// Error type of bodies that cross the isolate boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,12 +46,9 @@ pub struct DispatchRequest {
   pub headers: http::HeaderMap,
   /// `None` when the request has no body (e.g. a GET).
   pub body: Option<Body>,
-  /// Cancelled by the server when the request is over: the client went away, a limit ended
-  /// it, or its response was sent in full (then `finished` is set first). Stops body
-  /// streaming, and aborts `request.signal` unless the request finished.
-  pub cancel: CancellationToken,
-  /// Set by the server once the response has been sent in full.
-  pub finished: Arc<AtomicBool>,
+  /// Ended by the server when the request is over: stops body streaming, and aborts
+  /// `request.signal` unless the request finished.
+  pub end: RequestEnd,
   pub reply: oneshot::Sender<DispatchReply>,
   /// Filled in by the isolate as the request uses CPU.
   pub usage: Arc<RequestUsage>,
@@ -60,6 +56,79 @@ pub struct DispatchRequest {
   pub cf: Vec<(&'static str, String)>,
   /// Trace context for the handler's outbound `fetch()` calls.
   pub trace: Option<OutboundTrace>,
+}
+
+/// How a request ends, shared by the server and the isolate. The server ends it when it is
+/// over: the client went away, a limit ended it, or its response was sent in full (then it
+/// is marked finished first). The isolate's body streaming and `request.signal` watch it.
+/// (One allocation and atomics: a request is ended once and asked often, and a cancellation
+/// tree's locks are not needed.)
+#[derive(Clone, Default)]
+pub struct RequestEnd(Arc<EndState>);
+
+#[derive(Default)]
+struct EndState {
+  over: AtomicBool,
+  finished: AtomicBool,
+  waiters: tokio::sync::Notify,
+}
+
+impl RequestEnd {
+  /// Ends the request (once; later calls do nothing).
+  pub fn end(&self) {
+    if !self.0.over.swap(true, Ordering::AcqRel) {
+      self.0.waiters.notify_waiters();
+    }
+  }
+
+  /// Marks the response as sent in full; the end that follows is not an abort.
+  pub fn finish(&self) {
+    self.0.finished.store(true, Ordering::Release);
+  }
+
+  pub fn is_over(&self) -> bool {
+    self.0.over.load(Ordering::Acquire)
+  }
+
+  /// Whether the response was sent in full.
+  pub fn finished(&self) -> bool {
+    self.0.finished.load(Ordering::Acquire)
+  }
+
+  /// Resolves once the request is over.
+  pub async fn ended(&self) {
+    loop {
+      let notified = self.0.waiters.notified();
+      let mut notified = std::pin::pin!(notified);
+      // Registered before the check, so an end between the two is not missed.
+      notified.as_mut().enable();
+      if self.is_over() {
+        return;
+      }
+      notified.await;
+    }
+  }
+
+  /// Ends the request when the returned guard is dropped.
+  pub fn end_on_drop(self) -> EndOnDrop {
+    EndOnDrop(self)
+  }
+}
+
+/// Ends its request when dropped (see [`RequestEnd::end_on_drop`]).
+pub struct EndOnDrop(RequestEnd);
+
+impl EndOnDrop {
+  /// Marks the response as sent in full (see [`RequestEnd::finish`]).
+  pub fn finish(&self) {
+    self.0.finish();
+  }
+}
+
+impl Drop for EndOnDrop {
+  fn drop(&mut self) {
+    self.0.end();
+  }
 }
 
 /// The W3C trace headers every `fetch()` of a request carries unless the handler sets them.
@@ -155,22 +224,15 @@ struct InFlight {
   next_id: u32,
   pending: HashMap<u32, PendingReply>,
   /// How each request taken off the queue ends, for `request.signal`; dropped once over.
-  endings: HashMap<u32, RequestEnding>,
+  endings: HashMap<u32, RequestEnd>,
   /// Usage of the requests answered during the current entry into JS: they still get
   /// their share of it when it ends.
   answered: Vec<Arc<RequestUsage>>,
 }
 
-/// How to learn that a request is over, and whether it finished or was cut short.
-#[derive(Clone)]
-struct RequestEnding {
-  over: CancellationToken,
-  finished: Arc<AtomicBool>,
-}
-
 struct PendingReply {
   reply: oneshot::Sender<DispatchReply>,
-  cancel: CancellationToken,
+  end: RequestEnd,
   usage: Arc<RequestUsage>,
   /// The CPU time charged while it was the only request in flight: the time that is
   /// certainly its own, and what its CPU limit is enforced on.
@@ -515,7 +577,7 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
   let body_rid = request.body.map(|body| {
     state
       .resource_table
-      .add(RequestBodyResource::new(body, request.cancel.clone()))
+      .add(RequestBodyResource::new(body, request.end.clone()))
   });
   let request_id = request.usage.request_id();
   let in_flight = state.borrow_mut::<InFlight>();
@@ -524,22 +586,14 @@ async fn op_dispatch_next(state: Rc<RefCell<OpState>>) -> Option<NextRequest> {
   // Endings of requests that are over go, now and then, so the map holds about what is in
   // flight (a handler that never reads `request.signal` never asks for its entry).
   if in_flight.endings.len() > 2 * in_flight.pending.len() + 64 {
-    in_flight
-      .endings
-      .retain(|_, ending| !ending.over.is_cancelled());
+    in_flight.endings.retain(|_, end| !end.is_over());
   }
-  in_flight.endings.insert(
-    id,
-    RequestEnding {
-      over: request.cancel.clone(),
-      finished: request.finished,
-    },
-  );
+  in_flight.endings.insert(id, request.end.clone());
   in_flight.pending.insert(
     id,
     PendingReply {
       reply: request.reply,
-      cancel: request.cancel,
+      end: request.end,
       usage: request.usage,
       cpu_alone: Duration::ZERO,
     },
@@ -614,7 +668,7 @@ fn op_dispatch_respond(
   let pending = in_flight.pending.remove(&id).expect("checked above");
   in_flight.answered.push(pending.usage.clone());
   let body = match resource {
-    Some(resource) => stream_resource_body(resource, pending.cancel.clone()),
+    Some(resource) => stream_resource_body(resource, pending.end.clone()),
     None => full_body(body.0),
   };
   let mut response = http::Response::new(body);
@@ -700,13 +754,13 @@ async fn op_dispatch_cancelled(state: Rc<RefCell<OpState>>, #[smi] id: u32) -> b
     // Over and forgotten already.
     return false;
   };
-  ending.over.cancelled().await;
+  ending.ended().await;
   state
     .borrow_mut()
     .borrow_mut::<InFlight>()
     .endings
     .remove(&id);
-  !ending.finished.load(Ordering::Acquire)
+  !ending.finished()
 }
 
 /// Calls between functions of one node (service bindings: `env.AUTH.fetch(request)`),
@@ -786,7 +840,7 @@ async fn op_dispatch_service(
   let request_body = match (resource, body) {
     // A stream the handler wrote is pumped as the callee reads it; it ends when the callee
     // stops reading.
-    (Some(resource), _) => stream_resource_body(resource, CancellationToken::new()),
+    (Some(resource), _) => stream_resource_body(resource, RequestEnd::default()),
     (None, Some(bytes)) => full_body(Bytes::from(bytes)),
     (None, None) => full_body(Bytes::new()),
   };
@@ -816,7 +870,7 @@ async fn op_dispatch_service(
     state
       .borrow_mut()
       .resource_table
-      .add(RequestBodyResource::new(body, CancellationToken::new()))
+      .add(RequestBodyResource::new(body, RequestEnd::default()))
   });
   Ok(ServiceResponse {
     status: u32::from(head.status.as_u16()),
@@ -861,13 +915,13 @@ pub fn full_body(bytes: Bytes) -> Body {
 /// Streams a JS `ReadableStream` resource out of the isolate. A local task reads the resource
 /// and feeds a bounded channel, so a slow client pauses the JS producer instead of piling
 /// chunks up in memory.
-fn stream_resource_body(resource: Rc<dyn Resource>, cancel: CancellationToken) -> Body {
+fn stream_resource_body(resource: Rc<dyn Resource>, end: RequestEnd) -> Body {
   let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(BODY_CHANNEL_CHUNKS);
   deno_core::unsync::spawn(async move {
     loop {
       let read = tokio::select! {
         read = resource.clone().read(RESPONSE_READ_CHUNK) => read,
-        () = cancel.cancelled() => break,
+        () = end.ended() => break,
         () = tx.closed() => break,
       };
       match read {
@@ -902,7 +956,7 @@ fn tokio_stream_from<T>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item 
 struct RequestBodyResource {
   body: AsyncRefCell<RequestBodyReader>,
   cancel: CancelHandle,
-  client_gone: CancellationToken,
+  client_gone: RequestEnd,
 }
 
 struct RequestBodyReader {
@@ -912,7 +966,7 @@ struct RequestBodyReader {
 }
 
 impl RequestBodyResource {
-  fn new(body: Body, client_gone: CancellationToken) -> Self {
+  fn new(body: Body, client_gone: RequestEnd) -> Self {
     Self {
       body: AsyncRefCell::new(RequestBodyReader {
         body,
@@ -941,7 +995,7 @@ impl Resource for RequestBodyResource {
           }
           let frame = tokio::select! {
             frame = reader.body.frame() => frame,
-            () = client_gone.cancelled() => {
+            () = client_gone.ended() => {
               return Err(JsErrorBox::generic("request body aborted: the client went away"));
             }
           };

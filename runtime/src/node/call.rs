@@ -18,10 +18,10 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use outpost_ext_dispatch::{
-  Body, BoxError, DispatchRequest, FailureKind, OutboundTrace, RequestId, full_body,
+  Body, BoxError, DispatchRequest, EndOnDrop, FailureKind, OutboundTrace, RequestEnd, RequestId,
+  full_body,
 };
 use tokio::sync::{Notify, oneshot};
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::NodeState;
 use super::function::RoutedFunction;
@@ -124,11 +124,10 @@ pub async fn call_function(
       return Err(response);
     }
   };
-  let cancel = CancellationToken::new();
+  let end = RequestEnd::default();
   // Ends the request on the isolate's side (body streaming, `request.signal`) when this call
   // is dropped: the client went away, a limit ended it, or its response was sent.
-  let cancel_on_drop = cancel.clone().drop_guard();
-  let finished = Arc::new(AtomicBool::new(false));
+  let end_on_drop = end.clone().end_on_drop();
   let (reply, replied) = oneshot::channel();
   let dispatched = pool.dispatch(
     shard.as_ref(),
@@ -137,8 +136,7 @@ pub async fn call_function(
       url,
       headers,
       body,
-      cancel,
-      finished: finished.clone(),
+      end: end.clone(),
       reply,
       usage: Arc::new(access.usage()),
       cf,
@@ -175,7 +173,7 @@ pub async fn call_function(
   };
   let Some(replied) = before(&mut deadline, replied).await else {
     // Dropping the guard cancels the request's token: body streaming stops.
-    drop(cancel_on_drop);
+    drop(end_on_drop);
     tracing::warn!(
       %request_id,
       function = pool.name(),
@@ -198,12 +196,11 @@ pub async fn call_function(
       return Ok(response.map(|body| {
         GuardedBody {
           inner: body,
-          finished,
+          end: end_on_drop,
           deadline,
           _active: active,
           _in_flight: in_flight,
           _admitted: admitted,
-          _cancel_on_drop: cancel_on_drop,
         }
         .boxed_unsync()
       }));
@@ -390,13 +387,12 @@ pub fn outpost_response(status: StatusCode, reason: &'static str, body: String) 
 /// streaming inside the isolate when it is dropped early.
 struct GuardedBody {
   inner: Body,
-  /// Set once the body has been sent in full.
-  finished: Arc<AtomicBool>,
+  /// Marked finished once the body has been sent in full; ends the request when dropped.
+  end: EndOnDrop,
   deadline: Pin<Box<tokio::time::Sleep>>,
   _active: ActiveRequest,
   _in_flight: InFlightGuard,
   _admitted: Admitted,
-  _cancel_on_drop: DropGuard,
 }
 
 impl http_body::Body for GuardedBody {
@@ -414,7 +410,7 @@ impl http_body::Body for GuardedBody {
     }
     let frame = Pin::new(&mut self.inner).poll_frame(cx);
     if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
-      self.finished.store(true, Ordering::Release);
+      self.end.finish();
     }
     frame
   }
