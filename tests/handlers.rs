@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Outpost, functions_config, http1};
+use crate::support::{Outpost, SendForText, functions_config, http1};
 
 const TS_HANDLER: &str = r#"
 import { shout } from "./lib/shout.ts";
@@ -596,27 +596,13 @@ async fn a_bundles_own_source_map_points_stacks_at_the_original_typescript() {
     },
   );
   let client = http1();
-  let body = client
-    .get(outpost.url("/bundled"))
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+  let body = client.get(outpost.url("/bundled")).text_of().await;
   assert!(body.contains("bad order -7"), "{body}");
   assert!(
     body.contains("file:///src/app.ts:4:"),
     "the stack names the .ts line:\n{body}"
   );
-  let body = client
-    .get(outpost.url("/outside"))
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+  let body = client.get(outpost.url("/outside")).text_of().await;
   assert!(body.contains("bad order -7"), "{body}");
   assert!(
     !body.contains("app.ts") && body.contains("bundle.js:"),

@@ -4,7 +4,9 @@ use std::io::Read;
 
 use reqwest::Version;
 
-use crate::support::{Outpost, TestCa, http1, peer_certificate, scrape_until, value};
+use crate::support::{
+  Outpost, TestCa, http1, peer_certificate, scrape_until, tls_node_config, value,
+};
 
 const ECHO_PROTOCOL: &str = r#"export default {
   fetch(request) {
@@ -377,23 +379,10 @@ async fn a_tls_handshake_naming_a_host_prewarms_its_function() {
   let ca = TestCa::new();
   let certs = tempfile::tempdir().unwrap();
   let leaf = ca.leaf(certs.path(), "hosts", &["a.test", "nowhere.test"]);
-  let config = format!(
-    r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[listen]]
-address = "127.0.0.1:0"
-tls = [ {{ cert = "{}", key = "{}" }} ]
-
-[[functions]]
-name = "cold"
-entry = "echo.js"
-routes = ["a.test/"]
-pool = {{ prewarm = 0 }}
-"#,
-    leaf.cert_path.display(),
-    leaf.key_path.display(),
+  let config = tls_node_config(
+    &leaf.cert_path,
+    &leaf.key_path,
+    "\n[[functions]]\nname = \"cold\"\nentry = \"echo.js\"\nroutes = [\"a.test/\"]\npool = { prewarm = 0 }\n",
   );
   let outpost = Outpost::start(&config, &[("echo.js", ECHO_PROTOCOL)]);
   let address = outpost.https[0];

@@ -3,25 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, TestCa, http1, peer_certificate};
+use crate::support::{Outpost, TestCa, http1, peer_certificate, tls_node_config};
 
 fn config(cert: &std::path::Path, key: &std::path::Path, entry: &str) -> String {
-  format!(
-    r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[listen]]
-address = "127.0.0.1:0"
-tls = [ {{ cert = "{}", key = "{}" }} ]
-
-[[functions]]
-name = "site"
-entry = "{entry}"
-routes = ["/"]
-"#,
-    cert.display(),
-    key.display()
+  tls_node_config(
+    cert,
+    key,
+    &format!("\n[[functions]]\nname = \"site\"\nentry = \"{entry}\"\nroutes = [\"/\"]\n"),
   )
 }
 

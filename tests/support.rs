@@ -46,6 +46,16 @@ pub fn functions_config(preamble: &str, functions: &[(&str, &str, &str)]) -> Str
   config
 }
 
+/// A config with an admin listener and one TLS listener serving `cert` and `key`, then
+/// `functions` (TOML) as written.
+pub fn tls_node_config(cert: &Path, key: &Path, functions: &str) -> String {
+  format!(
+    "[admin]\naddress = \"127.0.0.1:0\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\ntls = [ {{ cert = \"{}\", key = \"{}\" }} ]\n{functions}",
+    cert.display(),
+    key.display()
+  )
+}
+
 /// A command running the `outpost` binary under test. It is killed when the test process
 /// ends, whatever way it ends: a server left behind would keep a core busy for the tests
 /// that follow.

@@ -153,18 +153,7 @@ fn main() -> ExitCode {
       listen,
     } => {
       prepare_engine();
-      load_config(config, handler, listen).and_then(|config| {
-        let tails = Tails::default();
-        init_log(&config.log, &tails);
-        serve_with(
-          config,
-          NodeServices {
-            tails: Some(tails),
-            ..NodeServices::default()
-          },
-          false,
-        )
-      })
+      load_config(config, handler, listen).and_then(|config| run(config, Vec::new(), false))
     }
     Command::Dev {
       path,
@@ -173,21 +162,9 @@ fn main() -> ExitCode {
       cf,
     } => {
       prepare_engine();
-      let request_cf = outpost::ops::dev::parse_cf(&cf).map_err(anyhow::Error::from);
-      request_cf.and_then(|request_cf| {
-        let config = dev_config(path, config, listen)?;
-        let tails = Tails::default();
-        init_log(&config.log, &tails);
-        serve_with(
-          config,
-          NodeServices {
-            tails: Some(tails),
-            request_cf,
-            ..NodeServices::default()
-          },
-          true,
-        )
-      })
+      outpost::ops::dev::parse_cf(&cf)
+        .map_err(anyhow::Error::from)
+        .and_then(|request_cf| run(dev_config(path, config, listen)?, request_cf, true))
     }
     Command::Check { config, handler } => {
       prepare_engine();
@@ -285,6 +262,22 @@ fn dev_config(
   let mut config = load_config(config, handler, listen)?;
   config.server.error_details = true;
   Ok(config)
+}
+
+/// Starts the log (with the function tails beside it) and serves `config`; `request_cf` and
+/// `watch` are `outpost dev`'s.
+fn run(config: Config, request_cf: Vec<(&'static str, String)>, watch: bool) -> anyhow::Result<()> {
+  let tails = Tails::default();
+  init_log(&config.log, &tails);
+  serve_with(
+    config,
+    NodeServices {
+      tails: Some(tails),
+      request_cf,
+      ..NodeServices::default()
+    },
+    watch,
+  )
 }
 
 /// Serves until SIGTERM/SIGINT; with `watch` (`outpost dev`), reloads on file changes.
