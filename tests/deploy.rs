@@ -852,6 +852,84 @@ async fn the_config_file_wins_names_and_routes() {
 
 /// `DELETE /functions/{name}` (and `outpost delete`) stops serving a function and removes it;
 /// a deleted secret is gone from the list, and a version that needs it no longer starts.
+/// `concurrency` GETs of `path` at once, all answered.
+async fn at_once(outpost: &Outpost, path: &str, concurrency: usize) {
+  let client = http1();
+  let requests = (0..concurrency).map(|_| client.get(outpost.url(path)).send());
+  for response in futures::future::join_all(requests).await {
+    assert_eq!(response.unwrap().status(), 200);
+  }
+}
+
+/// A new version starts as many isolates as its function's recent traffic needs (48 requests
+/// in flight for a second at 16 per isolate: at least two), not only `prewarm`; a function without traffic starts
+/// `prewarm`; a reload warms the config file's functions the same way.
+#[tokio::test]
+async fn a_new_version_is_warmed_for_the_functions_recent_traffic() {
+  let data = tempfile::tempdir().unwrap();
+  let outpost = node(data.path());
+  let slow = |body: &str| {
+    format!(
+      "export default {{ fetch: async () => {{ await new Promise((r) => setTimeout(r, 1000)); return new Response({body:?}); }} }};"
+    )
+  };
+  let dir = |name: &str, body: &str| {
+    let dir = outpost.dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.js"), slow(body)).unwrap();
+    dir
+  };
+  let (v1, v2) = (dir("v1", "v1"), dir("v2", "v2"));
+  let warmed = || {
+    outpost
+      .logs()
+      .lines()
+      .filter(|line| line.contains("warming isolates for recent traffic"))
+      .map(str::to_string)
+      .collect::<Vec<_>>()
+  };
+  cli(&outpost, &["deploy", v1.to_str().unwrap(), "--name", "api"]).await;
+  wait_for(&outpost, "v1").await;
+  assert_eq!(
+    warmed(),
+    Vec::<String>::new(),
+    "no traffic yet: prewarm only"
+  );
+
+  at_once(&outpost, "/api/", 48).await;
+  cli(&outpost, &["deploy", v2.to_str().unwrap(), "--name", "api"]).await;
+  wait_for(&outpost, "v2").await;
+  let lines = warmed();
+  assert_eq!(lines.len(), 1, "{lines:?}");
+  assert!(
+    lines[0].contains("function=api") && !lines[0].contains("isolates=1"),
+    "{lines:?}"
+  );
+
+  // The configured function: traffic, then a reload of the unchanged config.
+  let mut client_config = std::fs::read_to_string(outpost.dir().join("outpost.toml")).unwrap();
+  client_config = client_config.replace("static.test/", "/static/");
+  std::fs::write(outpost.dir().join("outpost.toml"), &client_config).unwrap();
+  std::fs::write(outpost.dir().join("static.js"), slow("static")).unwrap();
+  let admin = format!("http://{}", outpost.admin.unwrap());
+  let reload = || async {
+    let response = http1()
+      .post(format!("{admin}/reload"))
+      .send()
+      .await
+      .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+  };
+  reload().await;
+  at_once(&outpost, "/static/", 48).await;
+  reload().await;
+  let lines = warmed();
+  assert!(
+    lines.iter().any(|line| line.contains("function=static")),
+    "{lines:?}"
+  );
+}
+
 /// The code cache counts of `api` once `ready` holds for them: (used, rejected, stored).
 async fn code_cache_counts(
   outpost: &Outpost,

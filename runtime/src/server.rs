@@ -118,6 +118,11 @@ impl Node {
       (config.server.slow_lane_entry_ms > 0)
         .then(|| Duration::from_millis(config.server.slow_lane_entry_ms)),
     ));
+    let observers = Arc::new(Observers {
+      metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
+      usage: UsageLedger::default(),
+      tracer,
+    });
     let deployments = match config.admin.as_ref().and_then(|a| a.data_dir.as_ref()) {
       None => None,
       Some(dir) => Some(
@@ -126,12 +131,13 @@ impl Node {
           Arc::new(config.clone()),
           pools.clone(),
           transpiler.clone(),
+          observers.clone(),
         )
         .await
         .map_err(|err| Error::Deployments(err.to_string()))?,
       ),
     };
-    let configured = ConfiguredFunctions::start(config, &pools, &transpiler).await?;
+    let configured = ConfiguredFunctions::start(config, &pools, &transpiler, None).await?;
     let listeners = config
       .listeners
       .iter()
@@ -168,11 +174,7 @@ impl Node {
       geo,
       pop: config.node.as_ref().map(|node| node.pop.clone()),
       request_cf,
-      observers: Arc::new(Observers {
-        metrics: NodeMetrics::new(env!("CARGO_PKG_VERSION"), &config_hash(config)),
-        usage: UsageLedger::default(),
-        tracer,
-      }),
+      observers,
       draining: AtomicBool::new(false),
       deployments: deployments.clone().map(|d| d as Arc<dyn DeployedFunctions>),
       tails,
@@ -385,9 +387,14 @@ impl NodeReload {
     if addresses != self.listen {
       notes.push("[[listen]] entries changed: listener changes apply at restart".into());
     }
-    let configured = ConfiguredFunctions::start(&config, &state.pools, &state.transpiler)
-      .await
-      .map_err(|err| err.to_string())?;
+    let configured = ConfiguredFunctions::start(
+      &config,
+      &state.pools,
+      &state.transpiler,
+      Some(&state.observers.usage),
+    )
+    .await
+    .map_err(|err| err.to_string())?;
     // A function that does not load would replace a working pool with one that answers
     // 503: the whole reload is refused instead, as a deploy of such a version is.
     let failed = configured.load_errors();

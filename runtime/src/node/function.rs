@@ -3,6 +3,7 @@
 //! routed. And [`ConfiguredFunctions`], the `[[functions]]` of the config file, routed.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::StatusCode;
 use tokio::sync::Semaphore;
@@ -13,8 +14,9 @@ use crate::isolate::FunctionSpec;
 use crate::isolate::function_code::{FunctionCode, TranspileCache};
 use crate::limits::Limits;
 use crate::observe::metrics::FunctionIdentity;
+use crate::observe::usage_ledger::UsageLedger;
 use crate::router::Router;
-use crate::shard::pool::{IsolatePool, PoolHost};
+use crate::shard::pool::{IsolatePool, PoolHost, isolates_for};
 
 /// A function of the node (for a deployed function, one version of it): its pool, its
 /// limits and its concurrency slots.
@@ -70,10 +72,14 @@ impl ConfiguredFunctions {
   /// Starts every `[[functions]]` entry's pool (pre-warmed on the shards) and builds their
   /// router. A function whose module does not load is kept (its requests get 503); see
   /// [`ConfiguredFunctions::load_errors`].
+  ///
+  /// With `usage` (a reload), each function starts as many isolates as its recent traffic
+  /// needs, not only `prewarm`.
   pub async fn start(
     config: &Config,
     pools: &Arc<PoolHost>,
     transpiler: &Arc<TranspileCache>,
+    usage: Option<&UsageLedger>,
   ) -> Result<ConfiguredFunctions, Error> {
     let mut starts = Vec::new();
     for function in &config.functions {
@@ -85,10 +91,16 @@ impl ConfiguredFunctions {
         },
       )?;
       let spec = FunctionSpec::new(config, function, code);
+      let warm = usage
+        .and_then(|usage| usage.recent(&function.name, SystemTime::now()))
+        .map_or(0, |traffic| {
+          isolates_for(traffic, &function.pool, pools.shards.count())
+        });
       starts.push(IsolatePool::start(
         pools.clone(),
         spec,
         function.pool.clone(),
+        warm,
       ));
     }
     let pools = futures::future::join_all(starts).await;

@@ -12,6 +12,16 @@ use super::metrics::FunctionIdentity;
 
 /// Minutes kept.
 const RETAINED_MINUTES: u64 = 24 * 60;
+/// Minutes of traffic a new version of a function is warmed for ([`UsageLedger::recent`]).
+const RECENT_MINUTES: u64 = 5;
+
+/// A function's traffic over the last few minutes, as warming a new version of it sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecentTraffic {
+  pub requests_per_second: f64,
+  /// Requests in flight on average (wall time served per second).
+  pub in_flight: f64,
+}
 
 /// One function's usage over a span of time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -72,7 +82,15 @@ pub struct FunctionUsage {
 /// Totals per routed function (a function of the config file, or one deployed version), by
 /// the address of its identity: a request adds to its minute with one integer lookup. The
 /// map holds the identity, so the address is not reused while it is a key.
-type MinuteTotals = HashMap<usize, (Arc<FunctionIdentity>, UsageTotals)>;
+type MinuteTotals = HashMap<usize, FunctionMinute>;
+
+/// One routed function's requests in one minute.
+struct FunctionMinute {
+  function: Arc<FunctionIdentity>,
+  totals: UsageTotals,
+  /// When its first request in the minute completed.
+  first: SystemTime,
+}
 
 /// Per-minute totals per function.
 #[derive(Default)]
@@ -107,10 +125,41 @@ impl UsageLedger {
     if let Some(totals) = slot {
       totals
         .entry(Arc::as_ptr(function) as usize)
-        .or_insert_with(|| (function.clone(), UsageTotals::default()))
-        .1
+        .or_insert_with(|| FunctionMinute {
+          function: function.clone(),
+          totals: UsageTotals::default(),
+          first: at,
+        })
+        .totals
         .add(cost);
     }
+  }
+
+  /// `name`'s traffic, all its versions together, over the last [`RECENT_MINUTES`] before
+  /// `now`, counted from its first request in them (at least a second); `None` when it had
+  /// none.
+  pub fn recent(&self, name: &str, now: SystemTime) -> Option<RecentTraffic> {
+    let minutes = self.minutes.lock().expect("usage lock");
+    let current = unix_seconds(now) / 60;
+    let (mut requests, mut wall_ms, mut first) = (0, 0.0, None::<SystemTime>);
+    for (_, totals) in minutes.iter().filter(|(m, _)| m + RECENT_MINUTES > current) {
+      for minute in totals.values() {
+        if minute.function.name == name && minute.totals.requests > 0 {
+          requests += minute.totals.requests;
+          wall_ms += minute.totals.wall_ms;
+          first = Some(first.map_or(minute.first, |first| first.min(minute.first)));
+        }
+      }
+    }
+    let seconds = now
+      .duration_since(first?)
+      .unwrap_or_default()
+      .as_secs_f64()
+      .max(1.0);
+    Some(RecentTraffic {
+      requests_per_second: requests as f64 / seconds,
+      in_flight: wall_ms / 1e3 / seconds,
+    })
   }
 
   /// Totals per function from the minute containing `since` (unix seconds) until `now`.
@@ -121,15 +170,18 @@ impl UsageLedger {
     let since = (since / 60 * 60).max(oldest_kept);
     let mut functions = BTreeMap::<String, FunctionUsage>::new();
     for (_, totals) in minutes.iter().filter(|(m, _)| m * 60 >= since) {
-      for (function, usage) in totals.values() {
+      for FunctionMinute {
+        function, totals, ..
+      } in totals.values()
+      {
         let entry = functions.entry(function.name.clone()).or_default();
-        entry.totals.merge(usage);
+        entry.totals.merge(totals);
         if let Some(version) = &function.version {
           entry
             .versions
             .entry(version.clone())
             .or_default()
-            .merge(usage);
+            .merge(totals);
         }
       }
     }
@@ -195,6 +247,28 @@ mod tests {
     assert_eq!(later.since, (unix_seconds(t0) + 120) / 60 * 60);
     assert_eq!(later.functions.len(), 1);
     assert_eq!(later.functions["a"].totals.cpu_ms, 7.0);
+  }
+
+  #[test]
+  fn recent_traffic_is_the_last_minutes_of_one_function_per_second() {
+    let ledger = UsageLedger::default();
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000 / 60 * 60);
+    let (v1, v2) = (function("a", Some("v1")), function("a", Some("v2")));
+    // Long ago: outside the window.
+    ledger.record(&v1, &cost(1000), t0);
+    let start = t0 + Duration::from_secs(3600);
+    for second in 0..10 {
+      ledger.record(&v1, &cost(50), start + Duration::from_secs(second));
+      ledger.record(&v2, &cost(50), start + Duration::from_secs(second));
+    }
+    ledger.record(&function("b", None), &cost(1), start);
+    let now = start + Duration::from_secs(20);
+    let recent = ledger.recent("a", now).unwrap();
+    // 20 requests of 100 ms wall time each in the 20 s since the first of them.
+    assert_eq!(recent.requests_per_second, 1.0);
+    assert!((recent.in_flight - 0.1).abs() < 1e-9, "{recent:?}");
+    assert_eq!(ledger.recent("c", now), None);
+    assert_eq!(ledger.recent("a", now + Duration::from_secs(3600)), None);
   }
 
   #[test]

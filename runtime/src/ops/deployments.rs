@@ -48,8 +48,9 @@ use crate::limits::egress::EgressConfig;
 use crate::limits::{Limits, LimitsConfig};
 use crate::node::DeployedFunctions;
 use crate::node::function::RoutedFunction;
+use crate::observe::access_log::Observers;
 use crate::router::{RoutePattern, Router};
-use crate::shard::pool::{IsolatePool, PoolHost};
+use crate::shard::pool::{IsolatePool, PoolHost, isolates_for};
 
 /// Largest bundle accepted, compressed or not, and largest it may unpack to.
 pub const MAX_BUNDLE_BYTES: usize = 64 << 20;
@@ -206,6 +207,9 @@ pub struct Deployments {
   config: Arc<Config>,
   pools: Arc<PoolHost>,
   transpiler: Arc<TranspileCache>,
+  /// The node's metrics and usage: a version being activated is warmed for the function's
+  /// recent traffic.
+  observers: Arc<Observers>,
   live: ArcSwap<LiveTable>,
   /// One change (upload, activation, deletion) at a time.
   changes: tokio::sync::Mutex<()>,
@@ -219,6 +223,7 @@ impl Deployments {
     config: Arc<Config>,
     pools: Arc<PoolHost>,
     transpiler: Arc<TranspileCache>,
+    observers: Arc<Observers>,
   ) -> Result<Arc<Deployments>, DeployError> {
     let functions = dir.join("functions");
     std::fs::create_dir_all(&functions).map_err(io(format!("creating {}", functions.display())))?;
@@ -227,6 +232,7 @@ impl Deployments {
       config,
       pools,
       transpiler,
+      observers,
       live: ArcSwap::default(),
       changes: tokio::sync::Mutex::new(()),
     });
@@ -765,7 +771,14 @@ impl Deployments {
       .join("code-cache")
       .join(format!("{version}.bin"));
     let (function, spec) = self.version_spec(name, dir, manifest, secrets, Some(code_cache))?;
-    let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone()).await;
+    let warm = self
+      .observers
+      .usage
+      .recent(name, SystemTime::now())
+      .map_or(0, |traffic| {
+        isolates_for(traffic, &function.pool, self.pools.shards.count())
+      });
+    let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone(), warm).await;
     if let Some(err) = pool.load_error() {
       return Err(DeployError::Unloadable(format!(
         "the version's module does not load: {err}"
@@ -793,7 +806,7 @@ impl Deployments {
       .map(|key| (key.clone(), String::new()))
       .collect();
     let (function, spec) = self.version_spec(name, dir, manifest, secrets, None)?;
-    let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone()).await;
+    let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone(), 0).await;
     pool.close();
     match pool.load_error() {
       Some(err) => Err(DeployError::Unloadable(format!(

@@ -39,6 +39,7 @@ use crate::config::PoolConfig;
 use crate::error::Error;
 use crate::isolate::code_cache::CodeCacheCounts;
 use crate::isolate::{Entry, FunctionSpec, InFlightGuard, IsolateStatus};
+use crate::observe::usage_ledger::RecentTraffic;
 
 /// Requests a second across the node from which a function gets an isolate on every shard
 /// that receives its requests.
@@ -107,10 +108,14 @@ impl IsolatePool {
   /// the module is still loaded once, in an isolate that is then let go, so that a module
   /// that does not load is known before traffic comes. A load error is recorded (and
   /// logged) rather than returned: see [`IsolatePool::load_error`].
+  ///
+  /// `warm` (from the function's recent traffic, see [`isolates_for`]) starts more isolates
+  /// than `prewarm` at once; those above `prewarm` are evicted when idle as any other.
   pub async fn start(
     host: Arc<PoolHost>,
     spec: FunctionSpec,
     config: PoolConfig,
+    warm: usize,
   ) -> Arc<IsolatePool> {
     let shards = host.shards.count();
     let pool = Arc::new(IsolatePool {
@@ -129,7 +134,11 @@ impl IsolatePool {
       host,
     });
     let first = home_shard(pool.name(), shards);
-    let starts = (0..pool.config.prewarm.max(1)).map(|k| {
+    let warm = warm.min(pool.config.max_isolates);
+    if warm > pool.config.prewarm {
+      tracing::info!(function = %pool.name(), isolates = warm, "warming isolates for recent traffic");
+    }
+    let starts = (0..pool.config.prewarm.max(warm).max(1)).map(|k| {
       let pool = pool.clone();
       async move {
         let shard = (first + k) % pool.host.shards.count();
@@ -144,7 +153,7 @@ impl IsolatePool {
       }
     });
     futures::future::join_all(starts).await;
-    if pool.config.prewarm == 0 {
+    if pool.config.prewarm == 0 && warm == 0 {
       pool.close_isolates();
     }
     pool
@@ -564,6 +573,19 @@ impl IsolateWatch for PoolWatch {
 }
 
 /// The shard a function's first isolate goes to: spread by name.
+/// Isolates a function needs to take `traffic` at once: enough for its requests in flight
+/// (`isolate_concurrency` each), and one per shard when it is hot enough to spread to every
+/// shard ([`SPREAD_RATE`]), within `max_isolates`.
+pub fn isolates_for(traffic: RecentTraffic, config: &PoolConfig, shards: usize) -> usize {
+  let for_load = (traffic.in_flight / config.isolate_concurrency.max(1) as f64).ceil() as usize;
+  let for_spread = if traffic.requests_per_second >= SPREAD_RATE as f64 {
+    shards
+  } else {
+    1
+  };
+  for_load.max(for_spread).min(config.max_isolates)
+}
+
 fn home_shard(name: &str, shards: usize) -> usize {
   use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
   (BuildHasherDefault::<DefaultHasher>::default().hash_one(name) % shards as u64) as usize
@@ -624,5 +646,30 @@ impl RequestRate {
       1 => current,
       _ => 0,
     }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn traffic_sizes_a_new_version_by_requests_in_flight_and_spread() {
+    let config = PoolConfig::default();
+    let traffic = |requests_per_second, in_flight| RecentTraffic {
+      requests_per_second,
+      in_flight,
+    };
+    // 24 in flight at 16 per isolate: two.
+    assert_eq!(isolates_for(traffic(1000.0, 24.0), &config, 2), 2);
+    // More than max_isolates would take: capped.
+    assert_eq!(
+      isolates_for(traffic(1000.0, 100.0), &config, 2),
+      config.max_isolates
+    );
+    // Hot but light: one per shard.
+    assert_eq!(isolates_for(traffic(50.0, 0.5), &config, 3), 3);
+    // Quiet: one.
+    assert_eq!(isolates_for(traffic(1.0, 0.1), &config, 2), 1);
   }
 }
