@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-  Outpost, SendForText, functions_config, http1, run_outpost, scrape_until, value,
+  Outpost, SendForText, admin_post, functions_config, http1, run_outpost, scrape_until, value,
 };
 
 /// A node with the deploy API on, keeping deployments in `data` (outside its own temporary
@@ -911,13 +911,8 @@ async fn a_new_version_is_warmed_for_the_functions_recent_traffic() {
   client_config = client_config.replace("static.test/", "/static/");
   std::fs::write(outpost.dir().join("outpost.toml"), &client_config).unwrap();
   std::fs::write(outpost.dir().join("static.js"), slow("static")).unwrap();
-  let admin = format!("http://{}", outpost.admin.unwrap());
   let reload = || async {
-    let response = http1()
-      .post(format!("{admin}/reload"))
-      .send()
-      .await
-      .unwrap();
+    let response = admin_post(&outpost, "/reload").await;
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
   };
   reload().await;

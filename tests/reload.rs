@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Outpost, TestCa, http1, peer_certificate, tls_node_config};
+use crate::support::{Outpost, TestCa, admin_post, http1, peer_certificate, tls_node_config};
 
 fn config(cert: &std::path::Path, key: &std::path::Path, entry: &str) -> String {
   tls_node_config(
@@ -80,13 +80,8 @@ async fn reload_applies_function_changes_and_rejects_a_broken_config() {
     ],
   );
   let https = client(&ca, &outpost);
-  let admin = format!("http://{}", outpost.admin.unwrap());
   let reload = || async {
-    let response = http1()
-      .post(format!("{admin}/reload"))
-      .send()
-      .await
-      .unwrap();
+    let response = admin_post(&outpost, "/reload").await;
     let status = response.status().as_u16();
     (status, response.json::<serde_json::Value>().await.unwrap())
   };

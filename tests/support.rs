@@ -372,6 +372,15 @@ pub async fn admin_get(outpost: &Outpost, path: &str) -> reqwest::Response {
     .unwrap()
 }
 
+/// POSTs to the admin listener with no body (`/reload`, say).
+pub async fn admin_post(outpost: &Outpost, path: &str) -> reqwest::Response {
+  http1()
+    .post(format!("http://{}{path}", outpost.admin.unwrap()))
+    .send()
+    .await
+    .unwrap()
+}
+
 /// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
 pub async fn scrape(outpost: &Outpost) -> prometheus_parse::Scrape {
   let response = admin_get(outpost, "/metrics").await;
