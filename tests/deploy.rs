@@ -925,6 +925,44 @@ async fn a_new_version_is_warmed_for_the_functions_recent_traffic() {
   );
 }
 
+/// A node with a data_dir records its recent traffic when it shuts down; restarted, it starts
+/// its versions warmed for that traffic.
+#[tokio::test]
+async fn a_restarted_node_warms_for_the_traffic_it_had() {
+  let data = tempfile::tempdir().unwrap();
+  let work = tempfile::tempdir().unwrap();
+  let dir = work.path().join("api");
+  std::fs::create_dir_all(&dir).unwrap();
+  std::fs::write(
+    dir.join("index.js"),
+    "export default { fetch: async () => { await new Promise((r) => setTimeout(r, 1000)); return new Response(\"v1\"); } };",
+  )
+  .unwrap();
+  {
+    let mut outpost = node(data.path());
+    cli(
+      &outpost,
+      &["deploy", dir.to_str().unwrap(), "--name", "api"],
+    )
+    .await;
+    wait_for(&outpost, "v1").await;
+    at_once(&outpost, "/api/", 48).await;
+    outpost.signal("TERM");
+    assert!(outpost.wait_exit(Duration::from_secs(30)).success());
+  }
+  assert!(data.path().join("traffic.json").is_file());
+  let outpost = node(data.path());
+  wait_for(&outpost, "v1").await;
+  let logs = outpost.logs();
+  assert!(
+    logs
+      .lines()
+      .any(|line| line.contains("warming isolates for recent traffic")
+        && line.contains("function=api")),
+    "{logs}"
+  );
+}
+
 /// The code cache counts of `api` once `ready` holds for them: (used, rejected, stored).
 async fn code_cache_counts(
   outpost: &Outpost,

@@ -137,7 +137,9 @@ impl Node {
         .map_err(|err| Error::Deployments(err.to_string()))?,
       ),
     };
-    let configured = ConfiguredFunctions::start(config, &pools, &transpiler, None).await?;
+    // With a data_dir, the ledger holds the traffic recorded at the last shutdown by now.
+    let configured =
+      ConfiguredFunctions::start(config, &pools, &transpiler, Some(&observers.usage)).await?;
     let listeners = config
       .listeners
       .iter()
@@ -288,6 +290,9 @@ impl Node {
         grace_s = self.server.shutdown_grace_s,
         "grace period over; closing the remaining connections"
       ),
+    }
+    if let Some(deployments) = &self.deployments {
+      deployments.record_traffic();
     }
     for function in self.state.serving() {
       function.pool.close();

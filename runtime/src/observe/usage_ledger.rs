@@ -16,7 +16,7 @@ const RETAINED_MINUTES: u64 = 24 * 60;
 const RECENT_MINUTES: u64 = 5;
 
 /// A function's traffic over the last few minutes, as warming a new version of it sees it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct RecentTraffic {
   pub requests_per_second: f64,
   /// Requests in flight on average (wall time served per second).
@@ -96,6 +96,17 @@ struct FunctionMinute {
 #[derive(Default)]
 pub struct UsageLedger {
   minutes: Mutex<VecDeque<(u64, MinuteTotals)>>,
+  /// Recent traffic per function from before a restart, and when it was recorded: what
+  /// warming goes by until the function has traffic in this process.
+  earlier: Mutex<HashMap<String, (RecentTraffic, SystemTime)>>,
+}
+
+/// Recent traffic per function at a moment, as a node keeps it over a restart.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct TrafficRecord {
+  /// Unix seconds.
+  pub at: u64,
+  pub functions: BTreeMap<String, RecentTraffic>,
 }
 
 fn unix_seconds(time: SystemTime) -> u64 {
@@ -138,7 +149,45 @@ impl UsageLedger {
   /// `name`'s traffic, all its versions together, over the last [`RECENT_MINUTES`] before
   /// `now`, counted from its first request in them (at least a second); `None` when it had
   /// none.
+  /// Before the function has had traffic in this process, what [`UsageLedger::remember`]
+  /// was given, while that is recent.
   pub fn recent(&self, name: &str, now: SystemTime) -> Option<RecentTraffic> {
+    self.recorded(name, now).or_else(|| {
+      let earlier = self.earlier.lock().expect("usage lock");
+      let (traffic, at) = earlier.get(name)?;
+      let age = now.duration_since(*at).unwrap_or_default();
+      (age < Duration::from_secs(RECENT_MINUTES * 60)).then_some(*traffic)
+    })
+  }
+
+  /// Every function's recent traffic now (for [`UsageLedger::remember`] after a restart).
+  pub fn record_recent(&self, now: SystemTime) -> TrafficRecord {
+    let names: std::collections::BTreeSet<String> = {
+      let minutes = self.minutes.lock().expect("usage lock");
+      minutes
+        .iter()
+        .flat_map(|(_, totals)| totals.values().map(|minute| minute.function.name.clone()))
+        .collect()
+    };
+    TrafficRecord {
+      at: unix_seconds(now),
+      functions: names
+        .into_iter()
+        .filter_map(|name| Some((name.clone(), self.recorded(&name, now)?)))
+        .collect(),
+    }
+  }
+
+  /// Takes the recent traffic a previous process recorded.
+  pub fn remember(&self, record: TrafficRecord) {
+    let at = UNIX_EPOCH + Duration::from_secs(record.at);
+    let mut earlier = self.earlier.lock().expect("usage lock");
+    for (name, traffic) in record.functions {
+      earlier.insert(name, (traffic, at));
+    }
+  }
+
+  fn recorded(&self, name: &str, now: SystemTime) -> Option<RecentTraffic> {
     let minutes = self.minutes.lock().expect("usage lock");
     let current = unix_seconds(now) / 60;
     let (mut requests, mut wall_ms, mut first) = (0, 0.0, None::<SystemTime>);
@@ -269,6 +318,38 @@ mod tests {
     assert!((recent.in_flight - 0.1).abs() < 1e-9, "{recent:?}");
     assert_eq!(ledger.recent("c", now), None);
     assert_eq!(ledger.recent("a", now + Duration::from_secs(3600)), None);
+  }
+
+  #[test]
+  fn recent_traffic_outlives_a_restart_for_a_few_minutes() {
+    let before = UsageLedger::default();
+    let start = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    for second in 0..10 {
+      before.record(
+        &function("a", Some("v1")),
+        &cost(50),
+        start + Duration::from_secs(second),
+      );
+    }
+    let stopped = start + Duration::from_secs(10);
+    let record = before.record_recent(stopped);
+    let text = serde_json::to_string(&record).unwrap();
+
+    let after = UsageLedger::default();
+    after.remember(serde_json::from_str(&text).unwrap());
+    let restarted = stopped + Duration::from_secs(30);
+    assert_eq!(after.recent("a", restarted), before.recent("a", stopped));
+    assert!(after.recent("a", restarted).is_some());
+    assert_eq!(
+      after.recent("a", stopped + Duration::from_secs(RECENT_MINUTES * 60)),
+      None
+    );
+    // Traffic in this process takes over.
+    after.record(&function("a", Some("v2")), &cost(1), restarted);
+    assert_eq!(
+      after.recent("a", restarted).unwrap().requests_per_second,
+      1.0
+    );
   }
 
   #[test]

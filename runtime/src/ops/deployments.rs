@@ -201,6 +201,9 @@ impl LiveTable {
   }
 }
 
+/// Where, under `data_dir`, the traffic at the last shutdown is kept.
+const TRAFFIC_FILE: &str = "traffic.json";
+
 /// The deployed functions of a node.
 pub struct Deployments {
   dir: PathBuf,
@@ -227,6 +230,19 @@ impl Deployments {
   ) -> Result<Arc<Deployments>, DeployError> {
     let functions = dir.join("functions");
     std::fs::create_dir_all(&functions).map_err(io(format!("creating {}", functions.display())))?;
+    // The traffic the node had when it last stopped: what its versions are warmed for now.
+    match std::fs::read(dir.join(TRAFFIC_FILE)) {
+      Ok(text) => match serde_json::from_slice(&text) {
+        Ok(record) => observers.usage.remember(record),
+        Err(err) => {
+          tracing::warn!(file = TRAFFIC_FILE, error = %err, "ignoring the recorded traffic")
+        }
+      },
+      Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+      Err(err) => {
+        tracing::warn!(file = TRAFFIC_FILE, error = %err, "cannot read the recorded traffic")
+      }
+    }
     let deployments = Arc::new(Deployments {
       dir: dir.to_path_buf(),
       config,
@@ -266,6 +282,21 @@ impl Deployments {
 
   fn version_dir(&self, name: &str, version: &str) -> PathBuf {
     self.function_dir(name).join("versions").join(version)
+  }
+
+  /// Records every function's recent traffic in `data_dir`, for the next start to warm by
+  /// (at shutdown). Written beside itself and renamed.
+  pub fn record_traffic(&self) {
+    let record = self.observers.usage.record_recent(SystemTime::now());
+    let path = self.dir.join(TRAFFIC_FILE);
+    let temporary = path.with_extension("tmp");
+    let written = serde_json::to_vec(&record)
+      .map_err(std::io::Error::other)
+      .and_then(|text| write_synced(&temporary, &text))
+      .and_then(|()| std::fs::rename(&temporary, &path));
+    if let Err(err) = written {
+      tracing::warn!(path = %path.display(), error = %err, "cannot record the traffic");
+    }
   }
 
   /// The function serving `host` + `path`, and for a split, the version for this request.

@@ -15,7 +15,9 @@
 //!
 //! `prewarm` isolates are started with the pool, spread over the shards from one picked by
 //! the function's name, and always kept; isolates above them idle for `idle_timeout_s` are
-//! evicted. An isolate past its soft CPU limit takes no new requests and ends once it has
+//! evicted. A pool started for a function that has had traffic starts as many as that
+//! traffic needs ([`isolates_for`]), and a TLS handshake naming a function's host may start
+//! the isolate its request will need ([`IsolatePool::prewarm_here`]). An isolate past its soft CPU limit takes no new requests and ends once it has
 //! answered those it has.
 //!
 //! **Lanes.** An entry into JS holds its shard, so a function whose entries run long must
