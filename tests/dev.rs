@@ -59,3 +59,37 @@ fn dev_refuses_a_request_cf_field_outpost_does_not_fill() {
     "{output}"
   );
 }
+
+/// Every `outpost init` template serves under `outpost dev` as written, and answers what its
+/// README says; a second init into the same directory writes nothing.
+#[tokio::test]
+async fn every_init_template_serves_under_dev() {
+  for (template, path, expected) in [
+    ("hello", "/hello", "Hello from /hello at this machine"),
+    ("router", "/items/1", r#"{"id":"1","name":"first"}"#),
+    ("cache", "/page", "rendered /page"),
+    ("geo", "/", "Welcome to the DE page (you are in Berlin)"),
+  ] {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, output) = run_outpost(&["init", "fn", "--template", template], dir.path());
+    assert!(status.success(), "{template}: {output}");
+    let (again, refused) = run_outpost(&["init", "fn", "--template", template], dir.path());
+    assert!(
+      !again.success() && refused.contains("exists already"),
+      "{refused}"
+    );
+    let function = dir.path().join("fn").display().to_string();
+    let outpost = Outpost::start_dev(
+      dir,
+      &[
+        &function,
+        "--listen",
+        "127.0.0.1:0",
+        "--cf",
+        "country=DE,city=Berlin",
+      ],
+    );
+    let body = outpost.get_text(path).await;
+    assert!(body.contains(expected), "{template}: {body}");
+  }
+}

@@ -67,6 +67,15 @@ enum Command {
     #[arg(long, default_value = "")]
     cf: String,
   },
+  /// Start a function: a directory with a handler from a template, its types, a tsconfig.json
+  /// and a README; `outpost dev DIR` serves it.
+  Init {
+    /// The new function's directory (created; default: the current directory).
+    #[arg(default_value = ".")]
+    dir: PathBuf,
+    #[arg(long, value_enum, default_value = "hello")]
+    template: outpost::ops::init::Template,
+  },
   /// Validate a config file and load every function without serving.
   Check {
     #[arg(long, short, conflicts_with = "handler")]
@@ -166,6 +175,17 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|request_cf| run(dev_config(path, config, listen)?, request_cf, true))
     }
+    Command::Init { dir, template } => outpost::ops::init::init(&dir, template)
+      .map(|written| {
+        #[allow(clippy::print_stdout, reason = "the command's output")]
+        {
+          for path in written {
+            println!("wrote {}", path.display());
+          }
+          println!("serve it with: outpost dev {}", dir.display());
+        }
+      })
+      .map_err(anyhow::Error::from),
     Command::Check { config, handler } => {
       prepare_engine();
       load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|config| {

@@ -1,6 +1,7 @@
-//! Operating a node: the admin API, functions deployed through it, and `outpost dev`'s
-//! reload on file changes.
+//! Operating a node: the admin API, functions deployed through it, `outpost dev`'s reload on
+//! file changes, and `outpost init`'s function templates.
 
 pub mod admin;
 pub mod deployments;
 pub mod dev;
+pub mod init;
