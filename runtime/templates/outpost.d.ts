@@ -23,6 +23,11 @@ interface Request {
   readonly cf?: IncomingRequestCfProperties;
 }
 
+/** The node's shared cache: `caches.default` is the function's own. */
+interface CacheStorage {
+  readonly default: Cache;
+}
+
 /** The third argument of `fetch`: work that may outlive the response. */
 interface ExecutionContext {
   waitUntil(promise: Promise<unknown>): void;
