@@ -283,3 +283,71 @@ async fn the_drain_refuses_new_connections_and_ends_at_the_grace_period() {
     );
   }
 }
+
+/// `outpost types` writes Outpost's declarations with the function's own `env` typed, from a
+/// config's function or a bundle's manifest.json, as TypeScript that parses.
+#[test]
+fn types_name_the_functions_env_settings_secrets_and_services() {
+  let dir = tempfile::tempdir().unwrap();
+  write_files(
+    dir.path(),
+    &[
+      ("a.js", "export default { fetch: () => new Response('') };"),
+      (
+        "outpost.toml",
+        "[[listen]]\naddress = \"127.0.0.1:0\"\n\n[[functions]]\nname = \"api\"\nentry = \"a.js\"\nroutes = [\"/\"]\nenv = { GREETING = \"hi\", \"x-odd\" = \"1\" }\nservices = { AUTH = \"auth\" }\n\n[[functions]]\nname = \"auth\"\nentry = \"a.js\"\nroutes = [\"auth.test/\"]\n",
+      ),
+      (
+        "bundle/manifest.json",
+        r#"{"entry": "a.js", "env": {"MODE": "prod"}, "secrets": ["TOKEN"], "services": {"USERS": "users"}}"#,
+      ),
+    ],
+  );
+  let parses = |text: &str| {
+    deno_ast::parse_module(deno_ast::ParseParams {
+      specifier: deno_ast::ModuleSpecifier::parse("file:///outpost.d.ts").unwrap(),
+      text: text.into(),
+      media_type: deno_ast::MediaType::Dts,
+      capture_tokens: false,
+      scope_analysis: false,
+      maybe_syntax: None,
+    })
+    .unwrap_or_else(|err| panic!("{err}\n{text}"));
+  };
+
+  let (status, output) = run_outpost(&["types", "--config", "outpost.toml"], dir.path());
+  assert!(!status.success());
+  assert!(output.contains("--function: api, auth"), "{output}");
+
+  let (status, output) = run_outpost(
+    &[
+      "types",
+      "--config",
+      "outpost.toml",
+      "--function",
+      "api",
+      "--out",
+      "api.d.ts",
+    ],
+    dir.path(),
+  );
+  assert!(status.success(), "{output}");
+  let text = std::fs::read_to_string(dir.path().join("api.d.ts")).unwrap();
+  parses(&text);
+  for line in [
+    "  GREETING: string;",
+    "  \"x-odd\": string;",
+    "  AUTH: Fetcher;",
+    "interface IncomingRequestCfProperties",
+  ] {
+    assert!(text.contains(line), "{line:?} in:\n{text}");
+  }
+
+  let (status, output) = run_outpost(&["types", "bundle", "--out", "bundle.d.ts"], dir.path());
+  assert!(status.success(), "{output}");
+  let text = std::fs::read_to_string(dir.path().join("bundle.d.ts")).unwrap();
+  parses(&text);
+  for line in ["  MODE: string;", "  TOKEN: string;", "  USERS: Fetcher;"] {
+    assert!(text.contains(line), "{line:?} in:\n{text}");
+  }
+}

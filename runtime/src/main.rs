@@ -76,6 +76,21 @@ enum Command {
     #[arg(long, value_enum, default_value = "hello")]
     template: outpost::ops::init::Template,
   },
+  /// Write `outpost.d.ts` for a function: Outpost's types with its `env` (settings, secrets,
+  /// service bindings) typed, from a config file or a deployable directory's manifest.json.
+  Types {
+    /// A function directory with a manifest.json.
+    dir: Option<PathBuf>,
+    /// The config file whose function to type.
+    #[arg(long, short, conflicts_with = "dir")]
+    config: Option<PathBuf>,
+    /// Which function of the config (needed when it has several).
+    #[arg(long)]
+    function: Option<String>,
+    /// Where to write it.
+    #[arg(long, default_value = "outpost.d.ts")]
+    out: PathBuf,
+  },
   /// Validate a config file and load every function without serving.
   Check {
     #[arg(long, short, conflicts_with = "handler")]
@@ -186,6 +201,20 @@ fn main() -> ExitCode {
         }
       })
       .map_err(anyhow::Error::from),
+    Command::Types {
+      dir,
+      config,
+      function,
+      out,
+    } => env_names(dir, config, function).and_then(|env| {
+      std::fs::write(&out, outpost::ops::init::types(&env))
+        .with_context(|| format!("writing {}", out.display()))?;
+      #[allow(clippy::print_stdout, reason = "the command's output")]
+      {
+        println!("wrote {}", out.display());
+      }
+      Ok(())
+    }),
     Command::Check { config, handler } => {
       prepare_engine();
       load_config(config, handler, SocketAddr::from(([127, 0, 0, 1], 0))).and_then(|config| {
@@ -240,6 +269,54 @@ fn load_config(
       .with_context(|| format!("OUTPOST_SHARDS={shards:?} is not a number of shards"))?;
   }
   Ok(config)
+}
+
+/// The `env` names of the function `outpost types` types: from `config`'s function (the one
+/// called `function`, or its only one), or from `dir`'s manifest.json.
+fn env_names(
+  dir: Option<PathBuf>,
+  config: Option<PathBuf>,
+  function: Option<String>,
+) -> anyhow::Result<outpost::ops::init::EnvNames> {
+  use outpost::ops::init::EnvNames;
+  if let Some(config) = config {
+    let config = Config::load(&config)?;
+    let names: Vec<&str> = config.functions.iter().map(|f| f.name.as_str()).collect();
+    let chosen = match (&function, config.functions.as_slice()) {
+      (Some(name), functions) => functions.iter().find(|f| &f.name == name),
+      (None, [only]) => Some(only),
+      (None, _) => None,
+    }
+    .with_context(|| {
+      format!(
+        "name one of the config's functions with --function: {}",
+        names.join(", ")
+      )
+    })?;
+    return Ok(EnvNames {
+      text: chosen.env.keys().cloned().collect(),
+      services: chosen.services.keys().cloned().collect(),
+    });
+  }
+  let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+  let path = dir.join("manifest.json");
+  let text = std::fs::read(&path).with_context(|| {
+    format!(
+      "reading {}: give a function directory with a manifest.json, or --config",
+      path.display()
+    )
+  })?;
+  let manifest: outpost::ops::deployments::Manifest = serde_json::from_slice(&text)
+    .with_context(|| format!("{} is not a manifest", path.display()))?;
+  Ok(EnvNames {
+    text: manifest
+      .env
+      .keys()
+      .chain(&manifest.secrets)
+      .cloned()
+      .collect(),
+    services: manifest.services.keys().cloned().collect(),
+  })
 }
 
 /// What `outpost dev` serves: `config`, or PATH (a handler file, or a directory with an

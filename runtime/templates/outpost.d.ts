@@ -42,6 +42,11 @@ interface Env {
   OUTPOST_REGION?: string;
 }
 
+/** A service binding on `env`: calls another function of the node in-process. */
+interface Fetcher {
+  fetch(input: Request | string | URL, init?: RequestInit): Promise<Response>;
+}
+
 /** What a module's default export may be. */
 interface ExportedHandler<E = Env> {
   fetch?(request: Request, env: E, ctx: ExecutionContext): Response | Promise<Response>;

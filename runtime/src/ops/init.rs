@@ -1,7 +1,8 @@
 //! `outpost init`: a function directory to start from, for one of a few templates: the
 //! handler (`index.ts`), the types of what Outpost gives it (`outpost.d.ts`), a
 //! `tsconfig.json` naming them, and a README with the commands to serve and try it.
-//! `outpost dev DIR` serves it as written.
+//! `outpost dev DIR` serves it as written. And `outpost types`: that `outpost.d.ts` with the
+//! function's own `env` (settings, secrets, service bindings) typed.
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +63,45 @@ pub enum InitError {
     path: PathBuf,
     source: std::io::Error,
   },
+}
+
+/// What a function's `env` holds beyond Outpost's own names, for [`types`].
+#[derive(Debug, Default)]
+pub struct EnvNames {
+  /// `env` settings and secrets: text.
+  pub text: Vec<String>,
+  /// Service bindings: a `Fetcher` each (declared in `templates/outpost.d.ts`).
+  pub services: Vec<String>,
+}
+
+/// `outpost.d.ts` with `env` typed: Outpost's declarations, then the function's `Env`.
+pub fn types(env: &EnvNames) -> String {
+  let mut text = include_str!("../../templates/outpost.d.ts").to_string();
+  text.push_str("\n/** This function's `env` (written by `outpost types`). */\ninterface Env {\n");
+  for name in &env.text {
+    text.push_str(&format!("  {}: string;\n", property(name)));
+  }
+  for name in &env.services {
+    text.push_str(&format!("  {}: Fetcher;\n", property(name)));
+  }
+  text.push_str("}\n");
+  text
+}
+
+/// `name` as a property name: as it is when it is an identifier, quoted otherwise.
+fn property(name: &str) -> String {
+  let identifier = name
+    .chars()
+    .next()
+    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
+    && name
+      .chars()
+      .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+  if identifier {
+    name.to_string()
+  } else {
+    format!("{name:?}")
+  }
 }
 
 /// Writes the function directory `dir` (created if need be) from `template`; returns the
