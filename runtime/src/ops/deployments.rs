@@ -285,17 +285,14 @@ impl Deployments {
   }
 
   /// Records every function's recent traffic in `data_dir`, for the next start to warm by
-  /// (at shutdown). Written beside itself and renamed.
+  /// (at shutdown).
   pub fn record_traffic(&self) {
     let record = self.observers.usage.record_recent(SystemTime::now());
-    let path = self.dir.join(TRAFFIC_FILE);
-    let temporary = path.with_extension("tmp");
     let written = serde_json::to_vec(&record)
       .map_err(std::io::Error::other)
-      .and_then(|text| write_synced(&temporary, &text))
-      .and_then(|()| std::fs::rename(&temporary, &path));
+      .and_then(|text| replace_file(&self.dir, TRAFFIC_FILE, &text));
     if let Err(err) = written {
-      tracing::warn!(path = %path.display(), error = %err, "cannot record the traffic");
+      tracing::warn!(file = TRAFFIC_FILE, error = %err, "cannot record the traffic");
     }
   }
 
@@ -427,11 +424,7 @@ impl Deployments {
       .collect();
     let function = self.start_function(name, &activation, &reuse).await?;
     let state = serde_json::to_vec_pretty(&activation).unwrap_or_default();
-    let function_dir = self.function_dir(name);
-    let temporary = function_dir.join("active.json.tmp");
-    write_synced(&temporary, &state)
-      .and_then(|()| std::fs::rename(&temporary, function_dir.join("active.json")))
-      .and_then(|()| sync_dir(&function_dir))
+    replace_file(&self.function_dir(name), "active.json", &state)
       .map_err(io(format!("recording the activation of {name}")))?;
     self.record_served(name, &activation)?;
     self.publish_replacing(&current, function)?;
@@ -496,14 +489,11 @@ impl Deployments {
     });
     let excess = history.len().saturating_sub(HISTORY_KEPT);
     history.drain(..excess);
-    let function_dir = self.function_dir(name);
-    let temporary = function_dir.join("history.json.tmp");
-    write_synced(
-      &temporary,
+    replace_file(
+      &self.function_dir(name),
+      "history.json",
       &serde_json::to_vec_pretty(&history).unwrap_or_default(),
     )
-    .and_then(|()| std::fs::rename(&temporary, function_dir.join("history.json")))
-    .and_then(|()| sync_dir(&function_dir))
     .map_err(io(format!("recording the history of {name}")))
   }
 
@@ -1043,6 +1033,15 @@ fn read_record(dir: &Path) -> Result<VersionRecord, DeployError> {
     what: format!("reading {}", path.display()),
     source: std::io::Error::new(std::io::ErrorKind::InvalidData, err),
   })
+}
+
+/// Replaces `dir/name` with `contents` so that a crash leaves the old file or the new one:
+/// written beside it as `name.tmp`, fsynced, renamed over it, and the directory fsynced.
+fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+  let temporary = dir.join(format!("{name}.tmp"));
+  write_synced(&temporary, contents)?;
+  std::fs::rename(&temporary, dir.join(name))?;
+  sync_dir(dir)
 }
 
 fn write_synced(path: &Path, contents: &[u8]) -> std::io::Result<()> {
