@@ -397,27 +397,13 @@ impl ShardFront {
     self.shard.arrived();
     let node = &self.node;
     let request_id = node.request_ids.next();
-    // The host the client named: the :authority (HTTP/2, absolute-form) or the Host header.
-    let authority = request
-      .uri()
-      .authority()
-      .map(|a| a.as_str().to_string())
-      .or_else(|| {
-        request
-          .headers()
-          .get(http::header::HOST)
-          .and_then(|h| h.to_str().ok())
-          .map(str::to_string)
-      });
-    let access = AccessRecord::new(
-      node.observers.clone(),
-      request_id,
-      Some(RequestHead {
-        method: request.method().clone(),
-        uri: request.uri().clone(),
-        host: request.headers().get(http::header::HOST).cloned(),
-      }),
-    );
+    let head = RequestHead {
+      method: request.method().clone(),
+      uri: request.uri().clone(),
+      host: request.headers().get(http::header::HOST).cloned(),
+    };
+    let authority = head.host().map(str::to_string);
+    let access = AccessRecord::new(node.observers.clone(), request_id, Some(head));
     access.set_shard(self.shard.id);
     let is_head = request.method() == Method::HEAD;
     let encoding = compression::negotiate(request.headers());

@@ -49,14 +49,12 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-  fn host(&self) -> &str {
+  /// The host the client named: the URI's authority (HTTP/2's `:authority`, absolute-form),
+  /// else the `Host` header.
+  pub fn host(&self) -> Option<&str> {
     match self.uri.authority() {
-      Some(authority) => authority.as_str(),
-      None => self
-        .host
-        .as_ref()
-        .and_then(|host| host.to_str().ok())
-        .unwrap_or(""),
+      Some(authority) => Some(authority.as_str()),
+      None => self.host.as_ref().and_then(|host| host.to_str().ok()),
     }
   }
 }
@@ -183,7 +181,11 @@ impl AccessRecord {
       .and_then(|f| f.version.as_deref());
     let trace_id = outcome.trace.as_ref().map(TraceContext::trace_id_hex);
     let (method, host, path) = match &self.head {
-      Some(head) => (head.method.as_str(), head.host(), head.uri.path()),
+      Some(head) => (
+        head.method.as_str(),
+        head.host().unwrap_or(""),
+        head.uri.path(),
+      ),
       None => ("", "", ""),
     };
     tracing::info!(
