@@ -3,7 +3,6 @@
 //! routed. And [`ConfiguredFunctions`], the `[[functions]]` of the config file, routed.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use http::StatusCode;
 use tokio::sync::Semaphore;
@@ -16,7 +15,7 @@ use crate::limits::Limits;
 use crate::observe::metrics::FunctionIdentity;
 use crate::observe::usage_ledger::UsageLedger;
 use crate::router::Router;
-use crate::shard::pool::{IsolatePool, PoolHost, isolates_for};
+use crate::shard::pool::{IsolatePool, PoolHost};
 
 /// A function of the node (for a deployed function, one version of it): its pool, its
 /// limits and its concurrency slots.
@@ -91,11 +90,9 @@ impl ConfiguredFunctions {
         },
       )?;
       let spec = FunctionSpec::new(config, function, code);
-      let warm = usage
-        .and_then(|usage| usage.recent(&function.name, SystemTime::now()))
-        .map_or(0, |traffic| {
-          isolates_for(traffic, &function.pool, pools.shards.count())
-        });
+      let warm = usage.map_or(0, |usage| {
+        pools.warm_for(usage, &function.name, &function.pool)
+      });
       starts.push(IsolatePool::start(
         pools.clone(),
         spec,

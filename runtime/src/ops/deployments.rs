@@ -50,7 +50,7 @@ use crate::node::DeployedFunctions;
 use crate::node::function::RoutedFunction;
 use crate::observe::access_log::Observers;
 use crate::router::{RoutePattern, Router};
-use crate::shard::pool::{IsolatePool, PoolHost, isolates_for};
+use crate::shard::pool::{IsolatePool, PoolHost};
 
 /// Largest bundle accepted, compressed or not, and largest it may unpack to.
 pub const MAX_BUNDLE_BYTES: usize = 64 << 20;
@@ -793,12 +793,8 @@ impl Deployments {
       .join(format!("{version}.bin"));
     let (function, spec) = self.version_spec(name, dir, manifest, secrets, Some(code_cache))?;
     let warm = self
-      .observers
-      .usage
-      .recent(name, SystemTime::now())
-      .map_or(0, |traffic| {
-        isolates_for(traffic, &function.pool, self.pools.shards.count())
-      });
+      .pools
+      .warm_for(&self.observers.usage, name, &function.pool);
     let pool = IsolatePool::start(self.pools.clone(), spec, function.pool.clone(), warm).await;
     if let Some(err) = pool.load_error() {
       return Err(DeployError::Unloadable(format!(

@@ -30,7 +30,7 @@
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use outpost_ext_dispatch::DispatchRequest;
 use tokio::sync::Notify;
@@ -41,7 +41,7 @@ use crate::config::PoolConfig;
 use crate::error::Error;
 use crate::isolate::code_cache::CodeCacheCounts;
 use crate::isolate::{Entry, FunctionSpec, InFlightGuard, IsolateStatus};
-use crate::observe::usage_ledger::RecentTraffic;
+use crate::observe::usage_ledger::{RecentTraffic, UsageLedger};
 
 /// Requests a second across the node from which a function gets an isolate on every shard
 /// that receives its requests.
@@ -79,6 +79,14 @@ impl PoolHost {
       next_id: AtomicU64::new(1),
     }
   }
+
+  /// How many isolates a pool of function `name` starting now should have at once: what its
+  /// recent traffic in `usage` needs ([`isolates_for`]), or 0 without any.
+  pub fn warm_for(&self, usage: &UsageLedger, name: &str, config: &PoolConfig) -> usize {
+    usage.recent(name, SystemTime::now()).map_or(0, |traffic| {
+      isolates_for(traffic, config, self.shards.count())
+    })
+  }
 }
 
 pub struct IsolatePool {
@@ -111,7 +119,7 @@ impl IsolatePool {
   /// that does not load is known before traffic comes. A load error is recorded (and
   /// logged) rather than returned: see [`IsolatePool::load_error`].
   ///
-  /// `warm` (from the function's recent traffic, see [`isolates_for`]) starts more isolates
+  /// `warm` (from the function's recent traffic, see [`PoolHost::warm_for`]) starts more isolates
   /// than `prewarm` at once; those above `prewarm` are evicted when idle as any other.
   pub async fn start(
     host: Arc<PoolHost>,
@@ -578,7 +586,7 @@ impl IsolateWatch for PoolWatch {
 /// Isolates a function needs to take `traffic` at once: enough for its requests in flight
 /// (`isolate_concurrency` each), and one per shard when it is hot enough to spread to every
 /// shard ([`SPREAD_RATE`]), within `max_isolates`.
-pub fn isolates_for(traffic: RecentTraffic, config: &PoolConfig, shards: usize) -> usize {
+fn isolates_for(traffic: RecentTraffic, config: &PoolConfig, shards: usize) -> usize {
   let for_load = (traffic.in_flight / config.isolate_concurrency.max(1) as f64).ceil() as usize;
   let for_spread = if traffic.requests_per_second >= SPREAD_RATE as f64 {
     shards
